@@ -1,0 +1,1 @@
+"""recovjax: measure how well pretrained networks recover from damage."""

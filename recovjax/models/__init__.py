@@ -1,0 +1,13 @@
+"""Models: Flax networks exposed as pure ``init``/``apply`` pairs."""
+
+from recovjax.models.layers import conv2d, extract_patches, max_pool_2x2
+from recovjax.models.registry import Model, get_model, model_names
+
+__all__ = [
+    "Model",
+    "conv2d",
+    "extract_patches",
+    "get_model",
+    "max_pool_2x2",
+    "model_names",
+]
