@@ -22,7 +22,7 @@ from recovjax.data import batch_split, load_dataset, shuffled_batches
 from recovjax.evaluate import cross_entropy, evaluate
 from recovjax.models import Model, get_model
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 """Bumped whenever the default recipe changes, so the zoo never serves stale weights."""
 
 
@@ -40,8 +40,8 @@ class Recipe:
 
 
 DEFAULT_RECIPES: dict[str, Recipe] = {
-    "lenet5": Recipe(epochs=12, batch_size=50, learning_rate=1e-3),
-    "mlp": Recipe(epochs=12, batch_size=50, learning_rate=1e-3),
+    "lenet5": Recipe(epochs=15, batch_size=32, learning_rate=1e-3),
+    "mlp": Recipe(epochs=15, batch_size=32, learning_rate=1e-3),
     "rescnn": Recipe(epochs=12, batch_size=50, learning_rate=2e-3),
     "vit": Recipe(epochs=20, batch_size=50, learning_rate=1e-3),
 }

@@ -1,0 +1,103 @@
+"""Tests of recovjax.models: shapes, registry, determinism, the conv layer."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from recovjax.models import get_model, model_names
+from recovjax.models.layers import conv2d, max_pool_2x2, reference_conv2d
+
+from conftest import tree_equal
+
+
+@pytest.mark.parametrize("name", ["lenet5", "mlp", "rescnn", "vit"])
+def test_output_shape_and_dtype(name):
+    model = get_model(name)
+    x = jnp.zeros((3, 28, 28, 1))
+    params = model.init(jax.random.key(0), x)
+    logits = model.apply(params, x)
+    assert logits.shape == (3, 10) and logits.dtype == jnp.float32
+    assert get_model(name, num_classes=4).apply(
+        get_model(name, num_classes=4).init(jax.random.key(0), x), x
+    ).shape == (3, 4)
+
+
+@pytest.mark.parametrize("name", ["lenet5", "mlp", "rescnn", "vit"])
+def test_init_is_deterministic_per_key(name):
+    model = get_model(name)
+    x = jnp.zeros((1, 28, 28, 1))
+    assert tree_equal(model.init(jax.random.key(5), x),
+                      model.init(jax.random.key(5), x))
+    a = jax.tree.leaves(model.init(jax.random.key(5), x))
+    b = jax.tree.leaves(model.init(jax.random.key(6), x))
+    assert any(not np.array_equal(u, v) for u, v in zip(a, b))
+
+
+def test_lenet5_is_the_seed_network():
+    params = get_model("lenet5").init(jax.random.key(0),
+                                      jnp.zeros((1, 28, 28, 1)))
+    shapes = {f"{layer}/{name}": leaf.shape for layer, leaves in params.items()
+              for name, leaf in leaves.items()}
+    assert shapes == {
+        "conv1/kernel": (5, 5, 1, 6), "conv1/bias": (6,),
+        "conv2/kernel": (5, 5, 6, 16), "conv2/bias": (16,),
+        "fc1/kernel": (256, 120), "fc1/bias": (120,),
+        "fc2/kernel": (120, 84), "fc2/bias": (84,),
+        "fc3/kernel": (84, 10), "fc3/bias": (10,)}
+    assert sum(leaf.size for leaf in jax.tree.leaves(params)) == 44426
+
+
+def test_mlp_is_lenet_300_100():
+    params = get_model("mlp").init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    assert [params[f"fc{i}"]["kernel"].shape for i in (1, 2, 3)] == [
+        (784, 300), (300, 100), (100, 10)]
+
+
+def test_rescnn_has_four_residual_blocks_and_vit_four_heads_four_layers():
+    x = jnp.zeros((1, 28, 28, 1))
+    res = get_model("rescnn").init(jax.random.key(0), x)
+    assert sorted(k for k in res if k.startswith("block")) == [
+        "block0", "block1", "block2", "block3"]
+    vit = get_model("vit").init(jax.random.key(0), x)
+    assert sorted(k for k in vit if k.startswith("layer")) == [
+        "layer0", "layer1", "layer2", "layer3"]
+    assert vit["layer0"]["attention"]["out"]["kernel"].shape[0] == 4
+    assert vit["embed"]["kernel"].shape[0] == 7 * 7  # 7x7 patches
+
+
+def test_unknown_model_lists_valid_names():
+    with pytest.raises(ValueError) as error:
+        get_model("resnet50")
+    for name in model_names():
+        assert name in str(error.value)
+
+
+def test_bad_num_classes():
+    with pytest.raises(ValueError, match="num_classes"):
+        get_model("lenet5", num_classes=0)
+
+
+@pytest.mark.parametrize("padding", ["VALID", "SAME"])
+@pytest.mark.parametrize("kernel_size", [(5, 5), (3, 3), (2, 3)])
+def test_im2col_conv_matches_lax_conv(padding, kernel_size):
+    kx, kk, kb = jax.random.split(jax.random.key(1), 3)
+    x = jax.random.normal(kx, (2, 12, 11, 3))
+    kernel = jax.random.normal(kk, (*kernel_size, 3, 4))
+    bias = jax.random.normal(kb, (4,))
+    np.testing.assert_allclose(conv2d(x, kernel, bias, padding),
+                               reference_conv2d(x, kernel, bias, padding),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_conv_rejects_unknown_padding():
+    with pytest.raises(ValueError, match="padding"):
+        conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), None, "FULL")
+
+
+def test_max_pool():
+    x = jnp.arange(16.0).reshape(1, 4, 4, 1)
+    np.testing.assert_array_equal(max_pool_2x2(x)[0, :, :, 0],
+                                  [[5.0, 7.0], [13.0, 15.0]])
