@@ -90,3 +90,21 @@ class Damage(NamedTuple):
 
     params: Params
     mask: Mask
+
+
+class DataDamage(NamedTuple):
+    """The result of a data damage operator, with fixed shapes.
+
+    Attributes:
+        images: ``float32[N, H, W, C]``: the (possibly perturbed) images.
+        labels: ``int32[N]``: the (possibly corrupted) labels.
+        weights: ``float32[N]``: per-sample training weight; ``0`` marks a
+            dropped sample (samples are never removed, so shapes stay fixed
+            and the operator vmaps over amounts and keys).
+        mask: ``bool[N]``: ``True`` marks every damaged sample.
+    """
+
+    images: Array
+    labels: Array
+    weights: Array
+    mask: Array

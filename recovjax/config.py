@@ -76,19 +76,35 @@ class OptimizerConfig:
 class RecoveryDataConfig:
     """What recovery trains on."""
 
-    source: Literal["clean", "damaged"] = _field("clean")
     fraction: float = _field(1.0, low=0.0, high=1.0, low_open=True,
                              help="data budget: fraction of the train split")
-    damage: str | None = _field(None, help="data-damage operator")
-    amount: float = _field(0.0, low=0.0)
+    damage: str | None = _field(
+        None, help="data-damage operator applied to the recovery data")
+    amount: float = _field(0.0, low=0.0, help="its amount")
+    options: dict[str, Any] = _field(factory=dict,
+                                     help="data-damage operator options")
     train_examples: int | None = _field(None, low=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategyConfig:
+    """One recovery strategy; a plain string in YAML means ``{name: ...}``."""
+
+    name: str = _field("finetune", help="registry name; 'a+b' composes")
+    label: str | None = _field(None, help="name in results (default: name)")
+    options: dict[str, Any] = _field(factory=dict,
+                                     help="strategy options")
+    data: RecoveryDataConfig | None = _field(
+        None, help="recovery data of this strategy (default: recovery.data)")
 
 
 @dataclasses.dataclass(frozen=True)
 class RecoveryConfig:
     """Recovery strategies and their training budget."""
 
-    strategies: tuple[str, ...] = _field(("finetune",))
+    strategies: tuple[str | StrategyConfig, ...] = _field(("finetune",))
+    models_per_call: int = _field(32, low=1,
+                                  help="damaged models recovered per call")
     optimizer: OptimizerConfig = _field(factory=OptimizerConfig)
     batch_size: int = _field(100, low=1)
     epochs: int | None = _field(2, low=1)
@@ -173,9 +189,12 @@ class _Loader:
             if value is None and type(None) in args:
                 return None
             errors = []
-            for option in args:
-                if option is type(None):
-                    continue
+            options = [a for a in args if a is not type(None)]
+            if isinstance(value, Mapping):
+                # A mapping can only mean a section: report its own errors.
+                options = [a for a in options if dataclasses.is_dataclass(a)
+                           or typing.get_origin(a) is dict] or options
+            for option in options:
                 try:
                     return self.convert(option, value, path, metadata)
                 except ConfigError as error:

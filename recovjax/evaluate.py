@@ -1,13 +1,31 @@
-"""Compiled evaluation: exact metrics over fixed-shape, masked batches."""
+"""Compiled evaluation: exact metrics over fixed-shape, masked batches.
+
+Every metric is a total accumulated on the device in a ``lax.scan`` over
+the batches and divided once at the end, so the whole evaluation set counts
+(padding is masked out, nothing is dropped) and nothing is read back per
+batch. Counts are ``int32`` and therefore exact; sums of losses are
+``float32``.
+
+:func:`evaluate` handles one model, :func:`evaluate_stack` a stack of models
+(every leaf with a leading model axis) in one call.
+
+Non-finite parameters (for example after bit flips) never raise: the
+accuracy is that of the argmax as computed (``jnp.argmax`` picks the first
+NaN logit, as NumPy does), and the loss is reported as the ``inf`` or
+``NaN`` it is.
+"""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from recovjax._types import Array, Batches, Params
+from recovjax._types import ApplyFn, Array, Batches, Params
+
+MetricFn = Callable[[Array, Array, Array], Any]
+"""``metric_fn(logits, labels, mask) -> sum`` over one batch (see :func:`evaluate`)."""
 
 
 class Metrics(NamedTuple):
@@ -19,56 +37,206 @@ class Metrics(NamedTuple):
             models with non-finite parameters, and is reported as such.
         per_class_accuracy: ``[num_classes]`` accuracy within each class
             (NaN for a class with no examples).
-        count: number of examples evaluated (padding excluded).
+        count: number of examples evaluated (padding excluded), ``int32``.
+        custom: the user metric (the seed's R(theta)): its per-batch sums
+            added up and divided by ``count``; ``None`` without a
+            ``metric_fn``. Same pytree structure as ``metric_fn``'s output.
+        correct: ``int32`` number of correctly classified examples.
+        class_correct: ``int32[num_classes]`` correct examples per class.
+        class_count: ``int32[num_classes]`` examples per class.
+        loss_sum: ``float32`` sum of the per-example losses.
+
+    The totals (``correct``, ``class_correct``, ``class_count``,
+    ``loss_sum``) are what the fractions are made from. Vectorised XLA:CPU
+    code may divide through a reciprocal, one ulp away from the correctly
+    rounded quotient, so the fractions of the same model can differ in the
+    last bit between a vmapped and a sequential program; the results table
+    recomputes them on the host from the totals (see
+    :func:`recovjax.results.metrics_rows`), which makes them exact.
     """
 
     accuracy: Array
     loss: Array
     per_class_accuracy: Array
     count: Array
+    custom: Any = None
+    correct: Any = None
+    class_correct: Any = None
+    class_count: Any = None
+    loss_sum: Any = None
 
 
 def cross_entropy(logits: Array, labels: Array) -> Array:
-    """Per-example softmax cross-entropy with integer labels."""
+    """Per-example softmax cross-entropy with integer labels.
+
+    Args:
+        logits: ``[..., num_classes]``.
+        labels: ``int[...]``.
+
+    Returns:
+        ``float[...]``: ``-log softmax(logits)[label]``.
+    """
     log_probs = jax.nn.log_softmax(logits)
     return -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
 
 
-def evaluate(apply, params: Params, batches: Batches, num_classes: int
+def _check(batches: Batches, num_classes: int) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or (
+            num_classes < 1):
+        raise ValueError(f"num_classes must be a positive int, got "
+                         f"{num_classes!r}")
+    if not isinstance(batches, Batches):
+        raise TypeError("batches must be a recovjax Batches (see "
+                        f"recovjax.data.batch_split), got "
+                        f"{type(batches).__name__}")
+    if batches.labels.ndim != 2 or batches.mask.shape != batches.labels.shape:
+        raise ValueError(
+            "batches must be [num_batches, batch_size] labels and mask, got "
+            f"labels {batches.labels.shape} and mask {batches.mask.shape}")
+    if batches.images.shape[:2] != batches.labels.shape:
+        raise ValueError(f"images {batches.images.shape} do not match labels "
+                         f"{batches.labels.shape} in their first two axes")
+
+
+def evaluate(apply: ApplyFn, params: Params, batches: Batches,
+             num_classes: int, *, metric_fn: MetricFn | None = None
              ) -> Metrics:
     """Evaluate one model over every (unmasked) example in ``batches``.
 
-    Totals are accumulated on the device in a ``lax.scan`` over batches; this
+    Totals are accumulated on the device in a ``lax.scan`` over batches; the
     function is traceable and meant to be called inside ``jit``/``vmap``.
+
+    The user metric follows a summation contract: ``metric_fn(logits,
+    labels, mask)`` gets one batch (``logits [B, num_classes]``, ``labels
+    int32[B]``, ``mask bool[B]``, ``False`` on padding) and returns the *sum*
+    of its per-example values over the unmasked examples (a scalar, or a
+    pytree of them). The sums are added over batches and divided by the
+    number of examples, so ``Metrics.custom`` is the per-example mean. Mask
+    with ``jnp.where(mask, value, 0)`` rather than a product, so that padding
+    cannot turn a total into NaN.
 
     Args:
         apply: ``apply(params, x) -> logits``.
         params: the model's parameters.
-        batches: fixed-shape batches with a padding mask.
+        batches: fixed-shape batches with a padding mask (a float mask of
+            weights counts entries above zero).
         num_classes: number of classes (static).
+        metric_fn: optional user metric, see above.
 
     Returns:
-        :class:`Metrics`.
+        :class:`Metrics` of scalars (``per_class_accuracy`` is
+        ``[num_classes]``).
+
+    Raises:
+        ValueError: for a non-positive ``num_classes`` or batches whose
+            shapes disagree.
+        TypeError: if ``batches`` is not a :class:`~recovjax.Batches`.
+
+    Example::
+
+        batches = batch_split(dataset.test, 500)
+        metrics = jax.jit(lambda p: evaluate(model.apply, p, batches, 10))(
+            params)
     """
+    _check(batches, num_classes)
 
     def accumulate(totals, batch):
         images, labels, mask = batch
+        valid = mask > 0
         logits = apply(params, images)
-        weight = mask.astype(jnp.float32)
         # where, not multiply: padding must not turn a finite total into NaN.
-        correct = jnp.where(mask, jnp.argmax(logits, axis=-1) == labels, 0.0)
-        loss = jnp.where(mask, cross_entropy(logits, labels), 0.0)
-        onehot = jax.nn.one_hot(labels, num_classes) * weight[:, None]
-        correct_total, loss_total, class_correct, class_count = totals
-        return (correct_total + correct.sum(), loss_total + loss.sum(),
-                class_correct + (onehot * correct[:, None]).sum(0),
-                class_count + onehot.sum(0)), None
+        hit = valid & (jnp.argmax(logits, axis=-1) == labels)
+        loss = jnp.where(valid, cross_entropy(logits, labels), 0.0)
+        classes = jnp.arange(num_classes)
+        in_class = valid[:, None] & (labels[:, None] == classes)
+        correct, loss_total, class_correct, class_count, custom = totals
+        if metric_fn is not None:
+            custom = jax.tree.map(
+                lambda t, s: t + jnp.asarray(s, t.dtype), custom,
+                metric_fn(logits, labels, valid))
+        return (correct + hit.sum(dtype=jnp.int32),
+                loss_total + loss.sum(dtype=jnp.float32),
+                class_correct + (in_class & hit[:, None]).sum(
+                    0, dtype=jnp.int32),
+                class_count + in_class.sum(0, dtype=jnp.int32),
+                custom), None
 
-    zeros = jnp.zeros((num_classes,), jnp.float32)
-    (correct, loss, class_correct, class_count), _ = jax.lax.scan(
-        accumulate, (jnp.float32(0), jnp.float32(0), zeros, zeros),
-        (batches.images, batches.labels, batches.mask))
+    custom = None
+    if metric_fn is not None:
+        shapes = jax.eval_shape(
+            lambda: metric_fn(
+                apply(params, batches.images[0]), batches.labels[0],
+                batches.mask[0] > 0))
+        custom = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype,
+                                                           jnp.float32)),
+            shapes)
+    zeros = jnp.zeros((num_classes,), jnp.int32)
+    start = (jnp.int32(0), jnp.float32(0), zeros, zeros, custom)
+    (correct, loss, class_correct, class_count, custom), _ = jax.lax.scan(
+        accumulate, start, (batches.images, batches.labels, batches.mask))
     count = class_count.sum()
-    return Metrics(accuracy=correct / count, loss=loss / count,
-                   per_class_accuracy=class_correct / class_count,
-                   count=count)
+    denominator = count.astype(jnp.float32)
+    if custom is not None:
+        custom = jax.tree.map(lambda t: t / denominator, custom)
+    return Metrics(accuracy=correct / denominator,
+                   loss=loss / denominator,
+                   per_class_accuracy=class_correct / class_count.astype(
+                       jnp.float32),
+                   count=count, custom=custom, correct=correct,
+                   class_correct=class_correct, class_count=class_count,
+                   loss_sum=loss)
+
+
+def evaluate_stack(apply: ApplyFn, stacked_params: Params, batches: Batches,
+                   num_classes: int, *, metric_fn: MetricFn | None = None,
+                   vmap_size: int | None = None) -> Metrics:
+    """Evaluate a stack of models (leading model axis) in one call.
+
+    The models are processed ``vmap_size`` at a time: ``lax.map`` runs over
+    groups and ``vmap`` over the models of a group, each group scanning the
+    batches once. ``vmap_size=None`` vmaps the whole stack at once and
+    ``vmap_size=1`` evaluates the models one after another, in which case
+    every model's numbers equal :func:`evaluate`'s bit for bit. Wider vmaps
+    batch the matrix products of several models, which may change the last
+    bits of the loss (different summation order), never the counts. Which
+    width is fastest depends on the model and machine: see
+    ``benchmarks/bench_sweep.py``. Traceable; call it inside ``jit``.
+
+    Args:
+        apply: ``apply(params, x) -> logits`` of one model.
+        stacked_params: parameters whose every leaf has a leading model axis
+            of the same length ``M``.
+        batches: fixed-shape batches with a padding mask (shared by all
+            models).
+        num_classes: number of classes (static).
+        metric_fn: optional user metric (see :func:`evaluate`).
+        vmap_size: models per vectorised group, or ``None`` for all.
+
+    Returns:
+        :class:`Metrics` whose every field has a leading axis of length
+        ``M``.
+
+    Raises:
+        ValueError: if the leaves disagree on the model axis, or
+            ``vmap_size`` is not positive.
+    """
+    sizes = {leaf.shape[0] if leaf.ndim else None
+             for leaf in jax.tree.leaves(stacked_params)}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError("every leaf of stacked_params needs the same leading "
+                         f"model axis; got leading sizes {sorted(map(str, sizes))}")
+    if vmap_size is not None and (isinstance(vmap_size, bool) or
+                                  not isinstance(vmap_size, int) or
+                                  vmap_size < 1):
+        raise ValueError(f"vmap_size must be a positive int or None, got "
+                         f"{vmap_size!r}")
+    _check(batches, num_classes)
+
+    def one(params: Params) -> Metrics:
+        return evaluate(apply, params, batches, num_classes,
+                        metric_fn=metric_fn)
+
+    if vmap_size is None:
+        return jax.vmap(one)(stacked_params)
+    return jax.lax.map(one, stacked_params, batch_size=vmap_size)

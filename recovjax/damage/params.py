@@ -1,0 +1,706 @@
+"""Parameter damage: zeroing, random values, noise, sign and bit faults.
+
+Every operator here is built by a factory that settles the static choices
+(scope, selection mode, ...) and returns a pure function::
+
+    op(key, params, amount) -> Damage(params=..., mask=...)
+
+``params`` is any pytree of arrays and ``amount`` (a ratio, a bit error
+rate or a noise scale) may be traced, so one compiled program damages many
+copies at once::
+
+    op = make_zero(scope="weights")
+    damage = jax.jit(jax.vmap(op, in_axes=(0, None, 0)))(keys, params, ratios)
+
+``mask`` marks every damaged entry (``True``), with the structure of
+``params``; leaves outside the scope are returned unchanged with an
+all-``False`` mask. Inputs are never modified. The same key gives the same
+output; the entries chosen for a given key are the same for every operator
+that selects entries (zero, sign flip, random values), so damage types can
+be compared entry for entry.
+
+Concrete amounts are validated before tracing (see
+:func:`recovjax.damage.select.check_amount`); traced fractions are clipped
+to ``[0, 1]`` (NaN reads as 0) and traced noise scales are used as given.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from recovjax._types import Array, Damage, Params, PRNGKey
+from recovjax.damage import select
+from recovjax.damage.scope import ScopeLike, leaf_paths, parse_scope
+
+DamageFn = Callable[[PRNGKey, Params, "float | Array"], Damage]
+"""``op(key, params, amount) -> Damage``."""
+
+Mode = Literal["exact", "bernoulli"]
+RatioOver = Literal["leaf", "global"]
+Target = Literal["random", "largest", "smallest"]
+Bits = "Literal['any', 'sign', 'exponent', 'mantissa'] | int"
+
+MODES = ("exact", "bernoulli")
+RATIO_OVER = ("leaf", "global")
+TARGETS = ("random", "largest", "smallest")
+BIT_CLASSES = ("any", "sign", "exponent", "mantissa")
+
+
+def check_choice(name: str, value, allowed: Sequence) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is allowed."""
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of "
+                         f"{', '.join(repr(a) for a in allowed)}; got "
+                         f"{value!r}")
+
+
+def make_operator(core: Callable, *, name: str, amount_name: str,
+                  fraction: bool, doc: str) -> DamageFn:
+    """Wrap a traceable core as a validated, compiled operator.
+
+    The returned function checks the key and a concrete amount (before any
+    tracing), converts the amount to a float32 scalar so that every value
+    reuses one compiled program, and calls ``jax.jit(core)``. Under an outer
+    ``jit``/``vmap`` the inner ``jit`` is inlined.
+
+    Args:
+        core: ``core(key, params, amount) -> Damage``, traceable.
+        name: the operator's ``__name__``.
+        amount_name: the amount's name in error messages (``"ratio"``).
+        fraction: whether the amount must lie in ``[0, 1]``.
+        doc: the operator's docstring.
+
+    Returns:
+        ``op(key, params, amount) -> Damage``.
+    """
+    compiled = jax.jit(core)
+
+    def operator(key: PRNGKey, params: Params, amount: float | Array
+                 ) -> Damage:
+        select.check_key(key)
+        amount = select.check_amount(amount, name=amount_name,
+                                     fraction=fraction)
+        return compiled(key, params, amount)
+
+    operator.__name__ = operator.__qualname__ = name
+    operator.__doc__ = doc
+    return operator
+
+
+def operator_doc(factory: Callable, settings: dict, call: str) -> str:
+    """Docstring of a built operator: what it does, how it was built."""
+    summary = (factory.__doc__ or "").strip().splitlines()[0]
+    options = ", ".join(f"{k}={v!r}" for k, v in settings.items())
+    return (f"{summary}\n\nBuilt by ``{factory.__name__}({options})``; "
+            f"call as ``{call}``. See :func:`{factory.__module__}."
+            f"{factory.__name__}` for the semantics.")
+
+
+# --------------------------------------------------------------------------
+# Leaves and selection.
+# --------------------------------------------------------------------------
+
+
+class _Leaves(NamedTuple):
+    leaves: list
+    treedef: object
+    paths: list[str]
+    chosen: list[int]  # indices of the leaves in scope
+
+
+def _flatten(params: Params, scope) -> _Leaves:
+    leaves, treedef = jax.tree.flatten(params)
+    leaves = [jnp.asarray(leaf) for leaf in leaves]
+    paths = leaf_paths(params)
+    chosen = [i for i, path in enumerate(paths) if scope.matches(path)]
+    if not chosen:
+        shown = ", ".join(paths[:20]) + (" ..." if len(paths) > 20 else "")
+        raise ValueError(f"scope {scope.describe()} matches no leaf of the "
+                         f"parameters (leaves: {shown or 'none'})")
+    return _Leaves(leaves, treedef, paths, chosen)
+
+
+def _require_float(flat: _Leaves, operation: str) -> None:
+    for i in flat.chosen:
+        dtype = flat.leaves[i].dtype
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"{operation} needs floating-point leaves; leaf "
+                            f"{flat.paths[i]!r} has dtype {dtype}")
+
+
+def _assemble(flat: _Leaves, new: dict[int, Array], masks: dict[int, Array]
+              ) -> Damage:
+    leaves, mask_leaves = [], []
+    for i, leaf in enumerate(flat.leaves):
+        if i in new:
+            leaves.append(new[i].reshape(leaf.shape).astype(leaf.dtype))
+            mask_leaves.append(masks[i].reshape(leaf.shape))
+        else:
+            leaves.append(leaf)
+            mask_leaves.append(jnp.zeros(leaf.shape, jnp.bool_))
+    return Damage(params=jax.tree.unflatten(flat.treedef, leaves),
+                  mask=jax.tree.unflatten(flat.treedef, mask_leaves))
+
+
+def _counts(sizes: Sequence[int], ratio: Array, ratio_over: str
+            ) -> tuple[Array, list[int]]:
+    if ratio_over == "global":
+        return select.count_of(sum(sizes), ratio)[None], [0] * len(sizes)
+    return (jnp.stack([select.count_of(size, ratio) for size in sizes]),
+            list(range(len(sizes))))
+
+
+def select_entries(key: PRNGKey, leaves: Sequence[Array], ratio: Array, *,
+                   mode: str = "exact", ratio_over: str = "leaf",
+                   target: str = "random") -> list[Array]:
+    """Flat boolean masks choosing entries of ``leaves``.
+
+    Args:
+        key: typed key (unused for targeted selection).
+        leaves: the arrays to choose from.
+        ratio: traced fraction of entries to choose.
+        mode: ``"exact"``: exactly ``floor(n * ratio)`` entries, ``n`` per
+            leaf or over all leaves (``ratio_over``); ``"bernoulli"``: each
+            entry independently with probability ``ratio``.
+        ratio_over: ``"leaf"`` or ``"global"`` (exact mode only; the two
+            coincide for Bernoulli selection).
+        target: ``"random"`` (uniform without replacement), ``"largest"``
+            or ``"smallest"`` magnitudes first (exact mode only; ties go to
+            the lowest flat index).
+
+    Returns:
+        One flat boolean mask per leaf.
+    """
+    sizes = [int(leaf.size) for leaf in leaves]
+    if target == "random":
+        draws = select.draw_bits(key, sizes)
+        if mode == "bernoulli":
+            return select.select_bernoulli(draws, ratio)
+        counts, groups = _counts(sizes, ratio, ratio_over)
+        return select.select_exact(draws, counts, groups=groups)
+    counts, groups = _counts(sizes, ratio, ratio_over)
+    if target == "largest":
+        return select.select_largest_magnitude(leaves, counts, groups=groups)
+    return select.select_smallest_magnitude(leaves, counts, groups=groups)
+
+
+def _check_selection(mode: str, ratio_over: str, target: str) -> None:
+    check_choice("mode", mode, MODES)
+    check_choice("ratio_over", ratio_over, RATIO_OVER)
+    check_choice("target", target, TARGETS)
+    if target != "random" and mode != "exact":
+        raise ValueError(f"target={target!r} chooses a fixed number of "
+                         f"entries and needs mode='exact', got mode={mode!r}")
+
+
+# --------------------------------------------------------------------------
+# Zero, sign flip, random values.
+# --------------------------------------------------------------------------
+
+
+def make_zero(scope: ScopeLike = "all", *, mode: Mode = "exact",
+              ratio_over: RatioOver = "leaf", target: Target = "random"
+              ) -> DamageFn:
+    """Build an operator that zeroes a fraction of the parameters.
+
+    With the defaults this is the seed's damage: in every leaf, exactly
+    ``floor(n * ratio)`` entries chosen uniformly without replacement are
+    set to zero.
+
+    Args:
+        scope: leaves to damage: ``"all"``, ``"weights"`` or a regex on the
+            leaf path (see :mod:`recovjax.damage.scope`).
+        mode: ``"exact"`` (exact count) or ``"bernoulli"`` (each entry
+            independently with probability ``ratio``: independent faults).
+        ratio_over: ``"leaf"`` (each leaf loses the same fraction) or
+            ``"global"`` (one exact count over all selected entries).
+        target: ``"random"``, ``"largest"`` (largest magnitudes first: an
+            attack) or ``"smallest"`` (magnitude pruning).
+
+    Returns:
+        ``op(key, params, ratio) -> Damage``. The mask marks the chosen
+        entries; it equals the set of changed entries except where an entry
+        was already zero.
+
+    Raises:
+        ValueError: for an unknown choice or an invalid scope regex (now),
+            and, when called, for a concrete ``ratio`` outside ``[0, 1]``
+            or non-finite, or a scope that matches no leaf.
+
+    Example:
+        >>> op = make_zero(scope="weights")
+        >>> damage = op(jax.random.key(0), params, 0.3)
+    """
+    resolved = parse_scope(scope)
+    _check_selection(mode, ratio_over, target)
+
+    def zero(key: PRNGKey, params: Params, ratio: Array) -> Damage:
+        flat = _flatten(params, resolved)
+        leaves = [flat.leaves[i] for i in flat.chosen]
+        key, _ = jax.random.split(key)
+        masks = select_entries(key, leaves, ratio, mode=mode,
+                               ratio_over=ratio_over, target=target)
+        new = {i: jnp.where(m, jnp.zeros((), leaf.dtype), leaf.ravel())
+               for i, leaf, m in zip(flat.chosen, leaves, masks)}
+        return _assemble(flat, new, dict(zip(flat.chosen, masks)))
+
+    return make_operator(zero, name="zero", amount_name="ratio",
+                         fraction=True, doc=operator_doc(
+                             make_zero, dict(scope=scope, mode=mode,
+                                             ratio_over=ratio_over,
+                                             target=target),
+                             "op(key, params, ratio) -> Damage"))
+
+
+def make_sign_flip(scope: ScopeLike = "all", *, mode: Mode = "exact",
+                   ratio_over: RatioOver = "leaf", target: Target = "random"
+                   ) -> DamageFn:
+    """Build an operator that negates a fraction of the parameters.
+
+    Args:
+        scope: leaves to damage (see :func:`make_zero`).
+        mode: ``"exact"`` or ``"bernoulli"``.
+        ratio_over: ``"leaf"`` or ``"global"``.
+        target: ``"random"``, ``"largest"`` or ``"smallest"``.
+
+    Returns:
+        ``op(key, params, ratio) -> Damage``; the mask marks the negated
+        entries (an entry equal to 0 changes only its sign bit).
+
+    Raises:
+        ValueError: as :func:`make_zero`.
+        TypeError: when called on a non-floating leaf in scope.
+    """
+    resolved = parse_scope(scope)
+    _check_selection(mode, ratio_over, target)
+
+    def flip_sign(key: PRNGKey, params: Params, ratio: Array) -> Damage:
+        flat = _flatten(params, resolved)
+        _require_float(flat, "sign flip")
+        leaves = [flat.leaves[i] for i in flat.chosen]
+        key, _ = jax.random.split(key)
+        masks = select_entries(key, leaves, ratio, mode=mode,
+                               ratio_over=ratio_over, target=target)
+        new = {i: jnp.where(m, -leaf.ravel(), leaf.ravel())
+               for i, leaf, m in zip(flat.chosen, leaves, masks)}
+        return _assemble(flat, new, dict(zip(flat.chosen, masks)))
+
+    return make_operator(flip_sign, name="flip_sign", amount_name="ratio",
+                         fraction=True, doc=operator_doc(
+                             make_sign_flip, dict(scope=scope, mode=mode,
+                                                  ratio_over=ratio_over,
+                                                  target=target),
+                             "op(key, params, ratio) -> Damage"))
+
+
+def make_random_values(distribution: Literal["uniform", "normal"] = "uniform",
+                       scope: ScopeLike = "all", *, mode: Mode = "exact",
+                       ratio_over: RatioOver = "leaf",
+                       target: Target = "random") -> DamageFn:
+    """Build an operator that overwrites a fraction of entries with noise.
+
+    Replacement values follow each leaf's own statistics, computed on the
+    undamaged leaf: uniform on ``[min, max]`` or normal with the leaf's mean
+    and standard deviation. A leaf of one entry gets its own value back
+    under ``"uniform"`` and its mean under ``"normal"``.
+
+    Args:
+        distribution: ``"uniform"`` or ``"normal"``.
+        scope: leaves to damage (see :func:`make_zero`).
+        mode: ``"exact"`` or ``"bernoulli"``.
+        ratio_over: ``"leaf"`` or ``"global"``.
+        target: ``"random"``, ``"largest"`` or ``"smallest"``.
+
+    Returns:
+        ``op(key, params, ratio) -> Damage``; the mask marks the overwritten
+        entries. The entries chosen for a key are those :func:`make_zero`
+        chooses for the same key.
+
+    Raises:
+        ValueError: as :func:`make_zero`, or for an unknown distribution.
+        TypeError: when called on a non-floating leaf in scope.
+    """
+    check_choice("distribution", distribution, ("uniform", "normal"))
+    resolved = parse_scope(scope)
+    _check_selection(mode, ratio_over, target)
+
+    def randomize(key: PRNGKey, params: Params, ratio: Array) -> Damage:
+        flat = _flatten(params, resolved)
+        _require_float(flat, f"random {distribution} values")
+        leaves = [flat.leaves[i] for i in flat.chosen]
+        select_key, value_key = jax.random.split(key)
+        masks = select_entries(select_key, leaves, ratio, mode=mode,
+                               ratio_over=ratio_over, target=target)
+        sizes = [int(leaf.size) for leaf in leaves]
+        new = {}
+        if distribution == "uniform":
+            draws = select.draw_uniform(value_key, sizes)
+        else:
+            draws = select.draw_normal(value_key, sizes)
+        for i, leaf, m, draw in zip(flat.chosen, leaves, masks, draws):
+            x = leaf.ravel().astype(jnp.float32)
+            if distribution == "uniform":
+                low, high = jnp.min(x), jnp.max(x)
+                values = low + (high - low) * draw
+            else:
+                values = jnp.mean(x) + jnp.std(x) * draw
+            new[i] = jnp.where(m, values.astype(leaf.dtype), leaf.ravel())
+        return _assemble(flat, new, dict(zip(flat.chosen, masks)))
+
+    return make_operator(randomize, name=f"randomize_{distribution}",
+                         amount_name="ratio", fraction=True,
+                         doc=operator_doc(
+                             make_random_values,
+                             dict(distribution=distribution, scope=scope,
+                                  mode=mode, ratio_over=ratio_over,
+                                  target=target),
+                             "op(key, params, ratio) -> Damage"))
+
+
+# --------------------------------------------------------------------------
+# Noise.
+# --------------------------------------------------------------------------
+
+
+def make_gaussian_noise(scope: ScopeLike = "all", *, relative: bool = True
+                        ) -> DamageFn:
+    """Build an operator that adds Gaussian noise to every entry in scope.
+
+    ``x + scale * s * z`` with ``z ~ N(0, 1)`` per entry, where ``s`` is the
+    leaf's standard deviation (``relative=True``: the scale is relative to
+    each leaf's spread, so one scale means the same for a kernel and a
+    bias) or 1 (``relative=False``: absolute noise). A leaf whose entries
+    are all equal has ``s = 0`` and gets no relative noise.
+
+    Args:
+        scope: leaves to perturb (see :func:`make_zero`).
+        relative: scale noise by each leaf's standard deviation.
+
+    Returns:
+        ``op(key, params, scale) -> Damage``; the mask marks every entry in
+        scope (all of them are perturbed).
+
+    Raises:
+        ValueError: for an invalid scope now; when called, for a concrete
+            ``scale`` that is negative or not finite, or a scope matching
+            no leaf.
+        TypeError: when called on a non-floating leaf in scope.
+    """
+    resolved = parse_scope(scope)
+    if not isinstance(relative, bool):
+        raise TypeError(f"relative must be a bool, got {relative!r}")
+
+    def add_noise(key: PRNGKey, params: Params, scale: Array) -> Damage:
+        flat = _flatten(params, resolved)
+        _require_float(flat, "Gaussian noise")
+        leaves = [flat.leaves[i] for i in flat.chosen]
+        _, value_key = jax.random.split(key)
+        noise = select.draw_normal(value_key, [leaf.size for leaf in leaves])
+        new, masks = {}, {}
+        for i, leaf, z in zip(flat.chosen, leaves, noise):
+            x = leaf.ravel().astype(jnp.float32)
+            spread = jnp.std(x) if relative else jnp.float32(1.0)
+            new[i] = (x + scale * spread * z).astype(leaf.dtype)
+            masks[i] = jnp.ones(x.shape, jnp.bool_)
+        return _assemble(flat, new, masks)
+
+    return make_operator(add_noise, name="add_gaussian_noise",
+                         amount_name="scale", fraction=False,
+                         doc=operator_doc(
+                             make_gaussian_noise,
+                             dict(scope=scope, relative=relative),
+                             "op(key, params, scale) -> Damage"))
+
+
+def make_multiplicative_noise(scope: ScopeLike = "all") -> DamageFn:
+    """Build an operator that multiplies every entry by ``1 + scale * z``.
+
+    ``z ~ N(0, 1)`` per entry: relative noise proportional to each weight
+    (device variation in analog hardware, for instance). Zero entries stay
+    zero.
+
+    Args:
+        scope: leaves to perturb (see :func:`make_zero`).
+
+    Returns:
+        ``op(key, params, scale) -> Damage``; the mask marks every entry in
+        scope.
+
+    Raises:
+        ValueError: as :func:`make_gaussian_noise`.
+        TypeError: when called on a non-floating leaf in scope.
+    """
+    resolved = parse_scope(scope)
+
+    def multiply_noise(key: PRNGKey, params: Params, scale: Array) -> Damage:
+        flat = _flatten(params, resolved)
+        _require_float(flat, "multiplicative noise")
+        leaves = [flat.leaves[i] for i in flat.chosen]
+        _, value_key = jax.random.split(key)
+        noise = select.draw_normal(value_key, [leaf.size for leaf in leaves])
+        new, masks = {}, {}
+        for i, leaf, z in zip(flat.chosen, leaves, noise):
+            x = leaf.ravel().astype(jnp.float32)
+            new[i] = (x * (1.0 + scale * z)).astype(leaf.dtype)
+            masks[i] = jnp.ones(x.shape, jnp.bool_)
+        return _assemble(flat, new, masks)
+
+    return make_operator(multiply_noise, name="add_multiplicative_noise",
+                         amount_name="scale", fraction=False,
+                         doc=operator_doc(
+                             make_multiplicative_noise, dict(scope=scope),
+                             "op(key, params, scale) -> Damage"))
+
+
+# --------------------------------------------------------------------------
+# Bit faults.
+# --------------------------------------------------------------------------
+
+
+class BitLayout(NamedTuple):
+    """Where the fields of a float format sit in its stored bits.
+
+    Attributes:
+        uint: the unsigned integer dtype of the same width.
+        width: number of bits.
+        sign: position of the sign bit (0 = least significant bit).
+        exponent: positions of the exponent bits.
+        mantissa: positions of the mantissa (fraction) bits.
+    """
+
+    uint: object
+    width: int
+    sign: tuple[int, ...]
+    exponent: tuple[int, ...]
+    mantissa: tuple[int, ...]
+
+
+def bit_layout(dtype) -> BitLayout:
+    """The :class:`BitLayout` of float32, bfloat16 or float16.
+
+    Raises:
+        TypeError: for any other dtype.
+    """
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float32:
+        width, mantissa, uint = 32, 23, jnp.uint32
+    elif dtype == jnp.bfloat16:
+        width, mantissa, uint = 16, 7, jnp.uint16
+    elif dtype == jnp.float16:
+        width, mantissa, uint = 16, 10, jnp.uint16
+    else:
+        raise TypeError(f"bit faults support float32, bfloat16 and float16, "
+                        f"not {dtype}")
+    return BitLayout(uint=uint, width=width, sign=(width - 1,),
+                     exponent=tuple(range(mantissa, width - 1)),
+                     mantissa=tuple(range(mantissa)))
+
+
+def bit_positions(dtype, bits) -> tuple[int, ...]:
+    """Positions (0 = least significant) a ``bits`` choice covers in dtype.
+
+    Args:
+        dtype: float32, bfloat16 or float16.
+        bits: ``"any"``, ``"sign"``, ``"exponent"``, ``"mantissa"`` or one
+            bit position.
+
+    Returns:
+        The positions, ascending.
+
+    Raises:
+        TypeError: for an unsupported dtype.
+        ValueError: for a position outside the dtype's width.
+    """
+    layout = bit_layout(dtype)
+    if bits == "any":
+        return tuple(range(layout.width))
+    if isinstance(bits, str):
+        return getattr(layout, bits)
+    if not 0 <= bits < layout.width:
+        raise ValueError(f"bits={bits} is not a bit position of "
+                         f"{jnp.dtype(dtype)} (0..{layout.width - 1})")
+    return (int(bits),)
+
+
+def _check_bits(bits) -> None:
+    if isinstance(bits, str):
+        check_choice("bits", bits, BIT_CLASSES)
+    elif isinstance(bits, (bool, np.bool_)) or not isinstance(
+            bits, (int, np.integer)):
+        raise TypeError(f"bits must be one of {', '.join(BIT_CLASSES)} or an "
+                        f"int bit position, got {bits!r}")
+    elif bits < 0:
+        raise ValueError(f"bits must be a non-negative bit position, got "
+                         f"{bits}")
+
+
+def _make_bit_fault(fault: str, bits, scope: ScopeLike, mode: str,
+                    ratio_over: str, *, name: str, doc: str) -> DamageFn:
+    _check_bits(bits)
+    resolved = parse_scope(scope)
+    check_choice("mode", mode, MODES)
+    check_choice("ratio_over", ratio_over, RATIO_OVER)
+
+    def fault_bits(key: PRNGKey, params: Params, rate: Array) -> Damage:
+        flat = _flatten(params, resolved)
+        layouts, positions = [], []
+        for i in flat.chosen:
+            dtype = flat.leaves[i].dtype
+            try:
+                layouts.append(bit_layout(dtype))
+                positions.append(bit_positions(dtype, bits))
+            except TypeError as error:
+                raise TypeError(f"leaf {flat.paths[i]!r}: {error}") from None
+            except ValueError as error:
+                raise ValueError(f"leaf {flat.paths[i]!r}: {error}") from None
+        leaves = [flat.leaves[i] for i in flat.chosen]
+        sizes = [int(leaf.size) * len(p) for leaf, p in zip(leaves, positions)]
+        key, _ = jax.random.split(key)
+        draws = select.draw_bits(key, sizes)
+        if mode == "bernoulli":
+            chosen_bits = select.select_bernoulli(draws, rate)
+        else:
+            counts, groups = _counts(sizes, rate, ratio_over)
+            chosen_bits = select.select_exact(draws, counts, groups=groups)
+        new, masks = {}, {}
+        for i, leaf, layout, places, chosen in zip(
+                flat.chosen, leaves, layouts, positions, chosen_bits):
+            chosen = chosen.reshape(leaf.size, len(places))
+            weights = jnp.asarray([1 << p for p in places], layout.uint)
+            pattern = jnp.sum(jnp.where(chosen, weights, 0),
+                              axis=1, dtype=layout.uint)
+            stored = lax.bitcast_convert_type(leaf.ravel(), layout.uint)
+            if fault == "flip":
+                stored = stored ^ pattern
+            elif fault == "stuck_at_1":
+                stored = stored | pattern
+            else:
+                stored = stored & ~pattern
+            new[i] = lax.bitcast_convert_type(stored, leaf.dtype)
+            masks[i] = pattern != 0
+        return _assemble(flat, new, masks)
+
+    return make_operator(fault_bits, name=name, amount_name="rate",
+                         fraction=True, doc=doc)
+
+
+def make_bit_flip(bits: Bits = "any", scope: ScopeLike = "all", *,
+                  mode: Mode = "bernoulli", ratio_over: RatioOver = "leaf"
+                  ) -> DamageFn:
+    """Build an operator that flips bits of the stored floats.
+
+    The amount is the bit error rate over the eligible bits: with
+    ``mode="bernoulli"`` every eligible bit flips independently with that
+    probability (the usual soft-error model); with ``mode="exact"`` exactly
+    ``floor(n_bits * rate)`` eligible bits flip, chosen uniformly, where
+    ``n_bits`` is the leaf's entries times eligible bits per entry (or the
+    total over all leaves in scope with ``ratio_over="global"``). Bits are
+    manipulated through :func:`jax.lax.bitcast_convert_type`; NaN and inf
+    weights that flips produce are legitimate results, not errors.
+
+    Args:
+        bits: which bits are eligible: ``"any"``, ``"sign"``,
+            ``"exponent"``, ``"mantissa"`` or one position (0 = least
+            significant bit of the stored pattern; e.g. 30 is the top
+            exponent bit of float32, 14 that of bfloat16).
+        scope: leaves to damage (see :func:`make_zero`); they must be
+            float32, bfloat16 or float16.
+        mode: ``"bernoulli"`` or ``"exact"``.
+        ratio_over: ``"leaf"`` or ``"global"`` (exact mode).
+
+    Returns:
+        ``op(key, params, rate) -> Damage``; the mask marks entries with at
+        least one flipped bit (exactly the entries whose stored bits
+        changed).
+
+    Raises:
+        ValueError: for an unknown choice or a negative position now; when
+            called, for a concrete rate outside ``[0, 1]`` or a position
+            beyond a leaf's width (naming the leaf).
+        TypeError: when called on a leaf of another dtype (naming it).
+    """
+    return _make_bit_fault("flip", bits, scope, mode, ratio_over,
+                           name="flip_bits", doc=operator_doc(
+                               make_bit_flip,
+                               dict(bits=bits, scope=scope, mode=mode,
+                                    ratio_over=ratio_over),
+                               "op(key, params, rate) -> Damage"))
+
+
+def make_stuck_at(value: Literal[0, 1], bits: Bits = "any",
+                  scope: ScopeLike = "all", *, mode: Mode = "bernoulli",
+                  ratio_over: RatioOver = "leaf") -> DamageFn:
+    """Build an operator that forces a fraction of stored bits to 0 or 1.
+
+    Faulty memory cells are chosen exactly as :func:`make_bit_flip` chooses
+    flipped bits (the amount is the fraction of faulty eligible bits); a
+    faulty bit then reads ``value`` whatever was stored.
+
+    Args:
+        value: 0 (stuck-at-0) or 1 (stuck-at-1).
+        bits: eligible bits, as in :func:`make_bit_flip`.
+        scope: leaves to damage.
+        mode: ``"bernoulli"`` or ``"exact"``.
+        ratio_over: ``"leaf"`` or ``"global"`` (exact mode).
+
+    Returns:
+        ``op(key, params, rate) -> Damage``. The mask marks entries that
+        hold at least one faulty bit, *whether or not* the stored value
+        changed (a stuck-at-1 bit that was already 1 changes nothing but is
+        still a faulty cell): the changed entries are a subset of the mask,
+        as for :func:`make_zero` on entries that were already zero.
+
+    Raises:
+        ValueError: as :func:`make_bit_flip`, or for a value other than 0
+            or 1.
+        TypeError: as :func:`make_bit_flip`.
+    """
+    if isinstance(value, bool) or value not in (0, 1):
+        raise ValueError(f"value must be 0 or 1, got {value!r}")
+    return _make_bit_fault(f"stuck_at_{value}", bits, scope, mode,
+                           ratio_over, name=f"stick_bits_at_{value}",
+                           doc=operator_doc(
+                               make_stuck_at,
+                               dict(value=value, bits=bits, scope=scope,
+                                    mode=mode, ratio_over=ratio_over),
+                               "op(key, params, rate) -> Damage"))
+
+
+# --------------------------------------------------------------------------
+# Ready-made operators.
+# --------------------------------------------------------------------------
+
+zero_parameters = make_zero()
+"""The seed's damage: zero exactly ``floor(n * ratio)`` entries per leaf."""
+
+zero_largest = make_zero(target="largest")
+"""Zero the largest-magnitude ``floor(n * ratio)`` entries of each leaf."""
+
+flip_signs = make_sign_flip()
+"""Negate exactly ``floor(n * ratio)`` entries per leaf."""
+
+randomize_uniform = make_random_values("uniform")
+"""Overwrite ``floor(n * ratio)`` entries per leaf with U[min, max]."""
+
+randomize_normal = make_random_values("normal")
+"""Overwrite ``floor(n * ratio)`` entries per leaf with N(mean, std)."""
+
+add_gaussian_noise = make_gaussian_noise()
+"""Add ``N(0, (scale * std)^2)`` noise to every entry."""
+
+add_multiplicative_noise = make_multiplicative_noise()
+"""Multiply every entry by ``1 + scale * N(0, 1)``."""
+
+flip_bits = make_bit_flip()
+"""Flip each stored bit with probability ``rate``."""
+
+stick_bits_at_zero = make_stuck_at(0)
+"""Force each stored bit to 0 with probability ``rate``."""
+
+stick_bits_at_one = make_stuck_at(1)
+"""Force each stored bit to 1 with probability ``rate``."""

@@ -1,0 +1,165 @@
+"""Names of damage operators, for configs and the CLI.
+
+``get_damage("zero", scope="weights")`` builds the same operator as
+``make_zero(scope="weights")``. Each name carries a :class:`DamageSpec`:
+what it damages (``kind``), whether its amount is a fraction (so configs
+can validate ratios before anything runs) and its factory's options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from types import MappingProxyType
+from typing import Any, Callable, Literal, Mapping
+
+from recovjax.damage import data, params, structure
+
+Kind = Literal["params", "structure", "data"]
+KINDS = ("params", "structure", "data")
+
+
+@dataclasses.dataclass(frozen=True)
+class DamageSpec:
+    """One registered damage operator.
+
+    Attributes:
+        name: registry name.
+        kind: ``"params"`` (``op(key, params, amount)``), ``"structure"``
+            (same call, structural masks) or ``"data"``
+            (``op(key, images, labels, amount, *, num_classes)``).
+        factory: the ``make_*`` function that builds the operator.
+        amount_is_fraction: whether the amount must lie in ``[0, 1]``
+            (ratios, rates) rather than be any non-negative scale.
+        amount_name: what the amount is called (``ratio``, ``rate``,
+            ``scale``).
+        doc: one-line description.
+        preset: factory options the name fixes (e.g. ``stuck_at_1`` fixes
+            ``value=1``); they cannot be overridden.
+    """
+
+    name: str
+    kind: str
+    factory: Callable[..., Callable]
+    amount_is_fraction: bool
+    amount_name: str
+    doc: str
+    preset: Mapping[str, Any] = dataclasses.field(
+        default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """Names of the options :func:`get_damage` accepts for this name."""
+        signature = inspect.signature(self.factory)
+        return tuple(name for name in signature.parameters
+                     if name not in self.preset)
+
+    def build(self, **options: Any) -> Callable:
+        """Build the operator; see :func:`get_damage`."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise TypeError(
+                f"damage {self.name!r} has no option "
+                f"{', '.join(repr(u) for u in unknown)}; valid options: "
+                f"{', '.join(self.options) or 'none'}")
+        return self.factory(**self.preset, **options)
+
+
+def _spec(name, kind, factory, amount_name, doc, **preset) -> DamageSpec:
+    return DamageSpec(name=name, kind=kind, factory=factory,
+                      amount_is_fraction=amount_name != "scale",
+                      amount_name=amount_name, doc=doc,
+                      preset=MappingProxyType(preset))
+
+
+_REGISTRY: dict[str, DamageSpec] = {spec.name: spec for spec in (
+    _spec("zero", "params", params.make_zero, "ratio",
+          "zero floor(n * ratio) entries per leaf (the seed's damage)"),
+    _spec("random_uniform", "params", params.make_random_values, "ratio",
+          "overwrite entries with U[min, max] of their leaf",
+          distribution="uniform"),
+    _spec("random_normal", "params", params.make_random_values, "ratio",
+          "overwrite entries with N(mean, std) of their leaf",
+          distribution="normal"),
+    _spec("gaussian_noise", "params", params.make_gaussian_noise, "scale",
+          "add Gaussian noise, scale relative to each leaf's std"),
+    _spec("multiplicative_noise", "params",
+          params.make_multiplicative_noise, "scale",
+          "multiply entries by 1 + scale * N(0, 1)"),
+    _spec("sign_flip", "params", params.make_sign_flip, "ratio",
+          "negate floor(n * ratio) entries per leaf"),
+    _spec("bit_flip", "params", params.make_bit_flip, "rate",
+          "flip stored float bits at a bit error rate"),
+    _spec("stuck_at_0", "params", params.make_stuck_at, "rate",
+          "force a fraction of stored bits to 0", value=0),
+    _spec("stuck_at_1", "params", params.make_stuck_at, "rate",
+          "force a fraction of stored bits to 1", value=1),
+    _spec("remove_neurons", "structure", structure.make_remove_neurons,
+          "ratio", "remove dense units / conv output channels"),
+    _spec("remove_connections", "structure",
+          structure.make_remove_connections, "ratio",
+          "remove individual kernel entries (unstructured)"),
+    _spec("drop_blocks", "structure", structure.make_drop_blocks, "ratio",
+          "turn residual blocks into the identity"),
+    _spec("remove_heads", "structure", structure.make_remove_heads, "ratio",
+          "remove attention heads"),
+    _spec("drop_samples", "data", data.make_drop_samples, "ratio",
+          "give weight 0 to a fraction of the training samples"),
+    _spec("label_noise", "data", data.make_label_noise, "rate",
+          "relabel a fraction of samples (symmetric or class mapping)"),
+    _spec("input_noise", "data", data.make_input_noise, "scale",
+          "add Gaussian noise to the input images"),
+    _spec("remove_classes", "data", data.make_remove_classes, "ratio",
+          "give weight 0 to every sample of a fraction of the classes"),
+)}
+
+
+def damage_names(kind: Kind | None = None) -> tuple[str, ...]:
+    """Registered names, optionally of one kind only.
+
+    Raises:
+        ValueError: for an unknown kind.
+    """
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"unknown damage kind {kind!r}; valid kinds: "
+                         f"{', '.join(KINDS)}")
+    return tuple(name for name, spec in _REGISTRY.items()
+                 if kind is None or spec.kind == kind)
+
+
+def damage_spec(name: str) -> DamageSpec:
+    """The :class:`DamageSpec` registered under ``name``.
+
+    Raises:
+        ValueError: for an unknown name (the message lists valid names).
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown damage {name!r}; valid names: "
+                         f"{', '.join(damage_names())}")
+    return _REGISTRY[name]
+
+
+def get_damage(name: str, **options: Any) -> Callable:
+    """Build a registered damage operator.
+
+    Args:
+        name: one of :func:`damage_names`.
+        **options: the factory's options (e.g. ``scope="weights"``,
+            ``mode="bernoulli"``, ``bits="exponent"``).
+
+    Returns:
+        The operator: ``op(key, params, amount) -> Damage`` for the
+        ``"params"`` and ``"structure"`` kinds, ``op(key, images, labels,
+        amount, *, num_classes) -> DataDamage`` for ``"data"``.
+
+    Raises:
+        ValueError: for an unknown name (listing valid names) or an invalid
+            option value.
+        TypeError: for an option the operator does not have (naming it and
+            listing valid options).
+
+    Example:
+        >>> op = get_damage("bit_flip", bits="exponent", mode="exact")
+        >>> damage = op(jax.random.key(0), params, 1e-3)
+    """
+    return damage_spec(name).build(**options)

@@ -1,0 +1,404 @@
+"""One experiment end to end: damage -> evaluate -> recover -> evaluate -> report.
+
+:func:`run_experiment` drives the library from an
+:class:`~recovjax.config.ExperimentConfig` into a run directory. Each unit of
+work (the clean evaluation, each damage kind's sweep, each recovery group)
+is persisted as it finishes, so a killed run resumes where it stopped, and
+the final ``results.csv`` is byte-identical to an uninterrupted run's: every
+number depends only on the config (keys come from ``fold_in`` of the root
+seed), never on which run computed it.
+
+Keys: the sweep's point key is :func:`recovjax.sweep.point_key`; recovery of
+that point uses ``fold_in(point_key, RECOVERY_STREAM)`` (data order,
+re-initialisation), the same for every strategy so that strategies are
+compared on the same data order. Data damage of the recovery data uses
+``fold_in(root, crc32("recovery-data/<label>"))``, shared by all points.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import time
+import zlib
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from recovjax import config as config_lib
+from recovjax._compile_cache import enable_compilation_cache
+from recovjax._types import Damage, Split
+from recovjax.data import batch_split, load_dataset
+from recovjax.damage import damage_spec, get_damage
+from recovjax.evaluate import evaluate
+from recovjax.models import get_model
+from recovjax.pretrain import load_pretrained
+from recovjax.recovery import get_strategy, make_task
+from recovjax.recovery.measure import peak_memory, recovery_records
+from recovjax.recovery.registry import strategy_options
+from recovjax.results import ResultsTable, metrics_rows
+from recovjax.rundir import RunDirectory, atomic_write, environment
+from recovjax.sweep import iter_sweep, point_key
+
+RECOVERY_STREAM = 0x5EC0
+"""``fold_in`` tag of a point's recovery key (data order, re-init)."""
+
+_TRAINING_OPTIONS = ("optimizer", "learning_rate", "momentum", "batch_size",
+                     "epochs", "steps", "eval_every")
+
+
+@dataclasses.dataclass
+class Progress:
+    """Reports units of work to a callback (e.g. a tqdm bar)."""
+
+    total: int
+    update: Callable[[str], None] = lambda message: None
+
+
+def _label(strategy: str | config_lib.StrategyConfig) -> str:
+    if isinstance(strategy, str):
+        return strategy
+    return strategy.label or strategy.name
+
+
+def _strategy_spec(strategy) -> config_lib.StrategyConfig:
+    if isinstance(strategy, str):
+        return config_lib.StrategyConfig(name=strategy)
+    return strategy
+
+
+def _subset(split: Split, count: int | None) -> Split:
+    if count is None or count >= len(split):
+        return split
+    return Split(split.images[:count], split.labels[:count])
+
+
+def _check_names(config: config_lib.ExperimentConfig) -> None:
+    """Fail on unknown damage or strategy names before any work is done."""
+    labels = set()
+    for index, damage in enumerate(config.damage):
+        where = f"damage[{index}]"
+        try:
+            spec = damage_spec(damage.kind)
+        except ValueError as error:
+            raise config_lib.ConfigError(f"{where}.kind: {error}") from None
+        if spec.kind == "data":
+            raise config_lib.ConfigError(
+                f"{where}.kind: {damage.kind!r} damages data, not the model; "
+                "put it under recovery.data.damage (or a strategy's data)")
+        if spec.amount_is_fraction and any(r > 1 for r in damage.ratios):
+            raise config_lib.ConfigError(
+                f"{where}.ratios: {spec.amount_name}s of {damage.kind!r} are "
+                f"fractions in [0, 1], got {list(damage.ratios)}")
+        label = damage.label or damage.kind
+        if label in labels:
+            raise config_lib.ConfigError(
+                f"{where}: damage label {label!r} is used twice; set label")
+        labels.add(label)
+        try:
+            get_damage(damage.kind, **damage.options)
+        except (TypeError, ValueError) as error:
+            raise config_lib.ConfigError(f"{where}.options: {error}") from None
+    if config.recovery is None:
+        return
+    seen = set()
+    for index, strategy in enumerate(config.recovery.strategies):
+        spec = _strategy_spec(strategy)
+        where = f"recovery.strategies[{index}]"
+        try:
+            strategy_options(spec.name)
+        except ValueError as error:
+            raise config_lib.ConfigError(f"{where}: {error}") from None
+        if _label(strategy) in seen:
+            raise config_lib.ConfigError(
+                f"{where}: strategy label {_label(strategy)!r} is used twice")
+        seen.add(_label(strategy))
+        data = spec.data or config.recovery.data
+        if data.damage is not None:
+            try:
+                data_spec = damage_spec(data.damage)
+            except ValueError as error:
+                raise config_lib.ConfigError(
+                    f"{where}.data.damage: {error}") from None
+            if data_spec.kind != "data":
+                raise config_lib.ConfigError(
+                    f"{where}.data.damage: {data.damage!r} is not a data "
+                    "damage")
+
+
+def _build_strategy(spec: config_lib.StrategyConfig,
+                    recovery: config_lib.RecoveryConfig, structural: bool):
+    """The configured strategy; training keeps removed units removed when
+    the damage is structural (unless the strategy rebuilds them)."""
+    accepted = strategy_options(spec.name)
+    optimizer = recovery.optimizer
+    budget = {"optimizer": optimizer.name,
+              "learning_rate": optimizer.learning_rate,
+              "momentum": optimizer.momentum or 0.0,
+              "batch_size": recovery.batch_size,
+              "eval_every": recovery.eval_every}
+    if recovery.steps is not None:
+        budget["steps"] = recovery.steps
+    else:
+        budget["epochs"] = recovery.epochs
+    if structural:
+        budget["structural"] = True
+    options = {k: v for k, v in budget.items() if k in accepted}
+    options.update(spec.options)
+    return get_strategy(spec.name, **options)
+
+
+class Experiment:
+    """The state shared by the stages of one run (data, model, keys)."""
+
+    def __init__(self, config: config_lib.ExperimentConfig, *,
+                 zoo_dir=None, progress: bool = True):
+        self.config = config
+        self.data = load_dataset(config.dataset, data_dir=config.data_dir)
+        self.model = get_model(config.model, self.data.num_classes)
+        self.pretrained = load_pretrained(
+            config.model, config.dataset, seed=config.pretrain_seed,
+            zoo_dir=zoo_dir, data_dir=config.data_dir, progress=progress)
+        self.params = self.pretrained.params
+        self.test = _subset(self.data.test, config.evaluate.test_examples)
+        self.batches = batch_split(self.test, config.evaluate.batch_size)
+        self.root = jax.random.key(config.seed)
+
+    def clean_rows(self) -> list[dict]:
+        metrics = jax.jit(evaluate, static_argnums=(0, 3))(
+            self.model.apply, self.params, self.batches,
+            self.model.num_classes)
+        return metrics_rows(jax.device_get(metrics), damage="none", ratio=0.0,
+                            seed=0, stage="clean")
+
+    def points(self, damage: config_lib.DamageConfig) -> list[tuple]:
+        return [(index, ratio, seed)
+                for index, ratio in enumerate(damage.ratios)
+                for seed in range(self.config.sweep.seeds)]
+
+    def damage_chunks(self, damage: config_lib.DamageConfig):
+        label = damage.label or damage.kind
+        op = get_damage(damage.kind, **damage.options)
+        sweep_config = self.config.sweep
+        return iter_sweep(
+            self.model, self.params, damages={label: op},
+            ratios=list(damage.ratios), seeds=sweep_config.seeds,
+            data=self.batches, root_key=self.root,
+            chunk_size=sweep_config.chunk_size,
+            memory_budget_bytes=int(sweep_config.memory_budget_mb * 2**20))
+
+    def recovery_data(self, label: str, data: config_lib.RecoveryDataConfig):
+        train = _subset(self.data.train, data.train_examples)
+        if data.damage is not None:
+            op = get_damage(data.damage, **data.options)
+            key = jax.random.fold_in(
+                self.root, zlib.crc32(f"recovery-data/{label}".encode()))
+            train = op(key, jnp.asarray(train.images),
+                       jnp.asarray(train.labels), data.amount,
+                       num_classes=self.data.num_classes)
+        key = jax.random.fold_in(
+            self.root, zlib.crc32(f"recovery-budget/{label}".encode()))
+        fraction = None if data.fraction >= 1.0 else data.fraction
+        return make_task(self.model, train, checkpoint=self.pretrained.path,
+                         eval_batches=self.batches, fraction=fraction,
+                         key=key if fraction is not None else None,
+                         teacher=self.params)
+
+    def damaged_stack(self, damage: config_lib.DamageConfig,
+                      points: Sequence[tuple]):
+        """Re-create the sweep's damaged models of ``points`` (same keys)."""
+        label = damage.label or damage.kind
+        op = get_damage(damage.kind, **damage.options)
+        keys = jnp.stack([point_key(self.root, label, index, seed)
+                          for index, _, seed in points])
+        ratios = jnp.asarray([ratio for _, ratio, _ in points], jnp.float32)
+        stacked = jax.jit(jax.vmap(op, in_axes=(0, None, 0)))(
+            keys, self.params, ratios)
+        recovery_keys = jax.vmap(
+            lambda key: jax.random.fold_in(key, RECOVERY_STREAM))(keys)
+        return recovery_keys, Damage(stacked.params, stacked.mask)
+
+
+def _pad(points: list, size: int) -> list:
+    return points + [points[-1]] * (size - len(points))
+
+
+def _recovery_rows(outcome, points, count, *, label, strategy, clean,
+                   damaged) -> list[dict]:
+    host = jax.device_get(outcome)
+    trimmed = host._replace(
+        curve=jax.tree.map(lambda x: np.asarray(x)[:count], host.curve),
+        diverged=np.asarray(host.diverged)[:count],
+        diverged_step=np.asarray(host.diverged_step)[:count])
+    ratios = [ratio for _, ratio, _ in points]
+    seeds = [seed for _, _, seed in points]
+    rows = recovery_records(
+        trimmed, damage=label, ratios=ratios, seeds=seeds,
+        clean_accuracy=clean,
+        damaged_accuracy=[damaged[(label, ratio, seed)]
+                          for _, ratio, seed in points])
+    stage = f"recovered/{strategy}"
+    return [dict(row, stage=stage) for row in rows
+            if row["stage"] == "recovered"]
+
+
+def run_experiment(config: config_lib.ExperimentConfig,
+                   run_dir: os.PathLike[str] | str, *, force: bool = False,
+                   zoo_dir=None, progress: bool = True,
+                   on_progress: Callable[[str, int, int], None] | None = None
+                   ) -> ResultsTable:
+    """Run an experiment into ``run_dir``, resuming finished work.
+
+    Args:
+        config: the validated experiment config.
+        run_dir: the run directory (created; resumed if it holds the same
+            config).
+        force: start over in a directory made with another config.
+        zoo_dir: zoo of pretrained checkpoints (default cache).
+        progress: show progress bars for pretraining.
+        on_progress: ``on_progress(message, done, total)`` after each unit.
+
+    Returns:
+        The tidy :class:`~recovjax.results.ResultsTable` (also written to
+        ``results.csv`` and ``results.json``, with ``env.json``,
+        ``costs.json``, plots and ``report.md``).
+
+    Raises:
+        ConfigError: unknown damage or strategy names, bad options.
+        RunConflictError: ``run_dir`` holds another config and ``force`` is
+            false.
+    """
+    _check_names(config)
+    run = RunDirectory(run_dir, config_lib.dump_config(config), force=force)
+    enable_compilation_cache()
+    experiment = Experiment(config, zoo_dir=zoo_dir, progress=progress)
+    units = _count_units(config)
+    done = 0
+
+    def tick(message: str) -> None:
+        nonlocal done
+        done += 1
+        if on_progress is not None:
+            on_progress(message, done, units)
+
+    if not run.has_part("clean"):
+        run.write_part("clean", experiment.clean_rows())
+    rows = list(run.read_part("clean"))
+    clean_accuracy = next(r["value"] for r in rows
+                          if r["metric"] == "accuracy")
+    tick("clean model evaluated")
+
+    damaged_accuracy: dict[tuple, float] = {}
+    for damage in config.damage:
+        label = damage.label or damage.kind
+        name = f"damaged-{label}"
+        if not run.has_part(name):
+            kind_rows = []
+            for index, chunk in enumerate(experiment.damage_chunks(damage)):
+                kind_rows.extend(chunk.rows)
+                run.write_part(f"{name}.chunk{index}", chunk.rows)
+            run.write_part(name, kind_rows)
+        kind_rows = run.read_part(name)
+        rows.extend(kind_rows)
+        for row in kind_rows:
+            if row["metric"] == "accuracy":
+                damaged_accuracy[(label, row["ratio"], row["seed"])] = (
+                    row["value"])
+        tick(f"swept {label}")
+
+    costs = {"recovery": []}
+    if config.recovery is not None:
+        size = config.recovery.models_per_call
+        for strategy in config.recovery.strategies:
+            spec = _strategy_spec(strategy)
+            strategy_label = _label(strategy)
+            built: dict[bool, Callable] = {}
+            task = None
+            for damage in config.damage:
+                label = damage.label or damage.kind
+                structural = damage_spec(damage.kind).kind == "structure"
+                points = experiment.points(damage)
+                groups = [points[i:i + size]
+                          for i in range(0, len(points), size)]
+                group_size = min(size, len(points))
+                for index, group in enumerate(groups):
+                    name = f"recovered-{strategy_label}-{label}.{index}"
+                    if not run.has_part(name):
+                        if structural not in built:
+                            built[structural] = _build_strategy(
+                                spec, config.recovery, structural)
+                        recover = built[structural]
+                        if task is None:
+                            task = experiment.recovery_data(
+                                strategy_label,
+                                spec.data or config.recovery.data)
+                        padded = _pad(group, group_size)
+                        keys, damaged = experiment.damaged_stack(damage,
+                                                                 padded)
+                        start = time.perf_counter()
+                        outcome = recover(keys, damaged, task)
+                        seconds = time.perf_counter() - start
+                        part_rows = _recovery_rows(
+                            outcome, group, len(group), label=label,
+                            strategy=strategy_label, clean=clean_accuracy,
+                            damaged=damaged_accuracy)
+                        run.write_part(name, part_rows)
+                        costs["recovery"].append({
+                            "damage": label, "strategy": strategy_label,
+                            "group": index, "models": len(group),
+                            "seconds": round(seconds, 4),
+                            "bytes_read": int(outcome.bytes_read),
+                            "restored_leaves": list(outcome.restored_leaves),
+                            "peak_rss_mb": round(
+                                peak_memory().host_bytes / 2**20, 1)})
+                        run.write(f"costs/{name}.json",
+                                  json.dumps(costs["recovery"][-1],
+                                             sort_keys=True))
+                    rows.extend(run.read_part(name))
+                    tick(f"recovered {label} with {strategy_label}")
+
+    table = ResultsTable(
+        rows=rows, config=config_lib.to_dict(config), root_seed=config.seed,
+        versions=_versions(), device_kind=_device_kind())
+    table.to_csv(run.path / "results.csv")
+    table.to_json(run.path / "results.json")
+    run.write("env.json", json.dumps(environment(), indent=1, sort_keys=True))
+    run.write("costs.json", json.dumps(_all_costs(run), indent=1,
+                                       sort_keys=True))
+    from recovjax.report import write_report
+    write_report(run.path, table.rows, threshold=config.report.threshold,
+                 title=config.name)
+    return table
+
+
+def _all_costs(run: RunDirectory) -> dict[str, Any]:
+    folder = run.path / "costs"
+    records = [json.loads(path.read_text())
+               for path in sorted(folder.glob("*.json"))] if folder.is_dir() \
+        else []
+    return {"recovery": records}
+
+
+def _versions() -> dict[str, str]:
+    from recovjax.pretrain import library_versions
+    return library_versions()
+
+
+def _device_kind() -> str:
+    from recovjax.sweep import device_description
+    return device_description()
+
+
+def _count_units(config: config_lib.ExperimentConfig) -> int:
+    units = 1 + len(config.damage)
+    if config.recovery is not None:
+        size = config.recovery.models_per_call
+        for damage in config.damage:
+            points = len(damage.ratios) * config.sweep.seeds
+            units += len(config.recovery.strategies) * math.ceil(points / size)
+    return units

@@ -1,0 +1,537 @@
+"""Fine-tuning as recovery: one compiled program, vmappable over damaged models.
+
+:func:`make_finetune` settles every structural choice (optimiser, batch size,
+number of steps, which entries train, the loss) in Python and returns a pure
+function ``recover(key, params, mask, images, labels, weights, eval_batches,
+frozen)``. The whole run is one ``lax.scan`` over training steps (nested in a
+scan over evaluation intervals), and every result comes back as arrays, so a
+caller reads the device once per run. ``jax.vmap`` over ``key``, ``params``
+and ``mask`` recovers a stack of damaged models with their own optimiser
+states and data orders in one compiled program::
+
+    recover = make_finetune(model.apply, steps=200, eval_every=20)
+    stack = jax.jit(jax.vmap(recover, in_axes=(0, 0, 0, None, None, None,
+                                               None)))
+    result = stack(keys, damaged_params, masks, images, labels, weights,
+                   eval_batches)
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from recovjax._types import Array, ApplyFn, Batches, Mask, Params, PRNGKey
+from recovjax.data import num_batches, shuffled_batches
+from recovjax.evaluate import cross_entropy, evaluate
+
+Mode = Literal["all", "damaged", "undamaged"]
+MODES: tuple[str, ...] = ("all", "damaged", "undamaged")
+LOSSES: tuple[str, ...] = ("cross_entropy", "distill")
+
+DEFAULT_LEARNING_RATE = 1e-3
+DEFAULT_MOMENTUM = 0.9
+DEFAULT_BATCH_SIZE = 100
+DEFAULT_EPOCHS = 2
+
+
+def default_optimizer() -> optax.GradientTransformation:
+    """The seed's recovery optimiser: SGD, learning rate 0.001, momentum 0.9."""
+    return optax.sgd(DEFAULT_LEARNING_RATE, momentum=DEFAULT_MOMENTUM)
+
+
+class Curve(NamedTuple):
+    """Recovery curve: test metrics at evaluation points during fine-tuning.
+
+    Points are taken before the first step, every ``eval_every`` slots and
+    after the last one. All fields have the same length (a leading model axis
+    when vmapped); they are empty when no evaluation batches were given.
+
+    Attributes:
+        steps: ``int32[P]`` optimiser updates performed before each point.
+        samples: ``float32[P]`` training examples used (weight > 0) so far.
+        accuracy: ``float32[P]`` test accuracy.
+        loss: ``float32[P]`` test cross-entropy.
+    """
+
+    steps: Array
+    samples: Array
+    accuracy: Array
+    loss: Array
+
+
+class FinetuneResult(NamedTuple):
+    """Outcome of one fine-tuning run (leading model axis when vmapped).
+
+    Attributes:
+        params: the recovered parameters.
+        curve: :class:`Curve` of test metrics during the run.
+        losses: ``float32[S]`` training loss of every step slot; NaN for a
+            slot whose batch held no data (all weights zero), which performs
+            no update.
+        diverged: ``bool``: some training loss was NaN or infinite.
+        diverged_step: ``int32``: first slot with a non-finite loss, or -1.
+    """
+
+    params: Params
+    curve: Curve
+    losses: Array
+    diverged: Array
+    diverged_step: Array
+
+
+def distill_loss(logits: Array, teacher_logits: Array,
+                 temperature: float = 1.0) -> Array:
+    """Per-example ``T^2 * KL(softmax(teacher / T) || softmax(logits / T))``.
+
+    The ``T^2`` factor (Hinton et al.) keeps gradient sizes comparable across
+    temperatures; at the default ``T = 1`` it is 1.
+
+    Args:
+        logits: ``[N, C]`` student logits.
+        teacher_logits: ``[N, C]`` teacher logits.
+        temperature: softmax temperature.
+
+    Returns:
+        ``[N]`` divergences (zero where student and teacher agree).
+    """
+    teacher = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
+    student = jax.nn.log_softmax(logits / temperature, axis=-1)
+    divergence = jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
+    return divergence * temperature ** 2
+
+
+def trainable_mask(mode: str, params: Params, mask: Mask | None,
+                   frozen: Mask | None = None) -> Mask:
+    """Which entries a fine-tune may change.
+
+    Args:
+        mode: ``"all"``, ``"damaged"`` (only entries where ``mask`` is true) or
+            ``"undamaged"`` (only entries where it is false).
+        params: the parameters (for structure and shapes).
+        mask: the damage mask; required unless ``mode == "all"``.
+        frozen: entries held at zero (removed units); never trainable.
+
+    Returns:
+        Boolean pytree with the structure of ``params``.
+
+    Raises:
+        ValueError: for an unknown mode, or a masked mode without a mask.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown fine-tuning mode {mode!r}; valid modes: "
+                         f"{', '.join(MODES)}")
+    if mode == "all":
+        trainable = jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool),
+                                 params)
+    elif mask is None:
+        raise ValueError(f"mode {mode!r} needs the damage mask, got None")
+    elif mode == "damaged":
+        trainable = jax.tree.map(lambda m: jnp.asarray(m, bool), mask)
+    else:
+        trainable = jax.tree.map(lambda m: ~jnp.asarray(m, bool), mask)
+    if frozen is not None:
+        trainable = jax.tree.map(lambda t, f: t & ~f, trainable, frozen)
+    return trainable
+
+
+def data_stream(key: PRNGKey, weights: Array, batch_size: int,
+                num_epochs: int) -> tuple[Array, Array]:
+    """Example indices and weights of every batch slot of ``num_epochs`` epochs.
+
+    Each epoch is the permutation of :func:`recovjax.data.shuffled_batches`
+    drawn from ``fold_in(key, epoch)``, reordered (stably) so that examples
+    with weight > 0 come first. With all weights 1 this is exactly the
+    ``shuffled_batches`` order; with dropped examples (weight 0, e.g. a data
+    budget) an epoch holds ``ceil(kept / batch_size)`` real batches followed by
+    empty slots, which the fine-tune skips. So "E epochs" means E passes over
+    the kept data, as it would with a smaller dataset, while shapes stay fixed.
+
+    Args:
+        key: data-order key.
+        weights: ``float32[N]`` per-example weights.
+        batch_size: static batch size.
+        num_epochs: static number of epochs.
+
+    Returns:
+        ``(indices, batch_weights)``: ``int32[num_epochs * B, batch_size]`` and
+        ``float32[num_epochs * B, batch_size]`` with ``B = ceil(N /
+        batch_size)``.
+    """
+    n = weights.shape[0]
+    positions = jnp.arange(n, dtype=jnp.int32)
+
+    def epoch(index):
+        order = shuffled_batches(jax.random.fold_in(key, index), positions,
+                                 positions, weights, batch_size)
+        flat_index = order.images.reshape(-1)
+        flat_weight = order.mask.reshape(-1)
+        kept_first = jnp.argsort(flat_weight <= 0, stable=True)
+        return (flat_index[kept_first].reshape(order.images.shape),
+                flat_weight[kept_first].reshape(order.mask.shape))
+
+    indices, batch_weights = jax.vmap(epoch)(jnp.arange(num_epochs))
+    return (indices.reshape((-1, batch_size)),
+            batch_weights.reshape((-1, batch_size)))
+
+
+def budget_weights(key: PRNGKey, num_examples: int, fraction: Any) -> Array:
+    """Per-example weights of a data budget: a keyed random ``fraction``.
+
+    Keeps the first ``floor(num_examples * fraction)`` examples of a
+    permutation drawn from ``key``. ``fraction`` may be traced, so budgets can
+    be swept without recompiling.
+
+    Args:
+        key: which examples are kept.
+        num_examples: ``N`` (static).
+        fraction: kept fraction in ``[0, 1]``.
+
+    Returns:
+        ``float32[N]`` of ones (kept) and zeros (dropped).
+    """
+    # The small slack keeps float32 rounding (0.7 * 4000 = 2799.9998) from
+    # dropping one example below the intended floor(N * fraction).
+    keep = jnp.floor(num_examples * jnp.asarray(fraction, jnp.float32)
+                     + 1e-3)
+    rank = jnp.argsort(jax.random.permutation(key, num_examples))
+    return (rank < keep).astype(jnp.float32)
+
+
+def total_steps(num_examples: int, batch_size: int, *, steps: int | None,
+                epochs: int | None) -> int:
+    """Number of step slots: ``steps``, or ``epochs * ceil(N / batch_size)``."""
+    if steps is not None:
+        return steps
+    return epochs * num_batches(num_examples, batch_size)
+
+
+def _check_positive(name: str, value: Any, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if (not isinstance(value, int) or isinstance(value, bool)
+            or value <= 0):
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def make_finetune(apply: ApplyFn,
+                  optimizer: optax.GradientTransformation | None = None, *,
+                  batch_size: int = DEFAULT_BATCH_SIZE,
+                  steps: int | None = None, epochs: int | None = None,
+                  mode: Mode = "all", eval_every: int | None = None,
+                  num_classes: int = 10,
+                  loss: Literal["cross_entropy", "distill"] = "cross_entropy",
+                  temperature: float = 1.0) -> Callable[..., FinetuneResult]:
+    """Build the pure fine-tuning function for one damaged model.
+
+    Args:
+        apply: ``apply(params, x) -> logits``.
+        optimizer: an optax transformation; default :func:`default_optimizer`
+            (the seed's SGD, lr 0.001, momentum 0.9).
+        batch_size: examples per step (static).
+        steps: number of step slots. Give ``steps`` or ``epochs``, not both;
+            with neither, :data:`DEFAULT_EPOCHS` (2) epochs are run.
+        epochs: number of passes over the (kept) training data.
+        mode: ``"all"`` trains every entry, ``"damaged"`` only the entries the
+            damage mask marks, ``"undamaged"`` only the others. Frozen
+            entries' gradients and updates are both zeroed, so optimiser
+            state (momentum) cannot leak into them: they stay bit-identical.
+        eval_every: evaluate the test batches every this many step slots
+            (plus before the first and after the last); ``None`` evaluates
+            only before and after.
+        num_classes: number of classes (for evaluation).
+        loss: ``"cross_entropy"`` against integer ``labels``, or
+            ``"distill"``: KL divergence to teacher logits passed as
+            ``labels`` (``float32[N, C]``); no true labels are used.
+        temperature: distillation temperature.
+
+    Returns:
+        ``recover(key, params, mask, images, labels, weights, eval_batches=None,
+        frozen=None) -> FinetuneResult``, a pure function to ``jit`` and
+        ``vmap``:
+
+        - ``key``: data-order key of this model.
+        - ``params``: damaged parameters; ``mask``: damage mask (may be
+          ``None`` in mode ``"all"``).
+        - ``images``/``labels``/``weights``: the recovery data, ``float32[N,
+          ...]``, ``int32[N]`` (or teacher logits), ``float32[N]`` per-example
+          weights (0 = dropped: data damage or a data budget).
+        - ``eval_batches``: :class:`~recovjax.Batches` for the curve, or
+          ``None``.
+        - ``frozen``: boolean pytree of entries held at zero throughout
+          (removed units stay removed), or ``None``.
+
+    Raises:
+        ValueError: for an unknown mode or loss, both ``steps`` and
+            ``epochs``, or non-positive sizes.
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown fine-tuning mode {mode!r}; valid modes: "
+                         f"{', '.join(MODES)}")
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; valid losses: "
+                         f"{', '.join(LOSSES)}")
+    if steps is not None and epochs is not None:
+        raise ValueError("give steps or epochs, not both "
+                         f"(got steps={steps}, epochs={epochs})")
+    if steps is None and epochs is None:
+        epochs = DEFAULT_EPOCHS
+    _check_positive("batch_size", batch_size, allow_none=False)
+    _check_positive("steps", steps)
+    _check_positive("epochs", epochs)
+    _check_positive("eval_every", eval_every)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    optimizer = optimizer if optimizer is not None else default_optimizer()
+
+    def per_example(logits, targets):
+        if loss == "distill":
+            return distill_loss(logits, targets, temperature)
+        return cross_entropy(logits, targets)
+
+    def objective(params, images, targets, weights):
+        losses = per_example(apply(params, images), targets)
+        # where, not multiply: a dropped example's NaN must not poison the sum.
+        total = jnp.sum(jnp.where(weights > 0, losses * weights, 0.0))
+        return total / jnp.maximum(weights.sum(), 1e-12)
+
+    def recover(key: PRNGKey, params: Params, mask: Mask | None,
+                images: Array, labels: Array, weights: Array,
+                eval_batches: Batches | None = None,
+                frozen: Mask | None = None) -> FinetuneResult:
+        n = labels.shape[0]
+        per_epoch = num_batches(n, batch_size)
+        slots = total_steps(n, batch_size, steps=steps, epochs=epochs)
+        indices, batch_weights = data_stream(
+            key, jnp.asarray(weights, jnp.float32), batch_size,
+            -(-slots // per_epoch))
+        indices, batch_weights = indices[:slots], batch_weights[:slots]
+        # Mode "all" without structure masks trains everything: skip the
+        # masking arithmetic instead of multiplying by ones.
+        trainable = (None if mode == "all" and frozen is None
+                     else trainable_mask(mode, params, mask, frozen))
+        if frozen is not None:
+            params = jax.tree.map(
+                lambda p, f: jnp.where(f, jnp.zeros_like(p), p), params,
+                frozen)
+
+        def update(params, opt_state, batch_index, batch_weight):
+            value, grads = jax.value_and_grad(objective)(
+                params, images[batch_index], labels[batch_index],
+                batch_weight)
+            if trainable is None:
+                updates, opt_state = optimizer.update(grads, opt_state,
+                                                      params)
+                params = optax.apply_updates(params, updates)
+                return params, opt_state, value
+            grads = jax.tree.map(
+                lambda g, t: jnp.where(t, g, jnp.zeros_like(g)), grads,
+                trainable)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            # where, not p + u * t: frozen entries keep their exact bits
+            # (even -0.0 and NaN), whatever the optimiser proposes.
+            params = jax.tree.map(
+                lambda p, u, t: jnp.where(t, (p + u).astype(p.dtype), p),
+                params, updates, trainable)
+            if frozen is not None:
+                params = jax.tree.map(
+                    lambda p, f: jnp.where(f, jnp.zeros_like(p), p), params,
+                    frozen)
+            return params, opt_state, value
+
+        def skip(params, opt_state, batch_index, batch_weight):
+            del batch_index, batch_weight
+            return params, opt_state, jnp.float32(jnp.nan)
+
+        def train_step(carry, batch):
+            params, opt_state, done, samples, first_bad = carry
+            slot, batch_index, batch_weight = batch
+            active = batch_weight.sum() > 0
+            params, opt_state, value = jax.lax.cond(
+                active, update, skip, params, opt_state, batch_index,
+                batch_weight)
+            bad = active & ~jnp.isfinite(value)
+            first_bad = jnp.where((first_bad < 0) & bad, slot, first_bad)
+            done = done + active.astype(jnp.int32)
+            samples = samples + (batch_weight > 0).sum().astype(jnp.float32)
+            return (params, opt_state, done, samples, first_bad), value
+
+        def measure(carry):
+            params, _, done, samples, _ = carry
+            metrics = evaluate(apply, params, eval_batches, num_classes)
+            return (done, samples, metrics.accuracy.astype(jnp.float32),
+                    metrics.loss.astype(jnp.float32))
+
+        def run(carry, start, count):
+            xs = (jnp.arange(start, start + count, dtype=jnp.int32),
+                  indices[start:start + count],
+                  batch_weights[start:start + count])
+            return jax.lax.scan(train_step, carry, xs)
+
+        carry = (params, optimizer.init(params), jnp.int32(0),
+                 jnp.float32(0), jnp.int32(-1))
+        points = []
+        if eval_batches is not None:
+            points.append(jax.tree.map(lambda x: x[None], measure(carry)))
+        interval = eval_every if eval_every is not None else slots
+        full, remainder = divmod(slots, interval)
+        losses = []
+        if full:
+            def run_interval(carry, start):
+                xs = (start + jnp.arange(interval, dtype=jnp.int32),
+                      jax.lax.dynamic_slice_in_dim(indices, start, interval),
+                      jax.lax.dynamic_slice_in_dim(batch_weights, start,
+                                                   interval))
+                carry, values = jax.lax.scan(train_step, carry, xs)
+                point = measure(carry) if eval_batches is not None else ()
+                return carry, (values, point)
+
+            starts = jnp.arange(full, dtype=jnp.int32) * interval
+            carry, (values, interval_points) = jax.lax.scan(
+                run_interval, carry, starts)
+            losses.append(values.reshape(-1))
+            if eval_batches is not None:
+                points.append(interval_points)
+        if remainder:
+            carry, values = run(carry, full * interval, remainder)
+            losses.append(values)
+            if eval_batches is not None:
+                points.append(jax.tree.map(lambda x: x[None], measure(carry)))
+        if points:
+            curve = Curve(*(jnp.concatenate(parts) for parts in zip(*points)))
+        else:
+            curve = Curve(jnp.zeros((0,), jnp.int32),
+                          *(jnp.zeros((0,), jnp.float32),) * 3)
+        first_bad = carry[4]
+        return FinetuneResult(params=carry[0], curve=curve,
+                              losses=jnp.concatenate(losses),
+                              diverged=first_bad >= 0,
+                              diverged_step=first_bad)
+
+    return recover
+
+
+def stack_recover(recover: Callable[..., FinetuneResult], *,
+                  shared_data: bool = True, frozen: bool = False
+                  ) -> Callable[..., FinetuneResult]:
+    """``jit(vmap(recover))`` over keys, parameters and masks of a stack.
+
+    Args:
+        recover: a function from :func:`make_finetune`.
+        shared_data: all models recover on the same data (``images``,
+            ``labels``, ``weights`` unbatched); if false, ``labels`` and
+            ``weights`` carry a leading model axis too (per-model data damage).
+        frozen: the call passes a stacked ``frozen`` pytree as 8th argument.
+
+    Returns:
+        The compiled, vmapped function; each model has its own optimiser state
+        and data order.
+    """
+    data_axis = None if shared_data else 0
+    in_axes = (0, 0, 0, None, data_axis, data_axis, None)
+    if frozen:
+        in_axes = in_axes + (0,)
+    compiled = jax.jit(jax.vmap(recover, in_axes=in_axes))
+
+    def run(*args: Any) -> FinetuneResult:
+        return compiled(*_canonical(args))
+
+    run.lower = lambda *args: compiled.lower(*_canonical(args))
+    return run
+
+
+def _canonical(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Strong-typed masks and weights, so that equal shapes never retrace.
+
+    Masks built from comparisons with Python scalars are weakly typed; a
+    stack from another damage operator would otherwise compile again.
+    """
+    as_bool = lambda tree: None if tree is None else jax.tree.map(
+        lambda m: jnp.asarray(m, bool), tree)
+    args = list(args)
+    args[2] = as_bool(args[2])
+    if len(args) > 5:
+        args[5] = jnp.asarray(args[5], jnp.float32)
+    if len(args) > 7:
+        args[7] = as_bool(args[7])
+    return tuple(args)
+
+
+def _as_arrays(images, labels, weights):
+    images = jnp.asarray(images)
+    labels = jnp.asarray(labels)
+    if weights is None:
+        weights = jnp.ones(labels.shape[:1], jnp.float32)
+    return images, labels, jnp.asarray(weights, jnp.float32)
+
+
+def finetune(key: PRNGKey, apply: ApplyFn, params: Params, images: Array,
+             labels: Array, *,
+             optimizer: optax.GradientTransformation | None = None,
+             batch_size: int = DEFAULT_BATCH_SIZE, epochs: int | None = None,
+             steps: int | None = None, mode: Mode = "all",
+             mask: Mask | None = None, frozen_structure: Mask | None = None,
+             eval_every: int | None = None,
+             eval_batches: Batches | None = None,
+             sample_weights: Array | None = None, num_classes: int = 10,
+             stacked: bool = False) -> FinetuneResult:
+    """Fine-tune one damaged model (or a stack of them) and return arrays.
+
+    A convenience around :func:`make_finetune` that compiles and runs once.
+    Sweeps that call it repeatedly should build and ``jit`` the function
+    themselves, so that it is compiled once.
+
+    Args:
+        key: data-order key (a stack of keys, ``[M]``, when ``stacked``).
+        apply: ``apply(params, x) -> logits``.
+        params: damaged parameters (leading model axis when ``stacked``).
+        images: ``float32[N, H, W, C]`` recovery data.
+        labels: ``int32[N]`` labels.
+        optimizer: optax transformation (default: SGD 0.001, momentum 0.9).
+        batch_size: examples per step.
+        epochs: passes over the data (default 2 when ``steps`` is None).
+        steps: number of step slots instead of epochs.
+        mode: ``"all"``, ``"damaged"`` or ``"undamaged"``.
+        mask: damage mask (stacked when ``stacked``); needed by the masked
+            modes.
+        frozen_structure: boolean pytree of entries held at zero (removed
+            units), stacked when ``stacked``.
+        eval_every: curve interval in steps.
+        eval_batches: test batches for the curve.
+        sample_weights: ``float32[N]`` per-example weights (default ones).
+        num_classes: number of classes.
+        stacked: ``params``/``mask``/``key`` carry a leading model axis;
+            the models are recovered by one vmapped program.
+
+    Returns:
+        :class:`FinetuneResult` (leading model axis when ``stacked``).
+
+    Raises:
+        ValueError: see :func:`make_finetune` and :func:`trainable_mask`.
+    """
+    if mode != "all" and mask is None:
+        raise ValueError(f"mode {mode!r} needs the damage mask, got None")
+    recover = make_finetune(apply, optimizer, batch_size=batch_size,
+                            steps=steps, epochs=epochs, mode=mode,
+                            eval_every=eval_every, num_classes=num_classes)
+    images, labels, weights = _as_arrays(images, labels, sample_weights)
+    args = (key, params, mask, images, labels, weights, eval_batches)
+    if frozen_structure is not None:
+        args = args + (frozen_structure,)
+    if stacked:
+        run = stack_recover(recover, frozen=frozen_structure is not None)
+    else:
+        run = jax.jit(recover)
+    return run(*args)
+
+
+def timed_call(function: Callable[..., Any], *args: Any
+               ) -> tuple[Any, float]:
+    """Call ``function``, wait for its arrays, return ``(result, seconds)``."""
+    start = time.perf_counter()
+    result = jax.block_until_ready(function(*args))
+    return result, time.perf_counter() - start

@@ -1,0 +1,512 @@
+"""Recovery strategies by name, for configs, and their composition.
+
+Every strategy has one signature and works on a stack of damaged models
+(leading model axis; one model is a stack of one)::
+
+    strategy = get_strategy("restore_leaves+finetune", steps=200)
+    outcome = strategy(keys, damage, task)
+
+``damage`` is a stacked :class:`~recovjax.Damage`; ``task`` a
+:class:`RecoveryTask` holding the model, the recovery data, the test batches
+and the pretrained checkpoint. Fine-tuning strategies compile one vmapped
+program per strategy object and reuse it on later calls with the same
+shapes, so a sweep should get a strategy once and call it many times.
+
+Names: ``finetune``, ``finetune_damaged``, ``finetune_undamaged``,
+``restore_full``, ``restore_leaves``, ``restore_entries``, ``detect_restore``,
+``rebuild_reinit``, ``rebuild_checkpoint``, ``distill``; ``a+b`` runs ``a``
+then ``b`` on its output (:func:`compose`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import os
+import time
+from typing import Any, Callable, NamedTuple, Protocol
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from recovjax._types import (Array, ApplyFn, Batches, Damage, InitFn, Params,
+                             PRNGKey, Split)
+from recovjax.evaluate import evaluate
+from recovjax.recovery import restore as restore_lib
+from recovjax.recovery.distill import make_distill, teacher_logits
+from recovjax.recovery.finetune import (DEFAULT_BATCH_SIZE, Curve,
+                                        budget_weights, make_finetune,
+                                        stack_recover)
+from recovjax.recovery.rebuild import make_rebuild
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoveryTask:
+    """Everything a recovery strategy may need, besides keys and damage.
+
+    Attributes:
+        apply: ``apply(params, x) -> logits``.
+        init: ``init(key, sample) -> params`` (for re-initialisation).
+        num_classes: number of classes.
+        images: ``float32[N, H, W, C]`` recovery data.
+        labels: ``int32[N]`` recovery labels.
+        weights: ``float32[N]`` per-example weights (0 = dropped).
+        eval_batches: test batches for curves, or ``None``.
+        checkpoint: pretrained Orbax checkpoint directory, or ``None``.
+        teacher: pretrained parameters for distillation; read from
+            ``checkpoint`` when ``None``.
+    """
+
+    apply: ApplyFn
+    init: InitFn
+    num_classes: int
+    images: Array
+    labels: Array
+    weights: Array
+    eval_batches: Batches | None = None
+    checkpoint: os.PathLike[str] | str | None = None
+    teacher: Params | None = None
+
+
+def make_task(model: Any, train: Split | Any, *,
+              checkpoint: os.PathLike[str] | str | None = None,
+              eval_batches: Batches | None = None,
+              fraction: float | None = None, key: PRNGKey | None = None,
+              teacher: Params | None = None) -> RecoveryTask:
+    """Build a :class:`RecoveryTask` from a model and recovery data.
+
+    Args:
+        model: a :class:`~recovjax.models.Model` (``init``, ``apply``,
+            ``num_classes``).
+        train: the recovery data: a clean :class:`~recovjax.Split` (the
+            pretraining data, which is also the seed's "replace lost data with
+            the pretraining data"), or a data-damage result with ``images``,
+            ``labels`` and ``weights`` (dropped samples weigh 0).
+        checkpoint: pretrained checkpoint directory.
+        eval_batches: test batches for curves.
+        fraction: keep only this fraction of the data (a data budget); needs
+            ``key``.
+        key: which examples the budget keeps.
+        teacher: pretrained parameters for distillation.
+
+    Returns:
+        :class:`RecoveryTask`.
+
+    Raises:
+        ValueError: a ``fraction`` outside ``[0, 1]`` or without ``key``.
+    """
+    images = jnp.asarray(train.images)
+    labels = jnp.asarray(train.labels)
+    weights = getattr(train, "weights", None)
+    weights = (jnp.ones(labels.shape[:1], jnp.float32) if weights is None
+               else jnp.asarray(weights, jnp.float32))
+    if fraction is not None:
+        if not 0.0 <= float(fraction) <= 1.0:
+            raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+        if key is None:
+            raise ValueError("a data budget (fraction) needs a key choosing "
+                             "the kept examples")
+        weights = weights * budget_weights(key, labels.shape[0], fraction)
+    return RecoveryTask(apply=model.apply, init=model.init,
+                        num_classes=model.num_classes, images=images,
+                        labels=labels, weights=weights,
+                        eval_batches=eval_batches, checkpoint=checkpoint,
+                        teacher=teacher)
+
+
+class RecoveryOutcome(NamedTuple):
+    """Result of a strategy on a stack of ``M`` models.
+
+    Attributes:
+        params: recovered parameters, leading axis ``M``.
+        curve: :class:`~recovjax.recovery.Curve` with leading axis ``M``. For
+            strategies that do not train it has one point (step 0): the
+            metrics after the strategy. Empty without eval batches.
+        losses: ``float32[M, S]`` training losses (``S = 0`` if no training).
+        diverged: ``bool[M]``.
+        diverged_step: ``int32[M]`` (-1 = never).
+        restored_leaves: leaves read from the checkpoint.
+        bytes_read: bytes read from the checkpoint files.
+        seconds: wall time, compilation included.
+    """
+
+    params: Params
+    curve: Curve
+    losses: Array
+    diverged: Array
+    diverged_step: Array
+    restored_leaves: tuple[str, ...]
+    bytes_read: int
+    seconds: float
+
+
+class Strategy(Protocol):
+    def __call__(self, keys: PRNGKey, damage: Damage, task: RecoveryTask
+                 ) -> RecoveryOutcome: ...
+
+
+def _stack_size(params: Params) -> int:
+    return int(jax.tree.leaves(params)[0].shape[0])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _evaluate_stack(apply, params, batches, num_classes):
+    return jax.vmap(lambda p: evaluate(apply, p, batches, num_classes))(params)
+
+
+def _static_curve(params: Params, task: RecoveryTask) -> Curve:
+    count = _stack_size(params)
+    if task.eval_batches is None:
+        empty = jnp.zeros((count, 0), jnp.float32)
+        return Curve(jnp.zeros((count, 0), jnp.int32), empty, empty, empty)
+    metrics = _evaluate_stack(task.apply, params, task.eval_batches,
+                              task.num_classes)
+    return Curve(steps=jnp.zeros((count, 1), jnp.int32),
+                 samples=jnp.zeros((count, 1), jnp.float32),
+                 accuracy=metrics.accuracy[:, None],
+                 loss=metrics.loss[:, None])
+
+
+def _outcome_without_training(params, task, restored_leaves, bytes_read,
+                              seconds) -> RecoveryOutcome:
+    count = _stack_size(params)
+    return RecoveryOutcome(
+        params=params, curve=_static_curve(params, task),
+        losses=jnp.zeros((count, 0), jnp.float32),
+        diverged=jnp.zeros((count,), bool),
+        diverged_step=jnp.full((count,), -1, jnp.int32),
+        restored_leaves=tuple(restored_leaves), bytes_read=int(bytes_read),
+        seconds=seconds)
+
+
+def _need_checkpoint(task: RecoveryTask, name: str):
+    if task.checkpoint is None:
+        raise ValueError(f"strategy {name!r} needs the pretrained checkpoint "
+                         "(RecoveryTask.checkpoint is None)")
+    return task.checkpoint
+
+
+def _optimizer(optimizer: str | optax.GradientTransformation,
+               learning_rate: float, momentum: float | None
+               ) -> optax.GradientTransformation:
+    if not isinstance(optimizer, str):
+        return optimizer
+    if optimizer == "sgd":
+        return optax.sgd(learning_rate, momentum=momentum or None)
+    if optimizer == "adam":
+        return optax.adam(learning_rate)
+    raise ValueError(f"unknown optimizer {optimizer!r}; valid: sgd, adam, or "
+                     "an optax GradientTransformation")
+
+
+def _training_strategy(name: str, build: Callable[[RecoveryTask], Callable],
+                       uses_frozen: bool, labels_of: Callable | None = None
+                       ) -> Strategy:
+    """A strategy running one vmapped, jitted function, compiled once."""
+    compiled: dict[Any, Callable] = {}
+
+    def strategy(keys: PRNGKey, damage: Damage, task: RecoveryTask
+                 ) -> RecoveryOutcome:
+        start = time.perf_counter()
+        cache_key = (task.apply, task.init, task.num_classes)
+        if cache_key not in compiled:
+            compiled[cache_key] = stack_recover(build(task),
+                                                frozen=uses_frozen)
+        run = compiled[cache_key]
+        labels = task.labels if labels_of is None else labels_of(task)
+        args = (keys, damage.params, damage.mask, task.images, labels,
+                task.weights, task.eval_batches)
+        if uses_frozen:
+            args = args + (damage.mask,)
+        result = jax.block_until_ready(run(*args))
+        return RecoveryOutcome(
+            params=result.params, curve=result.curve, losses=result.losses,
+            diverged=result.diverged, diverged_step=result.diverged_step,
+            restored_leaves=(), bytes_read=0,
+            seconds=time.perf_counter() - start)
+
+    strategy.__name__ = name
+    return strategy
+
+
+def _finetune_factory(mode: str):
+    def factory(*, optimizer: str | optax.GradientTransformation = "sgd",
+                learning_rate: float = 1e-3, momentum: float = 0.9,
+                batch_size: int = DEFAULT_BATCH_SIZE,
+                epochs: int | None = None, steps: int | None = None,
+                eval_every: int | None = None,
+                structural: bool = False) -> Strategy:
+        """Fine-tune (mode {mode}); ``structural`` keeps masked units at zero."""
+        if structural and mode == "damaged":
+            raise ValueError("structural damage keeps the damaged entries at "
+                             "zero, so fine-tuning only them changes nothing; "
+                             "use rebuild_reinit instead")
+        transform = _optimizer(optimizer, learning_rate, momentum)
+
+        def build(task):
+            return make_finetune(task.apply, transform,
+                                 batch_size=batch_size, steps=steps,
+                                 epochs=epochs, mode=mode,
+                                 eval_every=eval_every,
+                                 num_classes=task.num_classes)
+
+        name = "finetune" if mode == "all" else f"finetune_{mode}"
+        return _training_strategy(name, build, uses_frozen=structural)
+
+    return factory
+
+
+def _distill_factory(*, temperature: float = 1.0,
+                     optimizer: str | optax.GradientTransformation = "sgd",
+                     learning_rate: float = 1e-3, momentum: float = 0.9,
+                     batch_size: int = DEFAULT_BATCH_SIZE,
+                     epochs: int | None = None, steps: int | None = None,
+                     eval_every: int | None = None) -> Strategy:
+    """Distil the checkpoint model into the damaged ones (no labels used)."""
+    transform = _optimizer(optimizer, learning_rate, momentum)
+    cached: list[tuple[RecoveryTask, Array]] = []
+
+    def build(task):
+        return make_distill(task.apply, transform, temperature=temperature,
+                            batch_size=batch_size, steps=steps, epochs=epochs,
+                            eval_every=eval_every,
+                            num_classes=task.num_classes)
+
+    def labels_of(task: RecoveryTask) -> Array:
+        # Teacher logits are computed once per task object (kept alive here
+        # so that identity cannot be reused by another task).
+        if not cached or cached[0][0] is not task:
+            teacher = task.teacher
+            if teacher is None:
+                shapes = jax.eval_shape(task.init, jax.random.key(0),
+                                        task.images[:1])
+                teacher = restore_lib.restore_full(
+                    _need_checkpoint(task, "distill"), shapes).params
+            cached[:] = [(task, teacher_logits(task.apply, teacher,
+                                               task.images))]
+        return cached[0][1]
+
+    return _training_strategy("distill", build, uses_frozen=False,
+                              labels_of=labels_of)
+
+
+def _rebuild_reinit_factory(*, optimizer: str | optax.GradientTransformation
+                            = "sgd", learning_rate: float = 1e-3,
+                            momentum: float = 0.9,
+                            batch_size: int = DEFAULT_BATCH_SIZE,
+                            epochs: int | None = None,
+                            steps: int | None = None,
+                            eval_every: int | None = None) -> Strategy:
+    """Re-initialise the masked units with fresh keys, then fine-tune."""
+    transform = _optimizer(optimizer, learning_rate, momentum)
+
+    def build(task):
+        return make_rebuild(task.init, task.images[:1], task.apply, transform,
+                            batch_size=batch_size, steps=steps, epochs=epochs,
+                            eval_every=eval_every,
+                            num_classes=task.num_classes)
+
+    return _training_strategy("rebuild_reinit", build, uses_frozen=False)
+
+
+def _unstack(params: Params, index: int) -> Params:
+    return jax.tree.map(lambda leaf: leaf[index], params)
+
+
+def _restore_full_factory() -> Strategy:
+    """Replace every model by the checkpoint's parameters."""
+
+    def strategy(keys, damage, task):
+        del keys
+        start = time.perf_counter()
+        shapes = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
+            leaf.shape[1:], leaf.dtype), damage.params)
+        result = restore_lib.restore_full(
+            _need_checkpoint(task, "restore_full"), shapes)
+        count = _stack_size(damage.params)
+        params = jax.tree.map(
+            lambda leaf: jnp.broadcast_to(leaf, (count,) + leaf.shape),
+            result.params)
+        return _outcome_without_training(params, task, result.restored_leaves,
+                                         result.bytes_read,
+                                         time.perf_counter() - start)
+
+    return strategy
+
+
+def _restore_leaves_factory(*, leaves: list[str] | tuple[str, ...] | None
+                            = None) -> Strategy:
+    """Restore the named leaves (default: every leaf the mask touches)."""
+
+    def strategy(keys, damage, task):
+        del keys
+        start = time.perf_counter()
+        names = (restore_lib.damaged_leaf_paths(damage.mask) if leaves is None
+                 else list(leaves))
+        result = restore_lib.restore_leaves(
+            _need_checkpoint(task, "restore_leaves"), damage.params, names,
+            stacked=True)
+        return _outcome_without_training(result.params, task,
+                                         result.restored_leaves,
+                                         result.bytes_read,
+                                         time.perf_counter() - start)
+
+    return strategy
+
+
+def _restore_entries_factory(name: str = "restore_entries") -> Callable:
+    def factory() -> Strategy:
+        """Restore exactly the masked entries from the checkpoint."""
+
+        def strategy(keys, damage, task):
+            del keys
+            start = time.perf_counter()
+            result = restore_lib.restore_entries(
+                _need_checkpoint(task, name), damage.params, damage.mask,
+                stacked=True)
+            return _outcome_without_training(result.params, task,
+                                             result.restored_leaves,
+                                             result.bytes_read,
+                                             time.perf_counter() - start)
+
+        return strategy
+
+    return factory
+
+
+def _detect_restore_factory(*, block_size: int = 1) -> Strategy:
+    """Find damaged blocks by comparison with the checkpoint; no mask used."""
+
+    def strategy(keys, damage, task):
+        del keys
+        start = time.perf_counter()
+        directory = _need_checkpoint(task, "detect_restore")
+        restored, leaves, total = [], set(), 0
+        for index in range(_stack_size(damage.params)):
+            result = restore_lib.detect_and_restore(
+                directory, _unstack(damage.params, index),
+                block_size=block_size)
+            restored.append(result.params)
+            leaves.update(result.restored_leaves)
+            total += result.bytes_read
+        params = jax.tree.map(lambda *xs: jnp.stack(xs), *restored)
+        return _outcome_without_training(params, task, sorted(leaves), total,
+                                         time.perf_counter() - start)
+
+    return strategy
+
+
+_FACTORIES: dict[str, Callable[..., Strategy]] = {
+    "finetune": _finetune_factory("all"),
+    "finetune_damaged": _finetune_factory("damaged"),
+    "finetune_undamaged": _finetune_factory("undamaged"),
+    "restore_full": _restore_full_factory,
+    "restore_leaves": _restore_leaves_factory,
+    "restore_entries": _restore_entries_factory(),
+    "detect_restore": _detect_restore_factory,
+    "rebuild_reinit": _rebuild_reinit_factory,
+    "rebuild_checkpoint": _restore_entries_factory("rebuild_checkpoint"),
+    "distill": _distill_factory,
+}
+
+
+def strategy_names() -> tuple[str, ...]:
+    """Names accepted by :func:`get_strategy` (and joinable with ``+``)."""
+    return tuple(_FACTORIES)
+
+
+def strategy_options(name: str) -> frozenset[str]:
+    """Options accepted by the strategy ``name`` (any stage of ``a+b``).
+
+    Raises:
+        ValueError: an unknown name (the message lists valid names).
+    """
+    parts = [part.strip() for part in name.split("+")]
+    unknown = [part for part in parts if part not in _FACTORIES]
+    if unknown:
+        raise ValueError(f"unknown recovery strategy {unknown[0]!r} in "
+                         f"{name!r}; valid names: "
+                         f"{', '.join(strategy_names())} (join with '+')")
+    return frozenset().union(*(_options_of(part) for part in parts))
+
+
+def _options_of(name: str) -> set[str]:
+    return set(inspect.signature(_FACTORIES[name]).parameters)
+
+
+def compose(*strategies: Strategy) -> Strategy:
+    """Run strategies in order, each on the previous one's parameters.
+
+    The damage mask is passed unchanged to every stage. The outcome has the
+    last stage's curve when it trained (otherwise the last curve from a
+    training stage, else the final evaluation), the summed bytes read and
+    time, the union of restored leaves, and ``diverged`` from any stage.
+
+    Raises:
+        ValueError: if no strategy is given.
+    """
+    if not strategies:
+        raise ValueError("compose needs at least one strategy")
+
+    def composed(keys: PRNGKey, damage: Damage, task: RecoveryTask
+                 ) -> RecoveryOutcome:
+        outcomes = []
+        params = damage.params
+        for index, strategy in enumerate(strategies):
+            stage_keys = jax.vmap(lambda key: jax.random.fold_in(
+                key, index))(keys) if index else keys
+            outcome = strategy(stage_keys, Damage(params, damage.mask), task)
+            outcomes.append(outcome)
+            params = outcome.params
+        trained = [o for o in outcomes if o.losses.shape[-1] > 0]
+        last = trained[-1] if trained else outcomes[-1]
+        diverged = functools.reduce(jnp.logical_or,
+                                    [o.diverged for o in outcomes])
+        return RecoveryOutcome(
+            params=params, curve=last.curve, losses=last.losses,
+            diverged=diverged, diverged_step=last.diverged_step,
+            restored_leaves=tuple(sorted({leaf for o in outcomes
+                                          for leaf in o.restored_leaves})),
+            bytes_read=sum(o.bytes_read for o in outcomes),
+            seconds=sum(o.seconds for o in outcomes))
+
+    return composed
+
+
+def get_strategy(name: str, **options: Any) -> Strategy:
+    """Look up a strategy by name; ``"a+b"`` composes ``a`` then ``b``.
+
+    Options go to every named stage that accepts them (e.g. ``steps`` to the
+    fine-tuning stage of ``"restore_leaves+finetune"``).
+
+    Args:
+        name: one of :func:`strategy_names`, or several joined by ``+``.
+        **options: strategy options (``steps``, ``epochs``, ``batch_size``,
+            ``learning_rate``, ``momentum``, ``optimizer``, ``eval_every``,
+            ``structural``, ``leaves``, ``block_size``, ``temperature``).
+
+    Returns:
+        ``strategy(keys, damage, task) -> RecoveryOutcome``.
+
+    Raises:
+        ValueError: an unknown name (the message lists valid names) or an
+            option no stage accepts.
+    """
+    parts = [part.strip() for part in name.split("+")]
+    unknown = [part for part in parts if part not in _FACTORIES]
+    if unknown or not parts:
+        raise ValueError(f"unknown recovery strategy {unknown[0]!r} in "
+                         f"{name!r}; valid names: "
+                         f"{', '.join(strategy_names())} (join with '+')")
+    accepted = set().union(*(_options_of(part) for part in parts))
+    stray = sorted(set(options) - accepted)
+    if stray:
+        raise ValueError(f"option(s) {stray} not accepted by strategy "
+                         f"{name!r}; it accepts {sorted(accepted)}")
+    strategies = [
+        _FACTORIES[part](**{key: value for key, value in options.items()
+                            if key in _options_of(part)})
+        for part in parts]
+    return strategies[0] if len(strategies) == 1 else compose(*strategies)

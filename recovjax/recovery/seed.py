@@ -1,0 +1,267 @@
+"""The seed's experiment, reproduced through the Python API.
+
+Pretrained LeNet-5 on ``mnist5k``; zero 10 % of the entries of every tensor;
+evaluate; fine-tune 2 epochs with SGD (lr 0.001, momentum 0.9, batch 100);
+evaluate. One vmapped program damages and one recovers all seeds at once.
+The config is ``experiments/seed_mnist.yaml``::
+
+    python -m recovjax.recovery.seed experiments/seed_mnist.yaml
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from recovjax._types import Damage, Dataset, Params, Split
+from recovjax.data import batch_split, load_dataset
+from recovjax.evaluate import evaluate
+from recovjax.models import get_model
+from recovjax.recovery.finetune import make_finetune, stack_recover
+from recovjax.recovery.measure import recovery_ratio, recovery_records
+
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447,
+         7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086,
+         30: 2.042}
+"""Two-sided 95 % Student-t quantiles by degrees of freedom (scipy if missing)."""
+
+
+def mean_ci95(values: Any) -> tuple[float, float]:
+    """Mean and half-width of the 95 % t-interval of ``values``.
+
+    Returns:
+        ``(mean, half_width)``; the half-width is NaN for fewer than 2 values.
+    """
+    values = np.asarray(values, np.float64)
+    mean = float(values.mean())
+    if values.size < 2:
+        return mean, float("nan")
+    dof = values.size - 1
+    if dof in T_975:
+        quantile = T_975[dof]
+    else:
+        from scipy import stats
+        quantile = float(stats.t.ppf(0.975, dof))
+    return mean, float(quantile * values.std(ddof=1) / np.sqrt(values.size))
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedExperimentResult:
+    """Accuracies of the seed's experiment, one entry per seed.
+
+    Attributes:
+        seeds: the integer seeds.
+        clean_accuracy: test accuracy of the pretrained model (one value).
+        damaged_accuracy: ``[seeds]`` after zeroing.
+        recovered_accuracy: ``[seeds]`` after fine-tuning.
+        recovered_loss: ``[seeds]`` test loss after fine-tuning.
+        diverged: ``[seeds]`` bool.
+        rows: tidy rows (damage, ratio, seed, stage, metric, value, step).
+        seconds: wall time of damage + recovery (compilation included).
+        config: the settings used.
+    """
+
+    seeds: tuple[int, ...]
+    clean_accuracy: float
+    damaged_accuracy: np.ndarray
+    recovered_accuracy: np.ndarray
+    recovered_loss: np.ndarray
+    diverged: np.ndarray
+    rows: list[dict[str, Any]]
+    seconds: float
+    config: dict[str, Any]
+
+    def summary(self) -> dict[str, tuple[float, float]]:
+        """``{stage: (mean, 95 % CI half-width)}`` of the accuracies."""
+        return {"clean": (self.clean_accuracy, 0.0),
+                "damaged": mean_ci95(self.damaged_accuracy),
+                "recovered": mean_ci95(self.recovered_accuracy)}
+
+    def describe(self) -> str:
+        """One line per stage: ``mean ± CI`` over the seeds."""
+        lines = [f"{len(self.seeds)} seeds, {self.config['model']} on "
+                 f"{self.config['dataset']}, zero {self.config['ratio']:.0%} "
+                 "of every tensor:"]
+        for stage, (mean, half) in self.summary().items():
+            lines.append(f"  {stage:<9} accuracy {mean:.4f} ± {half:.4f}"
+                         if stage != "clean" else
+                         f"  {stage:<9} accuracy {mean:.4f}")
+        lines.append(f"  recovery ratio {np.nanmean(recovery_ratio(self.clean_accuracy, self.damaged_accuracy, self.recovered_accuracy)):.3f}")  # noqa: E501
+        return "\n".join(lines)
+
+
+def _zero_damage() -> Callable[..., Damage]:
+    from recovjax.damage import get_damage
+    return get_damage("zero")
+
+
+def _subset(split: Split, size: int | None) -> Split:
+    if size is None:
+        return split
+    return Split(split.images[:size], split.labels[:size])
+
+
+def run_seed_experiment(seeds: int = 10, *, model: str = "lenet5",
+                        dataset: str | Dataset = "mnist5k",
+                        ratio: float = 0.1, learning_rate: float = 1e-3,
+                        momentum: float = 0.9, batch_size: int = 100,
+                        epochs: int | None = 2, steps: int | None = None,
+                        pretrained_seed: int = 0,
+                        pretrained_params: Params | None = None,
+                        train_size: int | None = None,
+                        test_size: int | None = None,
+                        eval_every: int | None = None,
+                        damage_op: Callable[..., Damage] | None = None,
+                        first_seed: int = 0) -> SeedExperimentResult:
+    """Reproduce the seed's experiment over ``seeds`` seeds.
+
+    Seed ``s`` (an int, converted to a key here at the API boundary) gives the
+    damage key ``fold_in(key(s), 0)`` and the data-order key
+    ``fold_in(key(s), 1)``. All seeds are damaged by one vmapped call and
+    recovered by one vmapped fine-tune; evaluation happens inside it (before
+    the first step and after the last), so the device is read once.
+
+    Args:
+        seeds: number of seeds (``first_seed, ..., first_seed + seeds - 1``).
+        model: model name.
+        dataset: dataset name or a loaded dataset.
+        ratio: fraction of every tensor's entries zeroed.
+        learning_rate: SGD learning rate.
+        momentum: SGD momentum.
+        batch_size: fine-tuning batch size.
+        epochs: fine-tuning epochs (``None`` when ``steps`` is given).
+        steps: fine-tuning steps instead of epochs.
+        pretrained_seed: seed of the pretrained zoo model.
+        pretrained_params: use these parameters instead of the zoo's.
+        train_size: use only the first examples of the train split (tests).
+        test_size: use only the first examples of the test split (tests).
+        eval_every: also record the curve every this many steps.
+        damage_op: ``op(key, params, amount) -> Damage``; default the
+            registry's ``zero``.
+        first_seed: the first seed.
+
+    Returns:
+        :class:`SeedExperimentResult`.
+
+    Raises:
+        ValueError: non-positive ``seeds`` or a ratio outside ``[0, 1]``.
+    """
+    if not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be a positive int, got {seeds!r}")
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+    if steps is not None:
+        epochs = None
+    network = get_model(model)
+    data = load_dataset(dataset) if isinstance(dataset, str) else dataset
+    train = _subset(data.train, train_size)
+    test = _subset(data.test, test_size)
+    if pretrained_params is None:
+        from recovjax.pretrain import load_pretrained
+        pretrained_params = load_pretrained(
+            model, data.name, seed=pretrained_seed, progress=False).params
+    damage_op = damage_op if damage_op is not None else _zero_damage()
+    seed_values = tuple(range(first_seed, first_seed + seeds))
+    keys = jax.vmap(jax.random.key)(jnp.asarray(seed_values))
+    damage_keys = jax.vmap(lambda key: jax.random.fold_in(key, 0))(keys)
+    order_keys = jax.vmap(lambda key: jax.random.fold_in(key, 1))(keys)
+    eval_batches = batch_split(test, 500)
+    images, labels = jnp.asarray(train.images), jnp.asarray(train.labels)
+    weights = jnp.ones(labels.shape, jnp.float32)
+
+    start = time.perf_counter()
+    clean = jax.jit(lambda p: evaluate(network.apply, p, eval_batches,
+                                       network.num_classes))(
+                                           pretrained_params)
+    damage = jax.jit(jax.vmap(damage_op, in_axes=(0, None, None)))(
+        damage_keys, pretrained_params, jnp.float32(ratio))
+    recover = make_finetune(
+        network.apply, optax.sgd(learning_rate, momentum=momentum or None),
+        batch_size=batch_size, epochs=epochs, steps=steps,
+        eval_every=eval_every, num_classes=network.num_classes)
+    result = stack_recover(recover)(order_keys, damage.params, damage.mask,
+                                    images, labels, weights, eval_batches)
+    result, clean = jax.device_get((result, clean))
+    seconds = time.perf_counter() - start
+
+    config = {"model": model, "dataset": data.name, "ratio": ratio,
+              "damage": "zero", "learning_rate": learning_rate,
+              "momentum": momentum, "batch_size": batch_size,
+              "epochs": epochs, "steps": steps,
+              "pretrained_seed": pretrained_seed,
+              "train_examples": len(train), "test_examples": len(test)}
+    rows = recovery_records(
+        result, damage="zero", ratios=[ratio] * seeds, seeds=seed_values,
+        clean_accuracy=float(clean.accuracy), clean_loss=float(clean.loss),
+        cost={"wall_seconds": seconds}, strategy="finetune")
+    return SeedExperimentResult(
+        seeds=seed_values, clean_accuracy=float(clean.accuracy),
+        damaged_accuracy=np.asarray(result.curve.accuracy[:, 0]),
+        recovered_accuracy=np.asarray(result.curve.accuracy[:, -1]),
+        recovered_loss=np.asarray(result.curve.loss[:, -1]),
+        diverged=np.asarray(result.diverged), rows=rows, seconds=seconds,
+        config=config)
+
+
+def load_config(path: os.PathLike[str] | str) -> dict[str, Any]:
+    """Read ``experiments/seed_mnist.yaml`` into keyword arguments.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: the config asks for something this experiment does not
+            run (another damage or strategy) or has unknown keys.
+    """
+    import yaml
+    with open(path) as handle:
+        config = yaml.safe_load(handle)
+    return config_arguments(config)
+
+
+def config_arguments(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Map the YAML structure to :func:`run_seed_experiment` arguments."""
+    config = dict(config)
+    damage = dict(config.pop("damage", {}))
+    recovery = dict(config.pop("recovery", {}))
+    config.pop("name", None)
+    config.pop("description", None)
+    if damage.pop("name", "zero") != "zero":
+        raise ValueError("the seed experiment zeroes weights (damage.name: "
+                         "zero)")
+    if damage.pop("scope", "all") not in ("all", "every tensor"):
+        raise ValueError("the seed experiment damages every tensor")
+    if recovery.pop("strategy", "finetune") != "finetune":
+        raise ValueError("the seed experiment recovers by fine-tuning")
+    if recovery.pop("optimizer", "sgd") != "sgd":
+        raise ValueError("the seed experiment fine-tunes with SGD")
+    arguments = {**config, **damage, **recovery}
+    allowed = set(run_seed_experiment.__code__.co_varnames[
+        :run_seed_experiment.__code__.co_argcount
+        + run_seed_experiment.__code__.co_kwonlyargcount])
+    unknown = sorted(set(arguments) - allowed)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; valid keys: "
+                         f"{sorted(allowed)}")
+    return arguments
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m recovjax.recovery.seed [config.yaml]``: run and print."""
+    argv = sys.argv[1:] if argv is None else argv
+    path = argv[0] if argv else os.path.join("experiments", "seed_mnist.yaml")
+    result = run_seed_experiment(**load_config(path))
+    print(result.describe())
+    print(f"  ({result.seconds:.1f} s for damage + recovery of "
+          f"{len(result.seeds)} models, compilation included)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,653 @@
+"""Results: a tidy long table, summaries over seeds, CSV and JSON files.
+
+One row per (damage kind, ratio, seed, stage, step, metric) with its value::
+
+    damage,ratio,seed,stage,step,metric,value
+    zero,0.05,0,damaged,0,accuracy,0.9559999704360962
+
+``stage`` is ``clean`` (the undamaged model), ``damaged``, or a recovery
+stage such as ``recovered/finetune`` (whose ``step`` counts recovery steps;
+other stages use step 0). Metric names are ``accuracy``, ``loss``,
+``class_accuracy/<c>`` and ``custom`` (or ``custom/<name>``) for a user
+metric.
+
+Alongside the rows a table records the run's ``config``, ``root_seed``, the
+library ``versions`` and the ``device_kind``. Files are written atomically
+and deterministically: the same table gives byte-identical files, and
+reading a file back gives the same table (floats are written as the
+shortest ``repr`` that round-trips; NaN and infinities as ``nan``, ``inf``,
+``-inf``).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import pathlib
+import re
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+
+import numpy as np
+
+COLUMNS = ("damage", "ratio", "seed", "stage", "step", "metric", "value")
+"""Columns of the tidy table, in file order."""
+
+FORMAT = "recovjax-results"
+FORMAT_VERSION = 1
+_CSV_HEADER_PREFIX = "# " + FORMAT + " "
+
+
+# --------------------------------------------------------------------------
+# Rows.
+# --------------------------------------------------------------------------
+
+
+def make_row(*, damage: str, ratio: float, seed: int, stage: str,
+             metric: str, value: float, step: int = 0) -> dict[str, Any]:
+    """One row with the column types of the table.
+
+    Args:
+        damage: damage kind (``"none"`` for the clean model).
+        ratio: damage amount.
+        seed: seed index of the point.
+        stage: ``clean``, ``damaged``, ``recovered/<strategy>``, ...
+        metric: metric name.
+        value: the value (any real; kept exactly as a Python float).
+        step: recovery step (0 outside recovery).
+
+    Returns:
+        A dict with the keys of :data:`COLUMNS`.
+
+    Raises:
+        TypeError: if a field has the wrong type (e.g. a non-integer seed).
+    """
+    for name, text in (("damage", damage), ("stage", stage),
+                       ("metric", metric)):
+        if not isinstance(text, str) or not text:
+            raise TypeError(f"{name} must be a non-empty str, got {text!r}")
+    for name, number in (("seed", seed), ("step", step)):
+        if isinstance(number, bool) or not isinstance(number,
+                                                      (int, np.integer)):
+            raise TypeError(f"{name} must be an int, got {number!r}")
+    return {"damage": damage, "ratio": float(ratio), "seed": int(seed),
+            "stage": stage, "step": int(step), "metric": metric,
+            "value": float(value)}
+
+
+def _natural(text: str) -> tuple:
+    # "class_accuracy/10" after "class_accuracy/9".
+    return tuple((0, int(part)) if part.isdigit() else (1, part)
+                 for part in re.split(r"(\d+)", text))
+
+
+_METRIC_ORDER = {"accuracy": 0, "loss": 1}
+
+
+def _row_order(row: Mapping[str, Any]) -> tuple:
+    metric = row["metric"]
+    return (row["damage"], row["ratio"], row["seed"], _natural(row["stage"]),
+            row["step"], _METRIC_ORDER.get(metric, 2), _natural(metric))
+
+
+def _fractions(metrics) -> tuple[float, float, np.ndarray]:
+    # Correctly rounded float32 quotients of the totals, computed on the
+    # host (NumPy divides exactly), so that the same totals always give the
+    # same bits whichever compiled program produced them.
+    totals = (getattr(metrics, "correct", None),
+              getattr(metrics, "class_correct", None),
+              getattr(metrics, "class_count", None),
+              getattr(metrics, "loss_sum", None))
+    if any(total is None for total in totals):
+        return (float(metrics.accuracy), float(metrics.loss),
+                np.asarray(metrics.per_class_accuracy))
+    correct, class_correct, class_count, loss_sum = (
+        np.asarray(t) for t in totals)
+    count = np.float32(class_count.sum())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        accuracy = np.float32(correct) / count
+        loss = np.float32(loss_sum) / count
+        per_class = (class_correct.astype(np.float32)
+                     / class_count.astype(np.float32))
+    return float(accuracy), float(loss), per_class
+
+
+def metrics_rows(metrics, *, damage: str, ratio: float, seed: int,
+                 stage: str, step: int = 0, custom_name: str = "custom"
+                 ) -> list[dict[str, Any]]:
+    """Rows for one point's :class:`~recovjax.evaluate.Metrics` (scalars).
+
+    Fractions are recomputed on the host from the integer totals when the
+    metrics carry them, so they are correctly rounded float32 values.
+
+    Args:
+        metrics: metrics of one model (host or device arrays).
+        damage: damage kind.
+        ratio: damage amount.
+        seed: seed index.
+        stage: stage name.
+        step: recovery step.
+        custom_name: metric name of the user metric; a dict-valued user
+            metric gives ``<custom_name>/<key>`` rows.
+
+    Returns:
+        Rows for ``accuracy``, ``loss``, ``class_accuracy/<c>`` and the user
+        metric, if any.
+    """
+    where = dict(damage=damage, ratio=ratio, seed=seed, stage=stage,
+                 step=step)
+    accuracy, loss, per_class = _fractions(metrics)
+    rows = [make_row(metric="accuracy", value=accuracy, **where),
+            make_row(metric="loss", value=loss, **where)]
+    for index, value in enumerate(per_class):
+        rows.append(make_row(metric=f"class_accuracy/{index}",
+                             value=float(value), **where))
+    custom = getattr(metrics, "custom", None)
+    if custom is not None:
+        if isinstance(custom, Mapping):
+            for name in sorted(custom):
+                rows.append(make_row(metric=f"{custom_name}/{name}",
+                                     value=float(custom[name]), **where))
+        else:
+            rows.append(make_row(metric=custom_name, value=float(custom),
+                                 **where))
+    return rows
+
+
+# --------------------------------------------------------------------------
+# The table.
+# --------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-ready copy: tuples as lists, NumPy scalars as Python ones."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def _encode_float(value: float) -> str:
+    # repr is the shortest string that reads back as the same float; it
+    # spells the specials nan, inf and -inf.
+    return repr(float(value))
+
+
+def _json_number(value: float) -> float | str:
+    return value if math.isfinite(value) else _encode_float(value)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float):
+        return _json_number(value)
+    if isinstance(value, Mapping):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+@dataclasses.dataclass
+class ResultsTable:
+    """The tidy long table of a sweep (or of a recovery run).
+
+    Attributes:
+        rows: dicts with the keys of :data:`COLUMNS`, kept sorted.
+        config: the run's configuration (JSON-ready; tuples become lists).
+        root_seed: the integer seed of the root key, or ``None`` when the
+            run was given a key.
+        versions: library versions (``python``, ``jax``, ...).
+        device_kind: the JAX device kind and count, e.g. ``"cpu x1"``.
+    """
+
+    rows: list[dict[str, Any]]
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    root_seed: int | None = None
+    versions: dict[str, str] = dataclasses.field(default_factory=dict)
+    device_kind: str = ""
+
+    def __post_init__(self):
+        self.rows = sorted((make_row(**row) for row in self.rows),
+                           key=_row_order)
+        self.config = _plain(dict(self.config))
+        self.versions = {str(k): str(v) for k, v in self.versions.items()}
+        if self.root_seed is not None:
+            self.root_seed = int(self.root_seed)
+        self.device_kind = str(self.device_kind)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __eq__(self, other) -> bool:
+        # NaN-aware and exact: two tables are equal when their files are.
+        if not isinstance(other, ResultsTable):
+            return NotImplemented
+        return self.to_json_text() == other.to_json_text()
+
+    def metadata(self) -> dict[str, Any]:
+        """``config``, ``root_seed``, ``versions`` and ``device_kind``."""
+        return {"config": self.config, "root_seed": self.root_seed,
+                "versions": self.versions, "device_kind": self.device_kind}
+
+    def select(self, **where) -> list[dict[str, Any]]:
+        """Rows whose columns equal the given values, e.g. ``metric="loss"``.
+
+        Raises:
+            KeyError: for a name that is not a column.
+        """
+        unknown = set(where) - set(COLUMNS)
+        if unknown:
+            raise KeyError(f"unknown column(s) {sorted(unknown)}; columns "
+                           f"are {', '.join(COLUMNS)}")
+        return [row for row in self.rows
+                if all(row[k] == v for k, v in where.items())]
+
+    def extend(self, rows: Iterable[Mapping[str, Any]]) -> "ResultsTable":
+        """A new table with ``rows`` added (same metadata)."""
+        return dataclasses.replace(self, rows=self.rows + list(rows))
+
+    # ---------------------------------------------------------------- text
+
+    def to_csv_text(self) -> str:
+        """The CSV file's text (see :meth:`to_csv`)."""
+        out = io.StringIO()
+        out.write(_CSV_HEADER_PREFIX + json.dumps(
+            {"version": FORMAT_VERSION, **_json_safe(self.metadata())},
+            sort_keys=True, allow_nan=False) + "\n")
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(COLUMNS)
+        for row in self.rows:
+            writer.writerow([row["damage"], _encode_float(row["ratio"]),
+                             row["seed"], row["stage"], row["step"],
+                             row["metric"], _encode_float(row["value"])])
+        return out.getvalue()
+
+    def to_json_text(self) -> str:
+        """The JSON file's text (see :meth:`to_json`)."""
+        document = {
+            "format": FORMAT, "version": FORMAT_VERSION,
+            **_json_safe(self.metadata()),
+            "columns": list(COLUMNS),
+            "rows": [[row[c] if c not in ("ratio", "value")
+                      else _json_number(row[c]) for c in COLUMNS]
+                     for row in self.rows],
+        }
+        return json.dumps(document, sort_keys=True, indent=1,
+                          allow_nan=False) + "\n"
+
+    # --------------------------------------------------------------- files
+
+    def to_csv(self, path: os.PathLike[str] | str) -> pathlib.Path:
+        """Write the table as CSV, atomically.
+
+        The first line is a ``#`` comment holding the metadata as JSON
+        (``pandas.read_csv(path, comment="#")`` skips it), then the header
+        and one line per row.
+
+        Args:
+            path: the file to write (parent directories are created).
+
+        Returns:
+            The path written.
+        """
+        return _atomic_write(path, self.to_csv_text())
+
+    def to_json(self, path: os.PathLike[str] | str) -> pathlib.Path:
+        """Write the table and its metadata as strict JSON, atomically.
+
+        Non-finite values are the strings ``"nan"``, ``"inf"``, ``"-inf"``.
+
+        Args:
+            path: the file to write.
+
+        Returns:
+            The path written.
+        """
+        return _atomic_write(path, self.to_json_text())
+
+
+def _atomic_write(path: os.PathLike[str] | str, text: str) -> pathlib.Path:
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, "w", encoding="utf-8", newline="") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    return path
+
+
+def _float(text: Any) -> float:
+    return float(text)  # accepts "nan", "inf", "-inf" and JSON numbers.
+
+
+def _typed(record: Sequence[Any], where: str) -> dict[str, Any]:
+    if len(record) != len(COLUMNS):
+        raise ValueError(f"{where}: expected {len(COLUMNS)} fields "
+                         f"({', '.join(COLUMNS)}), got {len(record)}")
+    damage, ratio, seed, stage, step, metric, value = record
+    try:
+        return make_row(damage=str(damage), ratio=_float(ratio),
+                        seed=int(seed), stage=str(stage), step=int(step),
+                        metric=str(metric), value=_float(value))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{where}: bad row {list(record)!r}: {error}"
+                         ) from None
+
+
+def _from_metadata(rows, metadata: Mapping[str, Any], where: str
+                   ) -> ResultsTable:
+    root_seed = metadata.get("root_seed")
+    return ResultsTable(rows=rows, config=metadata.get("config") or {},
+                        root_seed=root_seed,
+                        versions=metadata.get("versions") or {},
+                        device_kind=metadata.get("device_kind") or "")
+
+
+def read_csv(path: os.PathLike[str] | str) -> ResultsTable:
+    """Read a table written by :meth:`ResultsTable.to_csv`.
+
+    A CSV without the metadata line (e.g. written by another tool with the
+    same columns) reads with empty metadata.
+
+    Args:
+        path: the CSV file.
+
+    Returns:
+        The :class:`ResultsTable`.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        ValueError: if the header or a row does not match :data:`COLUMNS`.
+    """
+    path = pathlib.Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    metadata: dict[str, Any] = {}
+    if lines and lines[0].startswith(_CSV_HEADER_PREFIX):
+        metadata = json.loads(lines[0][len(_CSV_HEADER_PREFIX):])
+        lines = lines[1:]
+    records = list(csv.reader(lines))
+    if not records or tuple(records[0]) != COLUMNS:
+        raise ValueError(f"{path}: header must be {','.join(COLUMNS)}, got "
+                         f"{','.join(records[0]) if records else 'nothing'}")
+    rows = [_typed(record, f"{path}:{number + 2}")
+            for number, record in enumerate(records[1:]) if record]
+    return _from_metadata(rows, metadata, str(path))
+
+
+def read_json(path: os.PathLike[str] | str) -> ResultsTable:
+    """Read a table written by :meth:`ResultsTable.to_json`.
+
+    Args:
+        path: the JSON file.
+
+    Returns:
+        The :class:`ResultsTable`.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        ValueError: if it is not a recovjax results document.
+    """
+    path = pathlib.Path(path)
+    document = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a {FORMAT} JSON document")
+    if tuple(document.get("columns", ())) != COLUMNS:
+        raise ValueError(f"{path}: columns must be {list(COLUMNS)}")
+    rows = [_typed(record, f"{path} row {index}")
+            for index, record in enumerate(document.get("rows", []))]
+    return _from_metadata(rows, document, str(path))
+
+
+def read_table(path: os.PathLike[str] | str) -> ResultsTable:
+    """Read a ``.json`` or ``.csv`` results file (by suffix)."""
+    path = pathlib.Path(path)
+    return read_json(path) if path.suffix == ".json" else read_csv(path)
+
+
+def read_rows(path: os.PathLike[str] | str) -> list[dict[str, Any]]:
+    """The rows of a ``.csv`` or ``.json`` results file, as dicts."""
+    return read_table(path).rows
+
+
+# --------------------------------------------------------------------------
+# Summaries over seeds.
+# --------------------------------------------------------------------------
+
+
+def _t_two_sided_mass(t: float, dof: int) -> float:
+    # P(|T| <= t) for Student's t with integer dof, by the finite series of
+    # Abramowitz & Stegun 26.7.3-26.7.4 (exact up to rounding).
+    theta = math.atan(t / math.sqrt(dof))
+    sin, cos = math.sin(theta), math.cos(theta)
+    cos2 = cos * cos
+    if dof % 2 == 1:
+        total, term = 0.0, cos
+        for k in range(1, (dof - 1) // 2 + 1):
+            if k > 1:
+                term *= cos2 * (2 * k - 2) / (2 * k - 1)
+            total += term
+        return (2.0 / math.pi) * (theta + (sin * total if dof > 1 else 0.0))
+    total, term = 1.0, 1.0
+    for k in range(1, dof // 2):
+        term *= cos2 * (2 * k - 1) / (2 * k)
+        total += term
+    return sin * total
+
+
+def t_quantile(probability: float, dof: int) -> float:
+    """Quantile of Student's t distribution with integer ``dof``.
+
+    Computed without SciPy: the CDF's exact finite series inverted by
+    bisection (to about 1e-12).
+
+    Args:
+        probability: in ``(0, 1)``, e.g. ``0.975`` for a two-sided 95 % CI.
+        dof: degrees of freedom, at least 1.
+
+    Returns:
+        ``t`` with ``P(T <= t) = probability``.
+
+    Raises:
+        ValueError: for a probability outside ``(0, 1)`` or ``dof < 1``.
+    """
+    if not 0.0 < probability < 1.0:
+        raise ValueError(f"probability must be in (0, 1), got {probability}")
+    if isinstance(dof, bool) or int(dof) != dof or dof < 1:
+        raise ValueError(f"dof must be a positive integer, got {dof}")
+    dof = int(dof)
+    if probability == 0.5:
+        return 0.0
+    mass = abs(2.0 * probability - 1.0)  # P(|T| <= t) wanted.
+    low, high = 0.0, 1.0
+    while _t_two_sided_mass(high, dof) < mass:
+        high *= 2.0
+    for _ in range(200):
+        middle = 0.5 * (low + high)
+        if _t_two_sided_mass(middle, dof) < mass:
+            low = middle
+        else:
+            high = middle
+        if high - low <= 1e-12 * max(1.0, high):
+            break
+    t = 0.5 * (low + high)
+    return t if probability > 0.5 else -t
+
+
+class Summary(NamedTuple):
+    """Mean over seeds of one metric at one (damage, ratio, stage, step).
+
+    Attributes:
+        damage, ratio, stage, step, metric: the group.
+        mean: mean over seeds (NaN if any value is NaN).
+        std: sample standard deviation (``ddof=1``; NaN for one seed).
+        ci95_low, ci95_high: two-sided 95 % Student-t confidence interval of
+            the mean (NaN for one seed).
+        n: number of seeds.
+    """
+
+    damage: str
+    ratio: float
+    stage: str
+    step: int
+    metric: str
+    mean: float
+    std: float
+    ci95_low: float
+    ci95_high: float
+    n: int
+
+
+def _rows_of(table: ResultsTable | Iterable[Mapping[str, Any]]
+             ) -> list[Mapping[str, Any]]:
+    return table.rows if isinstance(table, ResultsTable) else list(table)
+
+
+def summarize(table: ResultsTable | Iterable[Mapping[str, Any]],
+              metric: str = "accuracy", *, stage: str | None = None
+              ) -> list[Summary]:
+    """Mean, standard deviation and 95 % CI over seeds.
+
+    Args:
+        table: a :class:`ResultsTable` or its rows.
+        metric: the metric to summarise.
+        stage: only this stage (``None``: every stage).
+
+    Returns:
+        One :class:`Summary` per (damage, ratio, stage, step), sorted.
+
+    Example::
+
+        for s in summarize(table, "accuracy", stage="damaged"):
+            print(s.damage, s.ratio, s.mean, s.ci95_low, s.ci95_high)
+    """
+    groups: dict[tuple, list[float]] = {}
+    for row in _rows_of(table):
+        if row["metric"] != metric or (stage is not None and
+                                       row["stage"] != stage):
+            continue
+        key = (row["damage"], row["ratio"], row["stage"], row["step"])
+        groups.setdefault(key, []).append(float(row["value"]))
+    out = []
+    for (damage, ratio, stage_name, step), values in sorted(
+            groups.items(), key=lambda item: (item[0][0], item[0][1],
+                                              _natural(item[0][2]),
+                                              item[0][3])):
+        array = np.asarray(values, np.float64)
+        n = array.size
+        mean = float(array.mean())
+        if n > 1:
+            std = float(array.std(ddof=1))
+            half = t_quantile(0.975, n - 1) * std / math.sqrt(n)
+            low, high = mean - half, mean + half
+        else:
+            std = low = high = math.nan
+        out.append(Summary(damage, ratio, stage_name, step, metric, mean,
+                           std, low, high, n))
+    return out
+
+
+def _curves(table, metric: str, stage: str, damage: str | None
+            ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    curves: dict[str, list[tuple[float, float]]] = {}
+    for s in summarize(table, metric, stage=stage):
+        if damage is None or s.damage == damage:
+            curves.setdefault(s.damage, []).append((s.ratio, s.mean))
+    if damage is not None and damage not in curves:
+        raise ValueError(f"no {stage!r} rows of {metric!r} for damage "
+                         f"{damage!r}")
+    return {kind: (np.asarray([r for r, _ in points]),
+                   np.asarray([m for _, m in points]))
+            for kind, points in curves.items()}
+
+
+def area_under_curve(table: ResultsTable | Iterable[Mapping[str, Any]],
+                     metric: str = "accuracy", *, stage: str = "damaged",
+                     damage: str | None = None) -> dict[str, float]:
+    """Normalised area under the mean-metric-vs-ratio curve of each kind.
+
+    The trapezoid rule over the ratio grid of the mean over seeds, divided
+    by the span ``max(ratio) - min(ratio)``: a model whose accuracy stays at
+    ``a`` over the whole grid scores ``a``, so kinds swept over different
+    ranges stay comparable (1 = no loss at all, for accuracy). A kind with a
+    single ratio has no span and scores NaN.
+
+    Args:
+        table: a :class:`ResultsTable` or its rows.
+        metric: the metric (default ``accuracy``).
+        stage: the stage (default ``damaged``).
+        damage: only this kind (``None``: every kind).
+
+    Returns:
+        ``{damage kind: area}``.
+
+    Raises:
+        ValueError: if ``damage`` has no matching rows.
+    """
+    out = {}
+    for kind, (ratios, means) in _curves(table, metric, stage,
+                                         damage).items():
+        span = float(ratios[-1] - ratios[0]) if ratios.size else 0.0
+        if span <= 0:
+            out[kind] = math.nan
+            continue
+        widths = np.diff(ratios)
+        area = float(np.sum(widths * (means[1:] + means[:-1]) / 2.0))
+        out[kind] = area / span
+    return out
+
+
+def ratio_at_threshold(table: ResultsTable | Iterable[Mapping[str, Any]],
+                       threshold: float, metric: str = "accuracy", *,
+                       stage: str = "damaged", damage: str | None = None
+                       ) -> dict[str, float | None]:
+    """The ratio at which the mean metric first falls below ``threshold``.
+
+    Walking the ratio grid upwards, the first grid point whose mean over
+    seeds is below ``threshold`` is found; the crossing is then placed by
+    linear interpolation between it and the previous grid point. If the
+    first grid point is already below, its ratio is returned.
+
+    Args:
+        table: a :class:`ResultsTable` or its rows.
+        threshold: e.g. ``0.5`` for half accuracy.
+        metric: the metric (default ``accuracy``).
+        stage: the stage (default ``damaged``).
+        damage: only this kind (``None``: every kind).
+
+    Returns:
+        ``{damage kind: ratio}``, with ``None`` for a kind that never falls
+        below the threshold.
+
+    Raises:
+        ValueError: if ``damage`` has no matching rows.
+    """
+    out: dict[str, float | None] = {}
+    for kind, (ratios, means) in _curves(table, metric, stage,
+                                         damage).items():
+        out[kind] = None
+        for index, (ratio, mean) in enumerate(zip(ratios, means)):
+            if mean < threshold:
+                if index == 0:
+                    out[kind] = float(ratio)
+                else:
+                    r0, m0 = ratios[index - 1], means[index - 1]
+                    fraction = (m0 - threshold) / (m0 - mean)
+                    out[kind] = float(r0 + fraction * (ratio - r0))
+                break
+    return out

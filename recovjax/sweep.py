@@ -1,0 +1,758 @@
+"""The sweep: damage and evaluate every (damage kind, ratio, seed) point.
+
+How a sweep runs
+================
+
+For each damage kind the points ``(ratio, seed)`` are laid out in a fixed
+order (ratio-major) and cut into *chunks* of ``chunk_size`` points; the last
+chunk is padded by repeating its last point and the padding is discarded.
+One chunk is one call of one compiled program, so each kind compiles once
+per (model, damage kind, shapes): ratios, seeds and keys are traced
+arguments, never constants, and a second sweep with other ratio values of
+the same count reuses the program (as does a second process, through the
+persistent compilation cache, see :mod:`recovjax._compile_cache`).
+
+Inside a chunk, the model axis is sharded across ``devices`` with
+``shard_map`` over a one-axis :class:`jax.sharding.Mesh` (axis ``"models"``);
+parameters and evaluation batches are replicated. On each device,
+``lax.map`` walks over *groups* of ``vmap_size`` points, and a group is
+damaged and evaluated under ``vmap`` (:func:`recovjax.evaluate.evaluate`,
+each group scanning the evaluation batches once). Only one group's damaged
+parameters and activations are alive at a time, so memory is bounded by
+``vmap_size`` (sized from ``memory_budget_bytes``) and does not grow with
+the number of points; each finished chunk is read back and streamed to
+``on_chunk`` (or yielded by :func:`iter_sweep`) while the next one runs.
+
+Keys
+====
+
+Point ``(kind, ratio index, seed)`` gets::
+
+    key = fold_in(fold_in(fold_in(root_key, damage_id(kind)), ratio_index),
+                  seed)
+
+where :func:`damage_id` is a CRC-32 of the kind's *name*, so adding,
+removing or reordering kinds never changes another kind's keys, and a
+point's key does not depend on the other ratios or seeds in the sweep.
+:func:`damage_point` re-runs one point alone and gives the sweep's numbers
+bit for bit.
+
+Several devices and several hosts
+=================================
+
+With ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` (set before JAX
+is imported) a CPU shows four devices, and ``sweep(..., devices=None)``
+shards over all of them; the numbers equal a one-device run. On several
+hosts, start every process with :func:`jax.distributed.initialize` (e.g.
+``jax.distributed.initialize(coordinator_address="host0:1234",
+num_processes=N, process_id=i)``), then run the *same* ``sweep`` call with
+the same arguments on every process: ``devices=None`` means
+``jax.devices()``, the global device list, inputs are built as global
+arrays with :func:`jax.make_array_from_callback`, and results are gathered
+to every process with
+:func:`jax.experimental.multihost_utils.process_allgather`, so each
+process ends with the whole table (write it from process 0 only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import platform
+import time
+import zlib
+from typing import (Any, Callable, Iterator, Mapping, NamedTuple, Sequence)
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from recovjax._types import Batches, Dataset, Damage, Params, PRNGKey, Split
+from recovjax.data import batch_split
+from recovjax.evaluate import MetricFn, Metrics, evaluate
+from recovjax.results import ResultsTable, metrics_rows
+
+DamageOp = Callable[[PRNGKey, Params, Any], Damage]
+"""``op(key, params, amount) -> Damage``: the damage contract."""
+
+AXIS = "models"
+"""Name of the mesh axis the model axis is sharded over."""
+
+DEFAULT_BATCH_SIZE = 1000
+"""Evaluation batch size (examples per forward pass of one model)."""
+
+DEFAULT_VMAP_SIZE = 2
+"""Points damaged and evaluated together under ``vmap`` on one device.
+
+Chosen by ``benchmarks/bench_sweep.py`` on a 2-core CPU (LeNet-5, batches
+of 1,000 images): ``lax.map`` over pairs beat one model at a time by about
+2x and wider groups (5, 10, 25, 50, 100: vmapped convolutions become
+batched matmuls over per-model patch tensors, which XLA:CPU runs slowly).
+On accelerators wider groups win; raise ``vmap_size`` there (it is capped
+by ``memory_budget_bytes``).
+"""
+
+DEFAULT_CHUNK_POINTS = 100
+"""Points per chunk when neither ``chunk_size`` nor a small sweep sets it."""
+
+DEFAULT_MEMORY_BUDGET = 1 << 30
+"""Bytes a chunk's working set may take (1 GiB)."""
+
+CLEAN = "none"
+"""Damage name of the undamaged model's rows (stage ``clean``)."""
+
+
+# --------------------------------------------------------------------------
+# Keys and points.
+# --------------------------------------------------------------------------
+
+
+def damage_id(name: str) -> int:
+    """Stable integer identity of a damage kind: CRC-32 of its name (31 bits).
+
+    Args:
+        name: the kind's name.
+
+    Returns:
+        An ``int`` in ``[0, 2**31)``; the same name always gives the same
+        number, whatever other kinds are swept.
+    """
+    return zlib.crc32(name.encode("utf-8")) & 0x7FFFFFFF
+
+
+def point_key(root_key: PRNGKey, damage: str, ratio_index: int, seed: int
+              ) -> PRNGKey:
+    """The key of one sweep point.
+
+    Args:
+        root_key: the sweep's root key (typed).
+        damage: the damage kind's name.
+        ratio_index: position of the ratio in the sweep's ``ratios``.
+        seed: the seed value (an entry of the sweep's seeds).
+
+    Returns:
+        ``fold_in(fold_in(fold_in(root_key, damage_id(damage)), ratio_index),
+        seed)``.
+    """
+    key = jax.random.fold_in(root_key, damage_id(damage))
+    key = jax.random.fold_in(key, ratio_index)
+    return jax.random.fold_in(key, seed)
+
+
+class SweepPoint(NamedTuple):
+    """One point of a sweep.
+
+    Attributes:
+        damage: the damage kind's name.
+        ratio_index: position of ``ratio`` in the sweep's ratios.
+        ratio: the damage amount.
+        seed: the seed value.
+    """
+
+    damage: str
+    ratio_index: int
+    ratio: float
+    seed: int
+
+
+class ChunkResult(NamedTuple):
+    """What one finished chunk streams out.
+
+    Attributes:
+        damage: the damage kind of every point in the chunk.
+        points: the chunk's points (padding removed), in sweep order.
+        metrics: host (NumPy) :class:`~recovjax.evaluate.Metrics` with a
+            leading axis over ``points``.
+        rows: the results rows of these points (stage ``damaged``).
+    """
+
+    damage: str
+    points: list[SweepPoint]
+    metrics: Metrics
+    rows: list[dict[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepPlan:
+    """How a sweep is laid out (derived by :func:`plan_sweep`).
+
+    Attributes:
+        chunk_size: points per compiled call (a multiple of
+            ``vmap_size * num_devices``).
+        vmap_size: points evaluated together under ``vmap`` on one device.
+        num_devices: devices the model axis is sharded over.
+        batch_size: evaluation batch size.
+        model_bytes: estimated working-set bytes of one model under
+            evaluation (3 x parameters + activations of one batch).
+    """
+
+    chunk_size: int
+    vmap_size: int
+    num_devices: int
+    batch_size: int
+    model_bytes: int
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """What :func:`sweep` returns.
+
+    Attributes:
+        table: the tidy :class:`~recovjax.results.ResultsTable`.
+        plan: the :class:`SweepPlan` used.
+        seconds: wall time of the sweep (compile included).
+    """
+
+    table: ResultsTable
+    plan: SweepPlan
+    seconds: float
+
+
+# --------------------------------------------------------------------------
+# Argument handling at the boundary.
+# --------------------------------------------------------------------------
+
+
+def _root(root_key: PRNGKey | int) -> tuple[PRNGKey, int | None]:
+    if isinstance(root_key, bool):
+        raise TypeError("root_key must be a typed key or an int seed, got "
+                        f"{root_key!r}")
+    if isinstance(root_key, (int, np.integer)):
+        return jax.random.key(int(root_key)), int(root_key)
+    dtype = getattr(root_key, "dtype", None)
+    if dtype is None or not jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        raise TypeError("root_key must be a typed key from jax.random.key "
+                        f"or an int seed, got {type(root_key).__name__}")
+    if root_key.shape != ():
+        raise TypeError(f"root_key must be one key, got shape "
+                        f"{root_key.shape}")
+    return root_key, None
+
+
+def _seeds(seeds: int | Sequence[int]) -> list[int]:
+    if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
+        if seeds < 1:
+            raise ValueError(f"seeds must be a positive count or a list of "
+                             f"seeds, got {seeds}")
+        return list(range(int(seeds)))
+    values = list(seeds)
+    if not values:
+        raise ValueError("seeds is empty")
+    for seed in values:
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)
+                                                    ) or not (
+                0 <= seed < 2**31):
+            raise ValueError(f"seeds must be ints in [0, 2**31), got "
+                             f"{seed!r}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"seeds must be distinct, got {values}")
+    return [int(seed) for seed in values]
+
+
+def _ratios(ratios: Sequence[float]) -> list[float]:
+    values = [float(r) for r in np.asarray(ratios, dtype=np.float64).ravel()]
+    if not values:
+        raise ValueError("ratios is empty")
+    for ratio in values:
+        if not math.isfinite(ratio) or ratio < 0:
+            raise ValueError(f"ratios must be finite and non-negative, got "
+                             f"{ratio}")
+    return values
+
+
+@functools.lru_cache(maxsize=None)
+def _registered(name: str) -> DamageOp:
+    # Damage operators are pure and settled at construction, so one op per
+    # name can be reused; reusing it keeps the compiled programs cached.
+    from recovjax.damage import get_damage
+    return get_damage(name)
+
+
+def _damages(damages: Mapping[str, DamageOp] | Sequence[str] | str
+             ) -> dict[str, DamageOp]:
+    if isinstance(damages, str):
+        damages = [damages]
+    if isinstance(damages, Mapping):
+        out = dict(damages)
+        for name, op in out.items():
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"damage names must be non-empty str, got "
+                                f"{name!r}")
+            if not callable(op):
+                raise TypeError(f"damage {name!r} must be callable "
+                                "op(key, params, amount) -> Damage")
+    else:
+        names = list(damages)
+        if len(set(names)) != len(names):
+            raise ValueError(f"damage kinds must be distinct, got {names}")
+        out = {}
+        for name in names:
+            if not isinstance(name, str):
+                raise TypeError(f"damage kinds must be names (str) or a "
+                                f"mapping name -> op, got {name!r}")
+            out[name] = _registered(name)
+    if not out:
+        raise ValueError("no damage kinds given")
+    if CLEAN in out:
+        raise ValueError(f"{CLEAN!r} is reserved for the clean model's rows")
+    return out
+
+
+def _batches(data: Split | Batches | Dataset, batch_size: int) -> Batches:
+    if isinstance(data, Dataset):
+        data = data.test
+    if isinstance(data, Batches):
+        return data
+    if isinstance(data, Split):
+        return batch_split(data, batch_size)
+    raise TypeError("data must be a Split, Batches or Dataset, got "
+                    f"{type(data).__name__}")
+
+
+def _devices(devices) -> list:
+    if devices is None:
+        return list(jax.devices())
+    devices = list(devices)
+    if not devices:
+        raise ValueError("devices is empty")
+    return devices
+
+
+# --------------------------------------------------------------------------
+# Memory and chunk sizes.
+# --------------------------------------------------------------------------
+
+
+def estimate_model_bytes(apply, params: Params, images) -> int:
+    """Working-set bytes of evaluating one model on one batch (an estimate).
+
+    Three copies of the parameters (the original, the damaged copy and the
+    damage mask/temporaries) plus every intermediate array of one forward
+    pass, as listed by the jaxpr of ``apply`` (an upper bound: XLA reuses
+    and fuses buffers).
+
+    Args:
+        apply: ``apply(params, x) -> logits``.
+        params: one model's parameters (arrays or shape structs).
+        images: one batch of inputs (array or shape struct).
+
+    Returns:
+        Bytes.
+    """
+    param_bytes = sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+                      for leaf in jax.tree.leaves(params))
+    jaxpr = jax.make_jaxpr(apply)(params, images)
+    activation_bytes = 0
+    for equation in jaxpr.eqns:
+        for var in equation.outvars:
+            aval = var.aval
+            if hasattr(aval, "shape") and hasattr(aval, "dtype"):
+                activation_bytes += int(np.prod(aval.shape)) * (
+                    np.dtype(aval.dtype).itemsize)
+    return 3 * param_bytes + activation_bytes
+
+
+def plan_sweep(model_bytes: int, num_points: int, *, num_devices: int = 1,
+               batch_size: int = DEFAULT_BATCH_SIZE,
+               chunk_size: int | None = None, vmap_size: int | None = None,
+               memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET) -> SweepPlan:
+    """Chunk and group sizes for a sweep.
+
+    ``vmap_size`` (default :data:`DEFAULT_VMAP_SIZE`) is lowered until one
+    group's working set, ``vmap_size * model_bytes``, fits the budget (at
+    least 1). ``chunk_size`` defaults to the points per kind rounded up to a
+    multiple of ``vmap_size * num_devices``, at most
+    :data:`DEFAULT_CHUNK_POINTS` per device; an explicit one is rounded up
+    to that multiple.
+
+    Args:
+        model_bytes: from :func:`estimate_model_bytes`.
+        num_points: points per damage kind.
+        num_devices: devices of the mesh.
+        batch_size: evaluation batch size (recorded).
+        chunk_size: points per compiled call, or ``None``.
+        vmap_size: points per vectorised group, or ``None`` for the default.
+        memory_budget_bytes: bytes one group may use.
+
+    Returns:
+        The :class:`SweepPlan`.
+
+    Raises:
+        ValueError: for non-positive sizes or budget.
+    """
+    for name, value in (("num_points", num_points),
+                        ("num_devices", num_devices),
+                        ("memory_budget_bytes", memory_budget_bytes),
+                        ("chunk_size", chunk_size), ("vmap_size", vmap_size)):
+        if value is not None and (isinstance(value, bool) or
+                                  not isinstance(value, (int, np.integer)) or
+                                  value < 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    fit = max(1, int(memory_budget_bytes) // max(1, int(model_bytes)))
+    wanted = DEFAULT_VMAP_SIZE if vmap_size is None else int(vmap_size)
+    group = max(1, min(wanted, fit))
+    unit = group * num_devices
+    if chunk_size is None:
+        per_device = -(-num_points // num_devices)
+        chunk_size = min(per_device, DEFAULT_CHUNK_POINTS) * num_devices
+    chunk = -(-int(chunk_size) // unit) * unit
+    return SweepPlan(chunk_size=chunk, vmap_size=group,
+                     num_devices=num_devices, batch_size=batch_size,
+                     model_bytes=int(model_bytes))
+
+
+# --------------------------------------------------------------------------
+# The compiled programs.
+# --------------------------------------------------------------------------
+
+
+def _group_fn(apply, op: DamageOp, num_classes: int,
+              metric_fn: MetricFn | None):
+    """Damage and evaluate ``k`` points under ``vmap``: the unit of work."""
+
+    def group(base_key, ratio_indices, ratios, seeds, params, batches):
+        def one(ratio_index, ratio, seed):
+            key = jax.random.fold_in(
+                jax.random.fold_in(base_key, ratio_index), seed)
+            damaged = op(key, params, ratio).params
+            return evaluate(apply, damaged, batches, num_classes,
+                            metric_fn=metric_fn)
+
+        return jax.vmap(one)(ratio_indices, ratios, seeds)
+
+    return group
+
+
+@functools.lru_cache(maxsize=64)
+def _chunk_program(apply, op: DamageOp, num_classes: int,
+                   metric_fn: MetricFn | None, vmap_size: int,
+                   devices: tuple) -> Callable:
+    group = _group_fn(apply, op, num_classes, metric_fn)
+
+    def local(base_key, ratio_indices, ratios, seeds, params, batches):
+        count = ratio_indices.shape[0] // vmap_size
+        split = lambda x: x.reshape((count, vmap_size) + x.shape[1:])
+        metrics = jax.lax.map(
+            lambda xs: group(base_key, *xs, params, batches),
+            (split(ratio_indices), split(ratios), split(seeds)))
+        return jax.tree.map(
+            lambda x: x.reshape((count * vmap_size,) + x.shape[2:]), metrics)
+
+    mesh = Mesh(np.asarray(devices), (AXIS,))
+    sharded = PartitionSpec(AXIS)
+    program = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(PartitionSpec(), sharded, sharded, sharded,
+                  PartitionSpec(), PartitionSpec()),
+        out_specs=sharded,
+        # Damage operators and evaluate carry loop state made from constants
+        # (zeros, iotas); they are not written for shard_map's replication
+        # types, and nothing here communicates across devices.
+        check_vma=False)
+    return jax.jit(program)
+
+
+@functools.lru_cache(maxsize=64)
+def _point_program(apply, op: DamageOp, num_classes: int,
+                   metric_fn: MetricFn | None) -> Callable:
+    return jax.jit(_group_fn(apply, op, num_classes, metric_fn))
+
+
+@functools.lru_cache(maxsize=64)
+def _clean_program(apply, num_classes: int,
+                   metric_fn: MetricFn | None) -> Callable:
+    return jax.jit(functools.partial(evaluate, apply,
+                                     num_classes=num_classes,
+                                     metric_fn=metric_fn))
+
+
+def _place(tree, sharding: NamedSharding):
+    # make_array_from_callback builds global arrays, so the same code serves
+    # one process and several (multi-host) processes.
+    def put(leaf):
+        if jax.dtypes.issubdtype(getattr(leaf, "dtype", None),
+                                 jax.dtypes.prng_key):
+            return jax.device_put(leaf, sharding)
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding,
+                                            lambda index: host[index])
+
+    return jax.tree.map(put, tree)
+
+
+def _fetch(tree):
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        return jax.tree.map(np.asarray,
+                            multihost_utils.process_allgather(tree,
+                                                              tiled=True))
+    return jax.device_get(tree)
+
+
+# --------------------------------------------------------------------------
+# Public API.
+# --------------------------------------------------------------------------
+
+
+def damage_point(model, params: Params, *, damage: DamageOp | str,
+                 ratio: float, ratio_index: int, seed: int,
+                 root_key: PRNGKey | int, damage_name: str | None = None,
+                 data: Split | Batches | Dataset,
+                 batch_size: int = DEFAULT_BATCH_SIZE,
+                 vmap_size: int = DEFAULT_VMAP_SIZE,
+                 metric_fn: MetricFn | None = None) -> Metrics:
+    """Re-run one sweep point alone.
+
+    The point is damaged with its sweep key (:func:`point_key`) and
+    evaluated by the sweep's own unit of work (a group of ``vmap_size``
+    points, here copies of this one), so its numbers equal the sweep's bit
+    for bit when ``batch_size``, ``vmap_size`` and ``metric_fn`` match the
+    sweep's (see ``SweepResult.plan``).
+
+    Args:
+        model: a :class:`~recovjax.models.Model`.
+        params: the undamaged parameters.
+        damage: the damage op, or its registry name.
+        ratio: the damage amount.
+        ratio_index: position of ``ratio`` in the sweep's ratios.
+        seed: the seed value.
+        root_key: the sweep's root key, or its int seed.
+        damage_name: the kind's name in the sweep (needed for the key when
+            ``damage`` is an op; defaults to ``damage`` when it is a name).
+        data: evaluation data, as for :func:`sweep`.
+        batch_size: evaluation batch size used by the sweep.
+        vmap_size: the sweep's ``plan.vmap_size``.
+        metric_fn: the sweep's user metric.
+
+    Returns:
+        Host :class:`~recovjax.evaluate.Metrics` of scalars.
+
+    Raises:
+        ValueError: if ``damage`` is an op and ``damage_name`` is missing.
+    """
+    if isinstance(damage, str):
+        damage_name = damage_name or damage
+        damage = _registered(damage)
+    if damage_name is None:
+        raise ValueError("damage_name is needed to derive the point's key "
+                         "when damage is given as an op")
+    root, _ = _root(root_key)
+    (ratio,) = _ratios([ratio])
+    base = jax.random.fold_in(root, damage_id(damage_name))
+    program = _point_program(model.apply, damage, model.num_classes,
+                             metric_fn)
+    replicate = lambda value, dtype: jnp.full((vmap_size,), value, dtype)
+    metrics = program(base, replicate(ratio_index, jnp.int32),
+                      replicate(ratio, jnp.float32),
+                      replicate(seed, jnp.int32), params,
+                      _batches(data, batch_size))
+    return jax.tree.map(lambda x: np.asarray(x)[0], jax.device_get(metrics))
+
+
+def _layout(names: Sequence[str], ratios: Sequence[float],
+            seeds: Sequence[int]) -> dict[str, list[SweepPoint]]:
+    return {name: [SweepPoint(name, index, ratio, seed)
+                   for index, ratio in enumerate(ratios) for seed in seeds]
+            for name in names}
+
+
+def iter_sweep(model, params: Params, *,
+               damages: Mapping[str, DamageOp] | Sequence[str] | str,
+               ratios: Sequence[float], seeds: int | Sequence[int],
+               data: Split | Batches | Dataset, root_key: PRNGKey | int,
+               batch_size: int = DEFAULT_BATCH_SIZE,
+               chunk_size: int | None = None, vmap_size: int | None = None,
+               memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+               devices: Sequence | None = None,
+               metric_fn: MetricFn | None = None,
+               plan: list | None = None) -> Iterator[ChunkResult]:
+    """:func:`sweep` as a generator of finished chunks (streaming).
+
+    Arguments as for :func:`sweep`. Chunk ``i + 1`` is dispatched before
+    chunk ``i`` is read back, so the device never waits for the host.
+
+    Args:
+        plan: if a list is given, the :class:`SweepPlan` is appended to it
+            before the first chunk runs.
+
+    Yields:
+        :class:`ChunkResult` per chunk, in sweep order.
+    """
+    root, _ = _root(root_key)
+    kinds = _damages(damages)
+    ratio_values = _ratios(ratios)
+    seed_values = _seeds(seeds)
+    batches = _batches(data, batch_size)
+    device_list = _devices(devices)
+    layout = _layout(list(kinds), ratio_values, seed_values)
+    num_points = len(ratio_values) * len(seed_values)
+    model_bytes = estimate_model_bytes(
+        model.apply, params,
+        jax.ShapeDtypeStruct(batches.images.shape[1:], batches.images.dtype))
+    the_plan = plan_sweep(model_bytes, num_points,
+                          num_devices=len(device_list),
+                          batch_size=int(batches.labels.shape[1]),
+                          chunk_size=chunk_size, vmap_size=vmap_size,
+                          memory_budget_bytes=memory_budget_bytes)
+    if plan is not None:
+        plan.append(the_plan)
+    mesh = Mesh(np.asarray(device_list), (AXIS,))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    sharded = NamedSharding(mesh, PartitionSpec(AXIS))
+    params_on_mesh = _place(params, replicated)
+    batches_on_mesh = _place(batches, replicated)
+    size = the_plan.chunk_size
+
+    def launch(name: str, points: list[SweepPoint]):
+        padded = points + [points[-1]] * (size - len(points))
+        program = _chunk_program(model.apply, kinds[name],
+                                 model.num_classes, metric_fn,
+                                 the_plan.vmap_size, tuple(device_list))
+        base = jax.random.fold_in(root, damage_id(name))
+        inputs = _place(
+            (np.asarray([p.ratio_index for p in padded], np.int32),
+             np.asarray([p.ratio for p in padded], np.float32),
+             np.asarray([p.seed for p in padded], np.int32)), sharded)
+        return program(jax.device_put(base, replicated), *inputs,
+                       params_on_mesh, batches_on_mesh)
+
+    def finish(name: str, points: list[SweepPoint], pending) -> ChunkResult:
+        host = jax.tree.map(lambda x: np.asarray(x)[:len(points)],
+                            _fetch(pending))
+        rows = []
+        for index, point in enumerate(points):
+            one = jax.tree.map(lambda x: x[index], host)
+            rows.extend(metrics_rows(one, damage=name, ratio=point.ratio,
+                                     seed=point.seed, stage="damaged"))
+        return ChunkResult(name, points, host, rows)
+
+    work = [(name, points[start:start + size])
+            for name, points in layout.items()
+            for start in range(0, len(points), size)]
+    previous = None
+    for name, points in work:
+        pending = (name, points, launch(name, points))
+        if previous is not None:
+            yield finish(*previous)
+        previous = pending
+    if previous is not None:
+        yield finish(*previous)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of Python and the libraries the numbers depend on."""
+    from recovjax.pretrain import library_versions as versions
+    return versions()
+
+
+def device_description(devices: Sequence | None = None) -> str:
+    """``"<device kind> x<count>"`` of the devices a sweep runs on."""
+    device_list = _devices(devices)
+    kinds = sorted({device.device_kind for device in device_list})
+    return f"{'/'.join(kinds)} x{len(device_list)}"
+
+
+def sweep(model, params: Params, *,
+          damages: Mapping[str, DamageOp] | Sequence[str] | str,
+          ratios: Sequence[float], seeds: int | Sequence[int],
+          data: Split | Batches | Dataset, root_key: PRNGKey | int,
+          batch_size: int = DEFAULT_BATCH_SIZE,
+          chunk_size: int | None = None, vmap_size: int | None = None,
+          memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
+          devices: Sequence | None = None,
+          metric_fn: MetricFn | None = None,
+          on_chunk: Callable[[ChunkResult], None] | None = None,
+          include_clean: bool = True,
+          config: Mapping[str, Any] | None = None) -> SweepResult:
+    """Damage and evaluate every (damage kind, ratio, seed) point.
+
+    Args:
+        model: a :class:`~recovjax.models.Model` (``apply``,
+            ``num_classes``).
+        params: the pretrained (undamaged) parameters.
+        damages: damage kinds: registry names (``["zero", "noise"]``) or a
+            mapping ``{name: op}`` of operators ``op(key, params, amount) ->
+            Damage``; the name identifies the kind in keys and results.
+        ratios: damage amounts (traced: any values, one compilation per
+            count).
+        seeds: number of seeds (``5`` means seeds ``0..4``) or the seed
+            values.
+        data: evaluation data: a :class:`~recovjax.Split`, ready
+            :class:`~recovjax.Batches`, or a :class:`~recovjax.Dataset`
+            (its test split).
+        root_key: the root key (typed), or an int seed converted here.
+        batch_size: evaluation batch size when ``data`` is not batched.
+        chunk_size: points per compiled call (default: see
+            :func:`plan_sweep`).
+        vmap_size: points vectorised together per device (default
+            :data:`DEFAULT_VMAP_SIZE`, lowered to fit the budget).
+        memory_budget_bytes: working-set budget of one group of models.
+        devices: devices to shard the model axis over (default: all).
+        metric_fn: user metric ``metric_fn(logits, labels, mask) -> sum``
+            (see :func:`recovjax.evaluate.evaluate`), reported as
+            ``custom``.
+        on_chunk: called with each :class:`ChunkResult` as it finishes
+            (e.g. to persist partial results).
+        include_clean: add ``stage="clean"`` rows of the undamaged model
+            (``damage="none"``, ratio 0, seed 0).
+        config: recorded in the table's metadata (merged over the sweep's
+            own description).
+
+    Returns:
+        :class:`SweepResult` with the :class:`~recovjax.results.ResultsTable`.
+
+    Raises:
+        TypeError: for a bad key, data or damage op.
+        ValueError: for empty or invalid ratios, seeds, kinds or sizes;
+            an unknown damage name (from the registry).
+
+    Example::
+
+        model = get_model("lenet5")
+        params = load_pretrained("lenet5").params
+        result = sweep(model, params, damages=["zero"],
+                       ratios=np.linspace(0, 0.95, 20), seeds=5,
+                       data=load_dataset("mnist5k").test, root_key=0)
+        result.table.to_csv("results.csv")
+    """
+    from recovjax._compile_cache import enable_compilation_cache
+    enable_compilation_cache()
+    start = time.perf_counter()
+    root, root_seed = _root(root_key)
+    kinds = _damages(damages)
+    batches = _batches(data, batch_size)
+    plans: list[SweepPlan] = []
+    rows: list[dict[str, Any]] = []
+    for chunk in iter_sweep(model, params, damages=kinds, ratios=ratios,
+                            seeds=seeds, data=batches, root_key=root,
+                            chunk_size=chunk_size, vmap_size=vmap_size,
+                            memory_budget_bytes=memory_budget_bytes,
+                            devices=devices, metric_fn=metric_fn,
+                            plan=plans):
+        rows.extend(chunk.rows)
+        if on_chunk is not None:
+            on_chunk(chunk)
+    if include_clean:
+        clean = _clean_program(model.apply, model.num_classes,
+                               metric_fn)(params, batches)
+        rows.extend(metrics_rows(jax.device_get(clean), damage=CLEAN,
+                                 ratio=0.0, seed=0, stage="clean"))
+    the_plan = plans[0]
+    description = {
+        "model": getattr(model, "name", "?"),
+        "damages": list(kinds),
+        "ratios": _ratios(ratios),
+        "seeds": _seeds(seeds),
+        "num_examples": int(np.asarray(batches.mask).astype(bool).sum()),
+        **dataclasses.asdict(the_plan),
+    }
+    if config:
+        description.update(config)
+    table = ResultsTable(rows=rows, config=description, root_seed=root_seed,
+                         versions=library_versions(),
+                         device_kind=device_description(devices))
+    return SweepResult(table=table, plan=the_plan,
+                       seconds=time.perf_counter() - start)

@@ -1,0 +1,281 @@
+"""Fine-tuning recovery: masks, structure, vmap equivalence, divergence, curves."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from recovjax._types import Damage, Split
+from recovjax.data import batch_split, shuffled_batches
+from recovjax.models import Model
+from recovjax.recovery import (Curve, budget_weights, data_stream, finetune,
+                               make_finetune, stack_recover, trainable_mask)
+
+
+def zero_op():
+    """The registry's exact-count ``zero`` damage, or a local stand-in."""
+    try:
+        from recovjax.damage import get_damage
+        return get_damage("zero")
+    except ImportError:
+        return _local_zero
+
+
+def _local_zero(key, params, amount):
+    """Zero exactly floor(n * amount) random entries of every leaf."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    damaged, masks = [], []
+    for leaf_key, leaf in zip(keys, leaves):
+        count = jnp.floor(leaf.size * amount + 1e-6)
+        rank = jnp.argsort(jax.random.permutation(leaf_key, leaf.size))
+        mask = (rank < count).reshape(leaf.shape)
+        damaged.append(jnp.where(mask, jnp.zeros_like(leaf), leaf))
+        masks.append(mask)
+    return Damage(jax.tree.unflatten(treedef, damaged),
+                  jax.tree.unflatten(treedef, masks))
+
+
+def tiny_model() -> Model:
+    """A two-layer perceptron: compiles in a fraction of LeNet's time."""
+
+    def init(key, sample):
+        first, second = jax.random.split(key)
+        width = int(np.prod(sample.shape[1:]))
+        return {"hidden": {"kernel": jax.random.normal(first, (width, 16))
+                           / np.sqrt(width),
+                           "bias": jnp.zeros((16,))},
+                "out": {"kernel": jax.random.normal(second, (16, 10)) / 4.0,
+                        "bias": jnp.zeros((10,))}}
+
+    def apply(params, x):
+        hidden = jnp.tanh(x.reshape(x.shape[0], -1)
+                             @ params["hidden"]["kernel"]
+                             + params["hidden"]["bias"])
+        return hidden @ params["out"]["kernel"] + params["out"]["bias"]
+
+    return Model(name="tiny", init=init, apply=apply, num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def data(small_mnist):
+    images = jnp.asarray(small_mnist.train.images[:300])
+    labels = jnp.asarray(small_mnist.train.labels[:300])
+    weights = jnp.ones((300,), jnp.float32)
+    test = batch_split(Split(small_mnist.test.images[:100],
+                             small_mnist.test.labels[:100]), 50)
+    return images, labels, weights, test
+
+
+@pytest.fixture(scope="module")
+def programs(tiny):
+    """Compiled fine-tunes shared by the tests (compilation dominates)."""
+    cache = {}
+
+    def get(mode="all", stacked=True, frozen=False):
+        if (mode, stacked, frozen) not in cache:
+            recover = make_finetune(tiny.apply, steps=9, batch_size=50,
+                                    eval_every=4, mode=mode)
+            cache[mode, stacked, frozen] = (
+                stack_recover(recover, frozen=frozen) if stacked
+                else jax.jit(recover))
+        return cache[mode, stacked, frozen]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def tiny_trained(tiny, data):
+    """The tiny model after a short Adam run (a 'pretrained' stand-in)."""
+    images, labels, weights, _ = data
+    params = tiny.init(jax.random.key(0), images[:1])
+    recover = jax.jit(make_finetune(tiny.apply, optax.adam(1e-3), steps=40,
+                                    batch_size=50))
+    return recover(jax.random.key(1), params, None, images, labels,
+                   weights).params
+
+
+@pytest.fixture(scope="module")
+def damaged_stack(tiny_trained):
+    keys = jax.random.split(jax.random.key(8), 3)
+    return jax.vmap(zero_op(), in_axes=(0, None, None))(
+        keys, tiny_trained, jnp.asarray(0.3))
+
+
+def test_finetune_improves_a_damaged_model(tiny, tiny_trained, damaged_stack,
+                                           data, programs):
+    images, labels, weights, test = data
+    result = jax.device_get(programs("all")(
+        jax.random.split(jax.random.key(4), 3), damaged_stack.params,
+        damaged_stack.mask, images, labels, weights, test))
+    assert result.curve.steps.tolist() == [[0, 4, 8, 9]] * 3
+    assert np.all(result.curve.loss[:, -1] < result.curve.loss[:, 0])
+    assert not result.diverged.any()
+    assert result.diverged_step.tolist() == [-1] * 3
+
+
+@pytest.mark.parametrize("mode", ["damaged", "undamaged"])
+def test_masked_modes_leave_frozen_entries_bit_identical(
+        mode, damaged_stack, data, programs):
+    images, labels, weights, test = data
+    result = programs(mode)(jax.random.split(jax.random.key(6), 3),
+                            damaged_stack.params, damaged_stack.mask, images,
+                            labels, weights, test)
+    trainable = trainable_mask(mode, damaged_stack.params, damaged_stack.mask)
+    moved = False
+    for before, after, train in zip(jax.tree.leaves(damaged_stack.params),
+                                    jax.tree.leaves(result.params),
+                                    jax.tree.leaves(trainable)):
+        before, after, train = map(np.asarray, (before, after, train))
+        assert np.array_equal(after[~train].view(np.uint32),
+                              before[~train].view(np.uint32))
+        moved |= bool(np.any(after[train] != before[train]))
+    assert moved, "the trainable entries should move"
+
+
+def test_structural_mask_stays_removed(tiny_trained, data, programs):
+    images, labels, weights, test = data
+    removed = {"hidden": {"kernel": jnp.zeros((784, 16), bool).at[:, :4].set(
+                   True),
+                          "bias": jnp.zeros((16,), bool).at[:4].set(True)},
+               "out": {"kernel": jnp.zeros((16, 10), bool).at[:4].set(True),
+                       "bias": jnp.zeros((10,), bool)}}
+    stack = lambda tree: jax.tree.map(lambda x: jnp.stack([x, x]), tree)
+    params, removed = stack(tiny_trained), stack(removed)
+    # The removed entries start non-zero: the fine-tune must zero them.
+    result = programs("all", frozen=True)(
+        jax.random.split(jax.random.key(7), 2), params, removed, images,
+        labels, weights, test, removed)
+    for leaf, mask in zip(jax.tree.leaves(result.params),
+                          jax.tree.leaves(removed)):
+        assert np.all(np.asarray(leaf)[np.asarray(mask)] == 0.0)
+    kept = np.asarray(result.params["hidden"]["kernel"])[:, :, 4:]
+    assert not np.array_equal(kept,
+                              np.asarray(params["hidden"]["kernel"])[:, :, 4:])
+
+
+def test_vmapped_recovery_equals_one_model_at_a_time(damaged_stack, data,
+                                                     programs):
+    images, labels, weights, test = data
+    order_keys = jax.random.split(jax.random.key(9), 3)
+    stacked = programs("undamaged")(order_keys, damaged_stack.params,
+                                    damaged_stack.mask, images, labels,
+                                    weights, test)
+    single = programs("undamaged", stacked=False)
+    close = lambda a, b: np.testing.assert_allclose(
+        np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
+    for index in range(3):
+        pick = lambda tree: jax.tree.map(lambda x: x[index], tree)
+        alone = single(order_keys[index], pick(damaged_stack.params),
+                       pick(damaged_stack.mask), images, labels, weights,
+                       test)
+        together = pick(stacked)
+        jax.tree.map(close, together.params, alone.params)
+        close(together.losses, alone.losses)
+        np.testing.assert_array_equal(together.curve.steps, alone.curve.steps)
+        close(together.curve.accuracy, alone.curve.accuracy)
+        close(together.curve.loss, alone.curve.loss)
+
+
+def test_divergence_is_recorded_per_model_without_stopping_others(
+        tiny_trained, data, programs):
+    images, labels, weights, test = data
+    params = jax.tree.map(lambda x: jnp.stack([x, x, x]), tiny_trained)
+    params["out"]["bias"] = params["out"]["bias"].at[1, 0].set(jnp.nan)
+    masks = jax.tree.map(lambda x: jnp.zeros(x.shape, bool), params)
+    result = jax.device_get(programs("all")(
+        jax.random.split(jax.random.key(10), 3), params, masks, images,
+        labels, weights, test))
+    assert result.diverged.tolist() == [False, True, False]
+    assert result.diverged_step.tolist() == [-1, 0, -1]
+    assert np.isnan(result.curve.loss[1, -1])
+    assert np.all(np.isfinite(result.losses[[0, 2]]))
+    assert np.all(np.isfinite(result.curve.accuracy[[0, 2]]))
+
+
+def test_curve_is_on_the_grid_and_does_not_retrace(tiny, damaged_stack, data):
+    images, labels, weights, test = data
+    traces = []
+
+    def apply(params, x):
+        traces.append(1)
+        return tiny.apply(params, x)
+
+    run = stack_recover(make_finetune(apply, steps=10, batch_size=50,
+                                      eval_every=5))
+    first = run(jax.random.split(jax.random.key(12), 3), damaged_stack.params,
+                damaged_stack.mask, images, labels, weights, test)
+    count = len(traces)
+    second = run(jax.random.split(jax.random.key(13), 3),
+                 jax.tree.map(lambda x: x * 0.5, damaged_stack.params),
+                 damaged_stack.mask, images, labels, weights * 0.5, test)
+    assert len(traces) == count, "a new stack of the same shape retraced"
+    assert isinstance(first.curve, Curve)
+    assert first.curve.steps[0].tolist() == [0, 5, 10]
+    assert first.curve.samples[0].tolist() == [0.0, 250.0, 500.0]
+    assert first.losses.shape == (3, 10)
+    assert not np.array_equal(first.losses, second.losses)
+
+
+def test_epochs_and_data_budget(tiny, tiny_trained, data):
+    images, labels, weights, test = data
+    # Default: two epochs; 300 examples at batch 50 = 12 step slots.
+    full = finetune(jax.random.key(14), tiny.apply, tiny_trained, images,
+                    labels, batch_size=50, eval_batches=test)
+    assert full.losses.shape == (12,)
+    assert full.curve.steps.tolist() == [0, 12]
+    assert full.curve.samples.tolist() == [0.0, 600.0]
+    # A 25 % budget keeps 75 examples: 2 real batches per epoch, the other
+    # 4 slots of each epoch are skipped (NaN loss, no update).
+    budget = budget_weights(jax.random.key(17), 300, 0.25)
+    result = finetune(jax.random.key(18), tiny.apply, tiny_trained, images,
+                      labels, batch_size=50, eval_batches=test,
+                      sample_weights=budget)
+    assert result.curve.steps.tolist() == [0, 4]
+    assert result.curve.samples.tolist() == [0.0, 150.0]
+    assert int(np.isnan(np.asarray(result.losses)).sum()) == 8
+    assert not bool(result.diverged)
+
+
+def test_data_stream_matches_shuffled_batches_and_budget(data):
+    _, labels, weights, _ = data
+    key = jax.random.key(15)
+    stream = jax.jit(lambda w: data_stream(key, w, 64, 2))
+    indices, batch_weights = stream(weights)
+    reference = shuffled_batches(jax.random.fold_in(key, 1),
+                                 jnp.arange(300), labels, weights, 64)
+    np.testing.assert_array_equal(indices[5:], reference.images)
+    np.testing.assert_array_equal(batch_weights[5:], reference.mask)
+    budget = budget_weights(jax.random.key(16), 300, 0.3)
+    assert float(budget.sum()) == 90.0
+    assert float(budget_weights(jax.random.key(16), 4000, 0.7).sum()) == 2800
+    indices, batch_weights = stream(budget)
+    # Kept examples first: two real batches (64 + 26), then empty slots.
+    assert batch_weights[:5].sum(axis=1).tolist() == [64.0, 26.0, 0.0, 0.0,
+                                                      0.0]
+    kept = np.asarray(indices[:5])[np.asarray(batch_weights[:5]) > 0]
+    assert sorted(kept.tolist()) == np.flatnonzero(np.asarray(budget)
+                                                   ).tolist()
+
+
+def test_bad_arguments_raise_clear_errors(tiny, tiny_trained, data):
+    images, labels, _, _ = data
+    with pytest.raises(ValueError, match="unknown fine-tuning mode 'some'"):
+        make_finetune(tiny.apply, mode="some")
+    with pytest.raises(ValueError, match="steps or epochs, not both"):
+        make_finetune(tiny.apply, steps=3, epochs=1)
+    with pytest.raises(ValueError, match="batch_size must be a positive"):
+        make_finetune(tiny.apply, batch_size=0)
+    with pytest.raises(ValueError, match="unknown loss"):
+        make_finetune(tiny.apply, loss="hinge")
+    with pytest.raises(ValueError, match="needs the damage mask"):
+        finetune(jax.random.key(0), tiny.apply, tiny_trained, images, labels,
+                 steps=1, mode="damaged")
