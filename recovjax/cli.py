@@ -52,7 +52,8 @@ def _load(args: argparse.Namespace, default: str | None = None):
 def _run(args: argparse.Namespace, config) -> int:
     from tqdm.auto import tqdm
 
-    from recovjax.experiment import run_experiment
+    from recovjax.experiment import check_config, run_experiment
+    check_config(config)
     run_dir = pathlib.Path(args.run_dir or pathlib.Path("runs") / config.name)
     start = time.perf_counter()
     bar = tqdm(total=None, desc=config.name, unit="step", disable=args.quiet,

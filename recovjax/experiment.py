@@ -78,8 +78,13 @@ def _subset(split: Split, count: int | None) -> Split:
     return Split(split.images[:count], split.labels[:count])
 
 
-def _check_names(config: config_lib.ExperimentConfig) -> None:
-    """Fail on unknown damage or strategy names before any work is done."""
+def check_config(config: config_lib.ExperimentConfig) -> None:
+    """Check names and options against the registries, before any work.
+
+    Raises:
+        ConfigError: naming the key of an unknown damage or strategy, a
+            bad option, a fraction above 1 or a duplicate label.
+    """
     labels = set()
     for index, damage in enumerate(config.damage):
         where = f"damage[{index}]"
@@ -273,7 +278,7 @@ def run_experiment(config: config_lib.ExperimentConfig,
         RunConflictError: ``run_dir`` holds another config and ``force`` is
             false.
     """
-    _check_names(config)
+    check_config(config)
     run = RunDirectory(run_dir, config_lib.dump_config(config), force=force)
     enable_compilation_cache()
     experiment = Experiment(config, zoo_dir=zoo_dir, progress=progress)

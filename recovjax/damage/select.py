@@ -374,6 +374,69 @@ def _threshold(values: Sequence[Array], counts: Array,
     return (top.astype(jnp.uint32) << 16) | bottom.astype(jnp.uint32)
 
 
+def _capacity(size: int) -> int:
+    # How many entries of the threshold's high-half bucket are kept for the
+    # low-half step: the bucket holds about 1 + size / 2**16 entries, and
+    # only the needed rank (below that) must fit.
+    expected = size / 65536.0
+    return int(min(size, 16 + math.ceil(2 * expected
+                                        + 8 * math.sqrt(expected))))
+
+
+def _threshold_distinct(values: Sequence[Array], counts: Array,
+                        where: Sequence[Array | None], groups: Sequence[int],
+                        num_groups: int) -> Array:
+    # As _threshold, for values that are distinct within a group. The high
+    # half takes 16 counting passes; the entries whose high half is the
+    # answer are then few (about size / 2**16), so their low halves are
+    # gathered with one top_k and the needed rank read off directly instead
+    # of 16 more passes. Should the rank not fit (astronomically rare), the
+    # 16 passes run after all, inside a while_loop that otherwise does
+    # nothing.
+    levels = [_halvings(v.shape[0]) for v in values]
+    parked = [v if w is None else jnp.where(w, v, jnp.uint32(_UINT32_MAX))
+              for v, w in zip(values, where)]
+    high = [(v >> 16).astype(jnp.uint16) for v in parked]
+    counts = [counts[g] for g in range(num_groups)]
+    zero = [jnp.zeros((), jnp.int32)] * num_groups
+    top, below = _search16(high, levels, zero, counts, groups)
+    needed = [c - b for c, b in zip(counts, below)]
+
+    smallest: list[list[Array]] = [[] for _ in range(num_groups)]
+    capacity = [None] * num_groups
+    for v, h, g in zip(parked, high, groups):
+        size = _capacity(v.shape[0])
+        score = jnp.where(h == top[g],
+                          65536.0 - (v & 0xFFFF).astype(jnp.float32), -1.0)
+        smallest[g].append(65536.0 - lax.top_k(score, size)[0])
+        capacity[g] = size if capacity[g] is None else min(capacity[g], size)
+    bottom, fits = [], []
+    for g in range(num_groups):
+        lows = (smallest[g][0] if len(smallest[g]) == 1
+                else jnp.sort(jnp.concatenate(smallest[g])))
+        index = jnp.clip(needed[g], 0, lows.shape[0] - 1)
+        low = jnp.minimum(lows[index], 65535.0).astype(jnp.uint16)
+        bottom.append(low)
+        fits.append(needed[g] < capacity[g])
+
+    def slow_path(state):
+        _, bottom = state
+        low = [jnp.where(h == top[g], (v & 0xFFFF).astype(jnp.uint16),
+                         jnp.uint16(0xFFFF))
+               for v, h, g in zip(parked, high, groups)]
+        searched, _ = _search16(low, levels, below, counts, groups)
+        bottom = [jnp.where(f, b, s) for f, b, s in zip(fits, bottom,
+                                                         searched)]
+        return jnp.bool_(True), bottom
+
+    all_fit = jnp.all(jnp.stack(fits))
+    _, bottom = lax.while_loop(
+        lambda state: ~state[0] & ~all_fit, slow_path,
+        (jnp.bool_(False), bottom))
+    top, bottom = jnp.stack(top), jnp.stack(bottom)
+    return (top.astype(jnp.uint32) << 16) | bottom.astype(jnp.uint32)
+
+
 def select_exact(draws: Sequence[Array], counts: Array, *,
                  where: Sequence[Array | None] | None = None,
                  groups: Sequence[int] | None = None) -> list[Array]:
@@ -400,7 +463,7 @@ def select_exact(draws: Sequence[Array], counts: Array, *,
     if not draws:
         return []
     counts = jnp.broadcast_to(jnp.asarray(counts, jnp.int32), (num_groups,))
-    threshold = _threshold(draws, counts, where, groups, num_groups)
+    threshold = _threshold_distinct(draws, counts, where, groups, num_groups)
     # With distinct draws exactly `count` lie below the threshold, except
     # when every candidate is wanted and the top draw is 2**32 - 1.
     everything = counts >= eligible_counts(draws, where, groups)

@@ -452,7 +452,7 @@ def _canonical(args: tuple[Any, ...]) -> tuple[Any, ...]:
     """
     as_bool = lambda tree: None if tree is None else jax.tree.map(
         lambda m: jnp.asarray(m, bool), tree)
-    args = list(args)
+    args = list(args) + [None] * (7 - len(args))  # eval_batches optional
     args[2] = as_bool(args[2])
     if len(args) > 5:
         args[5] = jnp.asarray(args[5], jnp.float32)

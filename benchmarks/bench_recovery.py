@@ -1,0 +1,519 @@
+"""W2: recovery of damaged LeNet-5 copies, recovjax against the PyTorch loop.
+
+Workload W2: pretrained LeNet-5 on ``mnist5k``; 20 damaged copies (zero
+damage, 4 ratios x 5 seeds); each fine-tuned for 200 steps of batch 100 with
+SGD (lr 0.001, momentum 0.9), its own data order per copy.
+
+Measured side by side in one run:
+
+* convolution formulations of the vmapped train step (how a stack of models
+  meets the convolutions), per model-step, with XLA's FLOP count;
+* W2 with the vmapped recovery (one compiled program for the 20 copies):
+  first call (compilation included) and steady state, for the winning
+  formulation and for the registry's LeNet;
+* W2 in chunks of 10 models (two calls of one vmapped program);
+* W2 as a sequential JAX loop (one compiled single-model program, 20 calls);
+* W2 as the PyTorch loop (``torch.optim.SGD``, same damaged weights, same
+  batch size and number of steps);
+* the restore strategies against a full restore: time and bytes read.
+
+Usage::
+
+    python benchmarks/bench_recovery.py            # print the markdown section
+    python benchmarks/bench_recovery.py --write    # also update RESULTS.md
+    python benchmarks/bench_recovery.py --quick    # 20 steps, for a smoke run
+
+Needs PyTorch (``pip install -e '.[bench]'``) for the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import pathlib
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+RESULTS = HERE / "RESULTS.md"
+BEGIN, END = "<!-- begin recovery -->", "<!-- end recovery -->"
+
+RATIOS = (0.1, 0.25, 0.5, 0.75)
+SEEDS = (0, 1, 2, 3, 4)
+STEPS = 200
+BATCH = 100
+LEARNING_RATE, MOMENTUM = 1e-3, 0.9
+
+
+# --------------------------------------------------------------------------
+# Convolution formulations of LeNet-5 (same parameter tree as the registry's
+# model; only how the convolutions are computed differs).
+# --------------------------------------------------------------------------
+
+
+def _head(params, x):
+    x = x.reshape(x.shape[0], -1)
+    x = jax.nn.relu(x @ params["fc1"]["kernel"] + params["fc1"]["bias"])
+    x = jax.nn.relu(x @ params["fc2"]["kernel"] + params["fc2"]["bias"])
+    return x @ params["fc3"]["kernel"] + params["fc3"]["bias"]
+
+
+def _pool(x):
+    n, h, w, c = x.shape
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def conv2d_banded(x, kernel, bias, tile: int | None = None):
+    """Stride-1 VALID convolution as a GEMM of image rows with a band matrix.
+
+    Each output row ``h`` is ``concat_i(x[h + i]) @ band``, where ``band``
+    (``[kh * W * C, W' * O]``) holds the kernel on shifted diagonals. No
+    ``kh * kw``-fold im2col copy is built (only ``kh`` shifted row slabs), at
+    the price of multiplying by the band's zeros: ``W / kw`` times the
+    im2col FLOPs, in large, well-shaped matmuls. With ``tile``, the output
+    width is cut into tiles of that many columns sharing one smaller band
+    (``(tile + kw - 1) / kw`` times the FLOPs).
+    """
+    b, h, w, c = x.shape
+    kh, kw, _, o = kernel.shape
+    ho, wo = h - kh + 1, w - kw + 1
+    tile = wo if tile is None else tile
+    count, span = wo // tile, tile + kw - 1
+    slabs = jnp.stack([
+        jnp.stack([x[:, i:i + ho, t * tile:t * tile + span]
+                   for i in range(kh)], axis=2)
+        for t in range(count)], axis=2)  # [B, ho, tiles, kh, span, C]
+    slabs = slabs.reshape(b * ho * count, kh * span * c)
+    shift = np.zeros((kw, span, tile), np.float32)
+    for j in range(kw):
+        shift[j, np.arange(tile) + j, np.arange(tile)] = 1.0
+    band = jnp.einsum("ijco,jvw->ivcwo", kernel, shift).reshape(
+        kh * span * c, tile * o)
+    return (slabs @ band).reshape(b, ho, wo, o) + bias
+
+
+def _conv_channels_first(x, kernel, bias):
+    kh, kw, cin, cout = kernel.shape
+    ho, wo = x.shape[2] - kh + 1, x.shape[3] - kw + 1
+    patches = jnp.stack([x[:, :, i:i + ho, j:j + wo] for i in range(kh)
+                         for j in range(kw)])
+    patches = patches.reshape((kh * kw * cin,) + x.shape[1:2] + (ho, wo))
+    y = jnp.einsum("ko,kbhw->obhw", kernel.reshape(kh * kw * cin, cout),
+                   patches)
+    return y + bias[:, None, None, None]
+
+
+def lenet_channels_first(params, x):
+    """LeNet-5 with im2col in a channels-first layout (no minor-dim concat)."""
+    x = jnp.moveaxis(x, -1, 0)
+    for name in ("conv1", "conv2"):
+        y = _conv_channels_first(x, params[name]["kernel"],
+                                 params[name]["bias"])
+        c, b, h, w = y.shape
+        x = jax.nn.relu(y.reshape(c, b, h // 2, 2, w // 2, 2).max(
+            axis=(3, 5)))
+    x = jnp.transpose(x, (1, 2, 3, 0))
+    return _head(params, x)
+
+
+def make_banded_lenet(tile1: int | None = None, tile2: int | None = None):
+    """LeNet-5 whose convolutions are :func:`conv2d_banded`."""
+
+    def apply(params, x):
+        x = _pool(jax.nn.relu(conv2d_banded(
+            x, params["conv1"]["kernel"], params["conv1"]["bias"], tile1)))
+        x = _pool(jax.nn.relu(conv2d_banded(
+            x, params["conv2"]["kernel"], params["conv2"]["bias"], tile2)))
+        return _head(params, x)
+
+    return apply
+
+
+def formulations() -> dict[str, Callable]:
+    from recovjax.models import get_model
+    return {
+        "im2col NHWC (registry lenet5)": get_model("lenet5").apply,
+        "im2col channels-first": lenet_channels_first,
+        "banded GEMM": make_banded_lenet(),
+        "banded GEMM, tiles of 4": make_banded_lenet(4, 4),
+    }
+
+
+# --------------------------------------------------------------------------
+# Setup: data, pretrained weights, 20 damaged copies.
+# --------------------------------------------------------------------------
+
+
+class Setup:
+    """Everything W2 needs, prepared once."""
+
+    def __init__(self, steps: int):
+        from recovjax.damage import get_damage
+        from recovjax.data import batch_split, load_dataset
+        from recovjax.pretrain import load_pretrained
+        self.steps = steps
+        self.dataset = load_dataset("mnist5k")
+        self.pretrained = load_pretrained("lenet5", "mnist5k", seed=0,
+                                          progress=False)
+        self.images = jnp.asarray(self.dataset.train.images)
+        self.labels = jnp.asarray(self.dataset.train.labels)
+        self.weights = jnp.ones(self.labels.shape, jnp.float32)
+        self.test = batch_split(self.dataset.test, 500)
+        self.points = [(r, s) for r in RATIOS for s in SEEDS]
+        keys = jax.vmap(jax.random.key)(jnp.asarray([s for _, s in
+                                                     self.points]))
+        self.damage_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
+        self.order_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(keys)
+        ratios = jnp.asarray([r for r, _ in self.points], jnp.float32)
+        self.damage = jax.jit(jax.vmap(get_damage("zero"),
+                                       in_axes=(0, None, 0)))(
+            self.damage_keys, self.pretrained.params, ratios)
+        jax.block_until_ready(self.damage)
+
+    @property
+    def count(self) -> int:
+        return len(self.points)
+
+
+def _optimizer():
+    import optax
+    return optax.sgd(LEARNING_RATE, momentum=MOMENTUM)
+
+
+def _timed(function, *args):
+    start = time.perf_counter()
+    out = jax.block_until_ready(function(*args))
+    return out, time.perf_counter() - start
+
+
+def _stack_args(setup: Setup, lo: int = 0, hi: int | None = None):
+    hi = setup.count if hi is None else hi
+    pick = lambda tree: jax.tree.map(lambda x: x[lo:hi], tree)
+    return (setup.order_keys[lo:hi], pick(setup.damage.params),
+            pick(setup.damage.mask), setup.images, setup.labels,
+            setup.weights)
+
+
+def _test_accuracy(setup: Setup, apply, params_stack) -> np.ndarray:
+    from recovjax.evaluate import evaluate
+    metrics = jax.jit(jax.vmap(lambda p: evaluate(apply, p, setup.test, 10)))(
+        params_stack)
+    return np.asarray(metrics.accuracy)
+
+
+# --------------------------------------------------------------------------
+# Measurements.
+# --------------------------------------------------------------------------
+
+
+def bench_formulations(setup: Setup, steps: int = 20, repeats: int = 3
+                       ) -> list[dict[str, Any]]:
+    """Per model-step time of the vmapped recovery for each formulation."""
+    from recovjax.recovery import (make_finetune, stack_recover,
+                                   train_step_cost)
+    rows = []
+    single = jax.tree.map(lambda x: x[0], setup.damage.params)
+    for name, apply in formulations().items():
+        run = stack_recover(make_finetune(apply, _optimizer(), steps=steps,
+                                          batch_size=BATCH))
+        args = _stack_args(setup)
+        _, first = _timed(run, *args)
+        times = [_timed(run, *args)[1] for _ in range(repeats)]
+        cost = train_step_cost(apply, single, (BATCH, 28, 28, 1),
+                               _optimizer())
+        rows.append({"name": name, "first": first,
+                     "per_step_ms": min(times) / (setup.count * steps) * 1e3,
+                     "median_ms": statistics.median(times)
+                     / (setup.count * steps) * 1e3,
+                     "mflop": cost.flops / 1e6})
+    return rows
+
+
+def bench_vmapped(setup: Setup, apply) -> dict[str, Any]:
+    """W2 with one vmapped program over the 20 models."""
+    from recovjax.recovery import make_finetune, stack_recover
+    run = stack_recover(make_finetune(apply, _optimizer(), steps=setup.steps,
+                                      batch_size=BATCH))
+    args = _stack_args(setup)
+    _, first = _timed(run, *args)
+    result, steady = _timed(run, *args)
+    accuracy = _test_accuracy(setup, apply, result.params)
+    return {"first": first, "steady": steady, "accuracy": accuracy,
+            "diverged": int(np.asarray(result.diverged).sum())}
+
+
+def bench_chunked(setup: Setup, apply, chunk: int = 10) -> dict[str, Any]:
+    """W2 as ``count / chunk`` calls of one vmapped program of ``chunk``."""
+    from recovjax.recovery import make_finetune, stack_recover
+    run = stack_recover(make_finetune(apply, _optimizer(), steps=setup.steps,
+                                      batch_size=BATCH))
+    start = time.perf_counter()
+    for lo in range(0, setup.count, chunk):
+        _timed(run, *_stack_args(setup, lo, lo + chunk))
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    for lo in range(0, setup.count, chunk):
+        _timed(run, *_stack_args(setup, lo, lo + chunk))
+    return {"first": first, "steady": time.perf_counter() - start}
+
+
+def bench_sequential(setup: Setup, apply) -> dict[str, Any]:
+    """W2 as a loop calling one compiled single-model program 20 times."""
+    from recovjax.recovery import make_finetune
+    run = jax.jit(make_finetune(apply, _optimizer(), steps=setup.steps,
+                                batch_size=BATCH))
+    keys, params, masks, images, labels, weights = _stack_args(setup)
+    pick = lambda tree, i: jax.tree.map(lambda x: x[i], tree)
+    start = time.perf_counter()
+    _timed(run, keys[0], pick(params, 0), pick(masks, 0), images, labels,
+           weights)
+    first_model = time.perf_counter() - start
+    for index in range(1, setup.count):
+        _timed(run, keys[index], pick(params, index), pick(masks, index),
+               images, labels, weights)
+    return {"first": time.perf_counter() - start,
+            "steady": (time.perf_counter() - start - first_model)
+            * setup.count / (setup.count - 1)}
+
+
+def bench_torch(setup: Setup, threads: int = 2) -> dict[str, Any]:
+    """W2 as the PyTorch loop: same damaged weights, batch, steps, optimiser."""
+    import torch
+    import torch.nn.functional as F
+    sys.path.insert(0, str(HERE))
+    from torch_lenet import evaluate_torch, lenet_from_params, torch_data
+    torch.set_num_threads(threads)
+    images, labels = torch_data(setup.dataset.train.images,
+                                setup.dataset.train.labels)
+    test_images, test_labels = torch_data(setup.dataset.test.images,
+                                          setup.dataset.test.labels)
+    host = jax.device_get(setup.damage.params)
+    accuracies = []
+    start = time.perf_counter()
+    for index, (_, seed) in enumerate(setup.points):
+        model = lenet_from_params(jax.tree.map(lambda x: x[index], host))
+        model.train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE,
+                                    momentum=MOMENTUM)
+        generator = torch.Generator().manual_seed(1000 * index + seed)
+        order = torch.empty(0, dtype=torch.long)
+        for step in range(setup.steps):
+            if len(order) < BATCH:
+                order = torch.randperm(len(labels), generator=generator)
+            batch, order = order[:BATCH], order[BATCH:]
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(images[batch]), labels[batch])
+            loss.backward()
+            optimizer.step()
+        accuracies.append(evaluate_torch(model.eval(), test_images,
+                                         test_labels)[0])
+    seconds = time.perf_counter() - start
+    return {"steady": seconds, "accuracy": np.asarray(accuracies),
+            "threads": threads, "version": torch.__version__}
+
+
+def bench_restore(setup: Setup, repeats: int = 5) -> list[dict[str, Any]]:
+    """Restore strategies on one damaged copy: time and bytes read."""
+    from recovjax.checkpoints import save_checkpoint
+    from recovjax.recovery import (damaged_leaf_paths, detect_and_restore,
+                                   restore_entries, restore_full,
+                                   restore_leaves)
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = save_checkpoint(pathlib.Path(tmp) / "ckpt",
+                                    setup.pretrained.params,
+                                    {"model": "lenet5"})
+        every = jax.tree.map(lambda x: x[0], setup.damage)
+        # A fault confined to two leaves: where partial reads pay off.
+        few = {"conv1/kernel", "fc3/bias"}
+        flat_params = {layer: {name: (leaf if f"{layer}/{name}" in few else
+                                      setup.pretrained.params[layer][name])
+                               for name, leaf in leaves.items()}
+                       for layer, leaves in every.params.items()}
+        flat_mask = {layer: {name: (leaf if f"{layer}/{name}" in few else
+                                    jnp.zeros_like(leaf))
+                             for name, leaf in leaves.items()}
+                     for layer, leaves in every.mask.items()}
+        cases = {"every tensor damaged": (every.params, every.mask),
+                 "2 of 10 tensors damaged": (flat_params, flat_mask)}
+        rows = []
+        for case, (params, mask) in cases.items():
+            strategies = {
+                "restore_full": lambda: restore_full(directory, params),
+                "restore_leaves": lambda: restore_leaves(
+                    directory, params, damaged_leaf_paths(mask)),
+                "restore_entries": lambda: restore_entries(directory, params,
+                                                           mask),
+                "detect_restore": lambda: detect_and_restore(directory,
+                                                             params),
+            }
+            for name, run in strategies.items():
+                run()
+                results = [run() for _ in range(repeats)]
+                rows.append({
+                    "case": case, "name": name,
+                    "seconds": statistics.median(r.seconds for r in results),
+                    "bytes_read": results[-1].bytes_read,
+                    "array_bytes": results[-1].array_bytes,
+                    "leaves": len(results[-1].restored_leaves)})
+    return rows
+
+
+# --------------------------------------------------------------------------
+# Report.
+# --------------------------------------------------------------------------
+
+
+def _machine() -> str:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (0, 0, 0)
+    return (f"{platform.processor() or platform.machine()}, "
+            f"{os.cpu_count()} CPUs, load average {load[0]:.1f} at start, "
+            f"JAX {jax.__version__} ({jax.default_backend()})")
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Run W2 and the restore comparison; return the markdown section."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true",
+                        help="replace the recovery section of RESULTS.md")
+    parser.add_argument("--quick", action="store_true",
+                        help="20 steps instead of 200 (smoke run)")
+    parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--skip-registry", action="store_true",
+                        help="skip full W2 with the registry formulation")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    from recovjax.recovery import peak_memory
+    machine = _machine()
+    steps = 20 if args.quick else STEPS
+    setup = Setup(steps)
+    model_steps = setup.count * steps
+    log = functools.partial(print, file=sys.stderr, flush=True)
+
+    log("formulations ...")
+    table = bench_formulations(setup)
+    best = min(table, key=lambda row: row["per_step_ms"])
+    best_apply = formulations()[best["name"]]
+    log(f"best formulation: {best['name']}; W2 vmapped ...")
+    vmapped = bench_vmapped(setup, best_apply)
+    registry = None
+    if not args.skip_registry and best["name"] != next(iter(formulations())):
+        log("W2 vmapped, registry formulation ...")
+        registry = bench_vmapped(setup, next(iter(formulations().values())))
+    log("W2 chunks ...")
+    chunked = bench_chunked(setup, best_apply)
+    log("W2 sequential ...")
+    sequential = bench_sequential(setup, best_apply)
+    torch_result = None
+    if not args.skip_torch:
+        log("W2 PyTorch ...")
+        torch_result = bench_torch(setup)
+    log("restore ...")
+    restore = bench_restore(setup)
+    memory = peak_memory()
+
+    def per_step(seconds):
+        return seconds / model_steps * 1e3
+
+    lines = [
+        "## W2: recovery (fine-tune 20 damaged LeNet-5 copies)",
+        "",
+        f"Command: `python benchmarks/bench_recovery.py{' --quick' if args.quick else ''}`"
+        f" on {machine}.",
+        f"Workload: zero damage at ratios {list(RATIOS)} x seeds "
+        f"{list(SEEDS)} = {setup.count} models, {steps} steps of batch "
+        f"{BATCH} each ({model_steps} model-steps), SGD lr {LEARNING_RATE} "
+        f"momentum {MOMENTUM}, own data order per model.",
+        "",
+        "### Convolution formulations (vmapped train step, 20 models x 20 "
+        "steps)",
+        "",
+        "| formulation | ms per model-step (best / median) | XLA MFLOP per "
+        "step | first call s |",
+        "|---|---|---|---|",
+    ]
+    for row in table:
+        lines.append(f"| {row['name']} | {row['per_step_ms']:.2f} / "
+                     f"{row['median_ms']:.2f} | {row['mflop']:.0f} | "
+                     f"{row['first']:.1f} |")
+    lines += [
+        "",
+        f"Kept for W2: **{best['name']}**.",
+        "",
+        "### W2",
+        "",
+        "| run | first call s (compile incl.) | steady s | ms per "
+        "model-step | vs PyTorch |",
+        "|---|---|---|---|---|",
+    ]
+    baseline = torch_result["steady"] if torch_result else None
+
+    def speed(seconds):
+        return f"{baseline / seconds:.2f}x" if baseline else "n/a"
+
+    runs = [(f"recovjax vmapped, {best['name']}", vmapped)]
+    if registry is not None:
+        runs.append(("recovjax vmapped, registry lenet5 (im2col)", registry))
+    runs += [(f"recovjax 2 chunks of 10, {best['name']}", chunked),
+             (f"recovjax sequential loop, {best['name']}", sequential)]
+    for name, run in runs:
+        lines.append(f"| {name} | {run['first']:.1f} | {run['steady']:.1f} "
+                     f"| {per_step(run['steady']):.2f} | "
+                     f"{speed(run['steady'])} |")
+    if torch_result:
+        lines.append(f"| PyTorch {torch_result['version']} loop "
+                     f"({torch_result['threads']} threads) | - | "
+                     f"{torch_result['steady']:.1f} | "
+                     f"{per_step(torch_result['steady']):.2f} | 1.00x |")
+    lines += ["", "Mean test accuracy after recovery (sanity check, same "
+              "damaged weights): recovjax "
+              f"{vmapped['accuracy'].mean():.4f}"
+              + (f", PyTorch {torch_result['accuracy'].mean():.4f}"
+                 if torch_result else "")
+              + f"; diverged: {vmapped['diverged']}.",
+              f"Peak RSS of the benchmark process: "
+              f"{memory.host_bytes / 2 ** 20:.0f} MiB.",
+              "",
+              "### Restore from the Orbax checkpoint (one damaged copy)",
+              "",
+              "| damage | strategy | median s | bytes read (files) | array "
+              "bytes restored | leaves read |",
+              "|---|---|---|---|---|---|"]
+    for row in restore:
+        lines.append(f"| {row['case']} | {row['name']} | "
+                     f"{row['seconds']:.4f} | {row['bytes_read']:,} | "
+                     f"{row['array_bytes']:,} | {row['leaves']} |")
+    lines += ["", "Bytes read are the process's `rchar` delta (checkpoint "
+              "metadata included); array bytes are the restored arrays' "
+              "`nbytes`. The checkpoint is compressed by Orbax, so a full "
+              "read is slightly below the raw array size."]
+    section = "\n".join(lines) + "\n"
+    if args.write:
+        write_section(section)
+    print(section)
+    return section
+
+
+def write_section(section: str, path: pathlib.Path = RESULTS) -> None:
+    """Replace the text between the recovery markers (or append them)."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
+    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END),
+                         re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
