@@ -136,11 +136,12 @@ def _command_report(args: argparse.Namespace) -> int:
     run_dir = pathlib.Path(args.run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
-    threshold = 0.5
+    threshold, title = 0.5, None
     if (run_dir / CONFIG_FILE).is_file():
         from recovjax.config import load_config
-        threshold = load_config(run_dir / CONFIG_FILE).report.threshold
-    report = write_report(run_dir, threshold=threshold)
+        saved = load_config(run_dir / CONFIG_FILE)
+        threshold, title = saved.report.threshold, saved.name
+    report = write_report(run_dir, threshold=threshold, title=title)
     _say(args, f"report: {report}")
     return EXIT_OK
 
