@@ -18,22 +18,10 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from recovjax.results import t_quantile
 from recovjax.rundir import atomic_write
 
 RECOVERED = "recovered/"
-
-# Two-sided 95 % Student t quantiles for 1..30 degrees of freedom.
-_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-        2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-        2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
-def t95(dof: int) -> float:
-    """Two-sided 95 % quantile of Student's t with ``dof`` degrees of freedom."""
-    if dof < 1:
-        return math.nan
-    return _T95[dof - 1] if dof <= len(_T95) else 1.96 + 2.4 / dof
-
 
 def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
     """``(mean, std, half-width of the 95 % CI)``; NaN-aware for the mean."""
@@ -44,7 +32,8 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
     if array.size == 1:
         return mean, 0.0, math.nan
     std = float(np.std(array, ddof=1))
-    return mean, std, t95(array.size - 1) * std / math.sqrt(array.size)
+    half = t_quantile(0.975, array.size - 1) * std / math.sqrt(array.size)
+    return mean, std, half
 
 
 def _group(rows: Iterable[dict], keys: Sequence[str]) -> dict[tuple, list]:

@@ -18,14 +18,14 @@ SIZE_SETS = ((1, 150), (300, 7, 2049))
 
 @functools.partial(jax.jit, static_argnames=("sizes", "global_count"))
 def _exact(key, ratio, sizes, global_count=False):
-    draws = select.draw_bits(key, sizes)
     if global_count:
         counts = select.count_of(sum(sizes), ratio)
         groups = [0] * len(sizes)
     else:
         counts = jnp.stack([select.count_of(n, ratio) for n in sizes])
         groups = None
-    return draws, select.select_exact(draws, counts, groups=groups)
+    return (select.draw_bits(key, sizes),
+            select.select_random(key, sizes, counts, groups=groups))
 
 
 @functools.partial(jax.jit, static_argnames=("global_count",))
@@ -98,6 +98,21 @@ def test_exact_selection_counts_and_picks_smallest_draws(
     for values, mask in groups:
         if mask.any() and (~mask).any():
             assert values[mask].max() < values[~mask].min()
+
+
+def test_exact_selection_survives_a_crowded_threshold_bucket(monkeypatch):
+    # Force the rare path: no room for the needed rank after the high half.
+    monkeypatch.setattr(select, "_capacity", lambda size: 1)
+    pick = jax.jit(lambda key, ratio, where: select.select_random(
+        key, (700, 9000), jnp.stack([select.count_of(700, ratio),
+                                     select.count_of(jnp.sum(where), ratio)]),
+        where=[None, where]))
+    where = jnp.asarray(np.arange(9000) % 3 == 0)
+    for seed, ratio in [(0, 0.3), (1, 0.77), (2, 1.0), (3, 0.01)]:
+        first, second = pick(jax.random.key(seed), ratio, where)
+        assert int(first.sum()) == _expected_count(700, ratio)
+        assert int(second.sum()) == _expected_count(3000, ratio)
+        assert not np.asarray(second & ~where).any()
 
 
 def test_exact_selection_is_uniform_over_positions():

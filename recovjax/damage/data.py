@@ -110,13 +110,14 @@ def _result(images, labels, *, weights=None, mask=None, new_images=None,
 
 def _pick(key: PRNGKey, count: int, fraction: Array, mode: str,
           where: Array | None = None) -> Array:
-    draws = select.draw_bits(key, [count])
     masks = None if where is None else [where]
     if mode == "bernoulli":
-        return select.select_bernoulli(draws, fraction, where=masks)[0]
+        return select.select_bernoulli(select.draw_bits(key, [count]),
+                                       fraction, where=masks)[0]
     eligible = count if where is None else jnp.sum(where, dtype=jnp.int32)
-    return select.select_exact(draws, select.count_of(eligible, fraction),
-                               where=masks)[0]
+    return select.select_random(key, [count],
+                                select.count_of(eligible, fraction),
+                                where=masks)[0]
 
 
 def make_drop_samples(*, mode: Literal["exact", "bernoulli"] = "exact"
@@ -296,8 +297,8 @@ def removed_classes(key: PRNGKey, ratio: Array, num_classes: int) -> Array:
     Returns:
         ``bool[num_classes]``, exactly ``floor(num_classes * ratio)`` True.
     """
-    draws = select.draw_bits(key, [num_classes])
-    return select.select_exact(draws, select.count_of(num_classes, ratio))[0]
+    return select.select_random(key, [num_classes],
+                                select.count_of(num_classes, ratio))[0]
 
 
 drop_samples = make_drop_samples()

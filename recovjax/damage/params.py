@@ -178,11 +178,11 @@ def select_entries(key: PRNGKey, leaves: Sequence[Array], ratio: Array, *,
     """
     sizes = [int(leaf.size) for leaf in leaves]
     if target == "random":
-        draws = select.draw_bits(key, sizes)
         if mode == "bernoulli":
-            return select.select_bernoulli(draws, ratio)
+            return select.select_bernoulli(select.draw_bits(key, sizes),
+                                           ratio)
         counts, groups = _counts(sizes, ratio, ratio_over)
-        return select.select_exact(draws, counts, groups=groups)
+        return select.select_random(key, sizes, counts, groups=groups)
     counts, groups = _counts(sizes, ratio, ratio_over)
     if target == "largest":
         return select.select_largest_magnitude(leaves, counts, groups=groups)
@@ -561,12 +561,13 @@ def _make_bit_fault(fault: str, bits, scope: ScopeLike, mode: str,
         leaves = [flat.leaves[i] for i in flat.chosen]
         sizes = [int(leaf.size) * len(p) for leaf, p in zip(leaves, positions)]
         key, _ = jax.random.split(key)
-        draws = select.draw_bits(key, sizes)
         if mode == "bernoulli":
-            chosen_bits = select.select_bernoulli(draws, rate)
+            chosen_bits = select.select_bernoulli(
+                select.draw_bits(key, sizes), rate)
         else:
             counts, groups = _counts(sizes, rate, ratio_over)
-            chosen_bits = select.select_exact(draws, counts, groups=groups)
+            chosen_bits = select.select_random(key, sizes, counts,
+                                               groups=groups)
         new, masks = {}, {}
         for i, leaf, layout, places, chosen in zip(
                 flat.chosen, leaves, layouts, positions, chosen_bits):

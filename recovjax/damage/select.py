@@ -6,7 +6,7 @@ ratio and seed. The kernels here do the picking:
 
 * :func:`draw_bits` turns a typed key into pseudo-random ``uint32`` draws,
   one per candidate entry, that are *all distinct* within one call.
-* :func:`select_exact` picks exactly ``k`` entries uniformly without
+* :func:`select_random` picks exactly ``k`` entries uniformly without
   replacement: the ``k`` smallest draws. Instead of sorting, it finds the
   threshold ``t`` with exactly ``k`` draws below it by a bitwise binary
   search, 32 counting passes of ``O(n)`` each. Because the draws are
@@ -39,8 +39,7 @@ implementation works and ``split``/``fold_in`` behave as usual.
 from __future__ import annotations
 
 import math
-import numbers
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -376,94 +375,110 @@ def _threshold(values: Sequence[Array], counts: Array,
 
 def _capacity(size: int) -> int:
     # How many entries of the threshold's high-half bucket are kept for the
-    # low-half step: the bucket holds about 1 + size / 2**16 entries, and
-    # only the needed rank (below that) must fit.
+    # low-half step. The bucket holds about 1 + size / 2**16 entries and
+    # only the needed rank, below that, must fit.
     expected = size / 65536.0
     return int(min(size, 16 + math.ceil(2 * expected
                                         + 8 * math.sqrt(expected))))
 
 
-def _threshold_distinct(values: Sequence[Array], counts: Array,
+def _park(values: Sequence[Array], where: Sequence[Array | None]
+          ) -> list[Array]:
+    # Non-candidates hold 0xFFFFFFFF, which no threshold exceeds.
+    return [v if w is None else jnp.where(w, v, jnp.uint32(_UINT32_MAX))
+            for v, w in zip(values, where)]
+
+
+def _threshold_distinct(draws: Sequence[Array],
+                        redraw: Callable[[], list[Array]], counts: Array,
                         where: Sequence[Array | None], groups: Sequence[int],
                         num_groups: int) -> Array:
-    # As _threshold, for values that are distinct within a group. The high
-    # half takes 16 counting passes; the entries whose high half is the
-    # answer are then few (about size / 2**16), so their low halves are
-    # gathered with one top_k and the needed rank read off directly instead
-    # of 16 more passes. Should the rank not fit (astronomically rare), the
-    # 16 passes run after all, inside a while_loop that otherwise does
-    # nothing.
+    # As _threshold, for draws distinct within a group; redraw() makes them
+    # again.
+    # The high half takes 16 counting passes. The entries whose high half
+    # is the answer are then few (about size / 2**16), so one top_k gathers
+    # their smallest low halves and the needed rank is read off, instead of
+    # 16 more passes. Should the rank not fit (astronomically rare), the 16
+    # passes run after all, in a while_loop that otherwise does nothing;
+    # it redraws the values rather than capture them, because arrays a
+    # loop captures are copied even when it runs no iteration.
+    values = _park(draws, where)
     levels = [_halvings(v.shape[0]) for v in values]
-    parked = [v if w is None else jnp.where(w, v, jnp.uint32(_UINT32_MAX))
-              for v, w in zip(values, where)]
-    high = [(v >> 16).astype(jnp.uint16) for v in parked]
+    high = [(v >> 16).astype(jnp.uint16) for v in values]
     counts = [counts[g] for g in range(num_groups)]
     zero = [jnp.zeros((), jnp.int32)] * num_groups
     top, below = _search16(high, levels, zero, counts, groups)
     needed = [c - b for c, b in zip(counts, below)]
 
     smallest: list[list[Array]] = [[] for _ in range(num_groups)]
-    capacity = [None] * num_groups
-    for v, h, g in zip(parked, high, groups):
+    capacity = [0] * num_groups
+    for v, h, g in zip(values, high, groups):
         size = _capacity(v.shape[0])
+        # Scores in [1, 2**16] are exact in float32, the top_k fast path.
         score = jnp.where(h == top[g],
                           65536.0 - (v & 0xFFFF).astype(jnp.float32), -1.0)
         smallest[g].append(65536.0 - lax.top_k(score, size)[0])
-        capacity[g] = size if capacity[g] is None else min(capacity[g], size)
+        capacity[g] = size if not capacity[g] else min(capacity[g], size)
     bottom, fits = [], []
     for g in range(num_groups):
         lows = (smallest[g][0] if len(smallest[g]) == 1
                 else jnp.sort(jnp.concatenate(smallest[g])))
-        index = jnp.clip(needed[g], 0, lows.shape[0] - 1)
-        low = jnp.minimum(lows[index], 65535.0).astype(jnp.uint16)
-        bottom.append(low)
+        low = lows[jnp.clip(needed[g], 0, lows.shape[0] - 1)]
+        bottom.append(jnp.minimum(low, 65535.0).astype(jnp.uint16))
         fits.append(needed[g] < capacity[g])
 
-    def slow_path(state):
+    def search_low_half(state):
         _, bottom = state
-        low = [jnp.where(h == top[g], (v & 0xFFFF).astype(jnp.uint16),
-                         jnp.uint16(0xFFFF))
-               for v, h, g in zip(parked, high, groups)]
+        values = _park(redraw(), where)
+        low = [jnp.where((v >> 16).astype(jnp.uint16) == top[g],
+                         (v & 0xFFFF).astype(jnp.uint16), jnp.uint16(0xFFFF))
+               for v, g in zip(values, groups)]
         searched, _ = _search16(low, levels, below, counts, groups)
-        bottom = [jnp.where(f, b, s) for f, b, s in zip(fits, bottom,
-                                                         searched)]
-        return jnp.bool_(True), bottom
+        return jnp.bool_(True), [jnp.where(f, b, s) for f, b, s in
+                                 zip(fits, bottom, searched)]
 
     all_fit = jnp.all(jnp.stack(fits))
-    _, bottom = lax.while_loop(
-        lambda state: ~state[0] & ~all_fit, slow_path,
-        (jnp.bool_(False), bottom))
+    _, bottom = lax.while_loop(lambda state: ~(state[0] | all_fit),
+                               search_low_half, (jnp.bool_(False), bottom))
     top, bottom = jnp.stack(top), jnp.stack(bottom)
     return (top.astype(jnp.uint32) << 16) | bottom.astype(jnp.uint32)
 
 
-def select_exact(draws: Sequence[Array], counts: Array, *,
-                 where: Sequence[Array | None] | None = None,
-                 groups: Sequence[int] | None = None) -> list[Array]:
-    """Exactly ``counts[g]`` entries of each group: its smallest draws.
+def select_random(key: PRNGKey, sizes: Sequence[int], counts: Array, *,
+                  where: Sequence[Array | None] | None = None,
+                  groups: Sequence[int] | None = None) -> list[Array]:
+    """Exactly ``counts[g]`` entries of each group, uniformly at random.
 
-    With the distinct draws of :func:`draw_bits` this is a uniform choice
-    without replacement. The threshold is found by a bitwise binary search
-    (32 counting passes), never by sorting.
+    The choice is uniform without replacement: the entries with the
+    ``counts[g]`` smallest of the distinct draws of :func:`draw_bits` for
+    ``key``. The threshold below which exactly that many draws lie is found
+    without sorting: a bitwise binary search over the draws' high 16 bits
+    (16 counting passes), then one ``top_k`` over the few entries sharing
+    the threshold's high bits.
 
     Args:
-        draws: flat ``uint32`` arrays whose values are all distinct within
-            a group (as :func:`draw_bits` makes them).
+        key: typed key; the draws are ``draw_bits(key, sizes)``.
+        sizes: number of entries of each flat array (static).
         counts: ``int32[G]`` (or a scalar for one group) traced counts;
             clipped to the number of candidates.
-        where: optional boolean masks of the candidates (``None`` = every
-            entry); entries outside are never selected.
-        groups: group id of each array (default: each array its own group).
+        where: optional boolean candidate masks (``None`` = every entry);
+            entries outside are never chosen.
+        groups: group id of each array (default: each array its own group;
+            ``[0] * len(sizes)`` counts over all arrays together).
 
     Returns:
-        One boolean mask per array.
+        One flat boolean mask per array.
     """
-    groups, num_groups = _groups(draws, groups)
-    where = _where(where, draws)
-    if not draws:
+    sizes = tuple(int(size) for size in sizes)
+    shapes = [jax.ShapeDtypeStruct((size,), jnp.uint32) for size in sizes]
+    groups, num_groups = _groups(shapes, groups)
+    where = _where(where, shapes)
+    if not sizes:
         return []
     counts = jnp.broadcast_to(jnp.asarray(counts, jnp.int32), (num_groups,))
-    threshold = _threshold_distinct(draws, counts, where, groups, num_groups)
+    draws = draw_bits(key, sizes)
+    threshold = _threshold_distinct(draws, lambda: draw_bits(key, sizes),
+                                    counts, where, groups, num_groups)
     # With distinct draws exactly `count` lie below the threshold, except
     # when every candidate is wanted and the top draw is 2**32 - 1.
     everything = counts >= eligible_counts(draws, where, groups)
@@ -618,9 +633,3 @@ def select_smallest_magnitude(leaves: Sequence[Array], counts: Array, *,
     """
     keys = [magnitude_bits(leaf) for leaf in leaves]
     return select_smallest(keys, counts, where=where, groups=groups)
-
-
-def is_concrete_number(value) -> bool:
-    """Whether ``value`` is a concrete (non-traced) real number."""
-    return isinstance(value, numbers.Real) or (
-        not isinstance(value, jax.core.Tracer) and np.ndim(value) == 0)

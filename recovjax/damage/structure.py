@@ -116,8 +116,7 @@ def _choose_units(key: PRNGKey, ratio: Array, unit_counts: Sequence[int],
     # smallest norm (ties to the lowest index).
     counts = jnp.stack([select.count_of(n, ratio) for n in unit_counts])
     if norms is None:
-        draws = select.draw_bits(key, unit_counts)
-        return select.select_exact(draws, counts)
+        return select.select_random(key, unit_counts, counts)
     return select.select_smallest_magnitude(norms, counts)
 
 
