@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import json
 import os
 import pathlib
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> str:
     import numpy as np
     import torch
 
-    from recovjax import sweep as sweeping
+    sweeping = importlib.import_module("recovjax.sweep")
     from recovjax._compile_cache import disable_compilation_cache
     from recovjax.data import batch_split, load_dataset
     from recovjax.models import Model, get_model
@@ -341,6 +342,14 @@ def main(argv: list[str] | None = None) -> str:
     jax_times = sorted(j for _, j in rounds)
     speedups = sorted(t / j for t, j in rounds)
     torch_loop, default_steady = torch_times[1], jax_times[1]
+    # One thread: on a busy machine PyTorch's two OpenMP threads can spin
+    # against other processes; this row shows how much that costs it.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    torch_seed_loop()
+    torch_one_thread = time.perf_counter() - start
+    torch.set_num_threads(threads)
     plan = result.plan
     flops = model_flops(model.apply, params, jnp.asarray(test.images)) * count
     peak = matmul_gflops()
@@ -398,6 +407,8 @@ def main(argv: list[str] | None = None) -> str:
     say("| --- | ---: | ---: |")
     say(f"| PyTorch seed loop, {count} models (in process, median of 3) | "
         f"{torch_loop:.2f} | 1.00x |")
+    say(f"| PyTorch seed loop, 1 thread | {torch_one_thread:.2f} | "
+        f"{torch_loop / torch_one_thread:.2f}x |")
     say(f"| recovjax default sweep, first call incl. compile (cold) | "
         f"{default_first:.2f} | {torch_loop / default_first:.2f}x |")
     say(f"| recovjax default sweep, steady state (median of 3) | "
@@ -430,6 +441,13 @@ def main(argv: list[str] | None = None) -> str:
     for name, first, median, best in measured:
         say(f"| {name} | {first:.2f} | {median:.2f} | "
             f"{torch_loop / median:.2f}x |")
+    best = min(measured, key=lambda trial: trial[2])
+    say()
+    say(f"Fastest formulation in this run: {best[0]} ({best[2]:.2f} s). "
+        f"The sweep's default is vmap groups of "
+        f"{sweeping.DEFAULT_VMAP_SIZE} inside `lax.map`, the model's own "
+        f"apply (im2col convolutions), batches of "
+        f"{sweeping.DEFAULT_BATCH_SIZE}.")
     if scaling:
         say()
         say("Scaling (whole process, warm compilation cache; `sweep` call "

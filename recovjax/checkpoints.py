@@ -12,6 +12,7 @@ one is reported, never silently used.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pathlib
 import shutil
@@ -135,6 +136,11 @@ def save_checkpoint(directory: os.PathLike[str] | str, params: Params,
     staging = directory.with_name(f".{directory.name}.{uuid.uuid4().hex}.tmp")
     params = jax.device_get(params)
     record = dict(metadata, digests=leaf_digests(params))
+    try:  # Fail before touching the disk, not in Orbax's writer thread.
+        json.dumps(record, allow_nan=True)
+    except TypeError as error:
+        raise TypeError(f"{directory}: checkpoint metadata must be JSON "
+                        f"serialisable ({error})") from None
     try:
         manager = _manager(staging, read_only=False)
         manager.save(step, args=ocp.args.Composite(

@@ -350,11 +350,9 @@ def _typed(record: Sequence[Any], where: str) -> dict[str, Any]:
                          ) from None
 
 
-def _from_metadata(rows, metadata: Mapping[str, Any], where: str
-                   ) -> ResultsTable:
-    root_seed = metadata.get("root_seed")
+def _from_metadata(rows, metadata: Mapping[str, Any]) -> ResultsTable:
     return ResultsTable(rows=rows, config=metadata.get("config") or {},
-                        root_seed=root_seed,
+                        root_seed=metadata.get("root_seed"),
                         versions=metadata.get("versions") or {},
                         device_kind=metadata.get("device_kind") or "")
 
@@ -387,7 +385,7 @@ def read_csv(path: os.PathLike[str] | str) -> ResultsTable:
                          f"{','.join(records[0]) if records else 'nothing'}")
     rows = [_typed(record, f"{path}:{number + 2}")
             for number, record in enumerate(records[1:]) if record]
-    return _from_metadata(rows, metadata, str(path))
+    return _from_metadata(rows, metadata)
 
 
 def read_json(path: os.PathLike[str] | str) -> ResultsTable:
@@ -411,7 +409,7 @@ def read_json(path: os.PathLike[str] | str) -> ResultsTable:
         raise ValueError(f"{path}: columns must be {list(COLUMNS)}")
     rows = [_typed(record, f"{path} row {index}")
             for index, record in enumerate(document.get("rows", []))]
-    return _from_metadata(rows, document, str(path))
+    return _from_metadata(rows, document)
 
 
 def read_table(path: os.PathLike[str] | str) -> ResultsTable:

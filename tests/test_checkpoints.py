@@ -137,7 +137,8 @@ def test_overwrite_replaces_atomically(lenet_checkpoint):
 
 
 def test_failed_save_leaves_nothing_behind(tmp_path):
-    with pytest.raises(Exception):
+    with pytest.raises(TypeError, match="JSON serialisable") as error:
         save_checkpoint(tmp_path / "bad", {"w": jnp.zeros(2)},
                         {"not json": object()})
+    assert str(tmp_path / "bad") in str(error.value)
     assert list(tmp_path.iterdir()) == []

@@ -64,8 +64,9 @@ def _count_traces():
 # Operators shared by tests, so compiled programs are reused.
 ZERO = make_zero()
 ZERO_GLOBAL = make_zero(ratio_over="global")
-ZERO_WEIGHTS = make_zero(scope="weights")
+ZERO_WEIGHTS = get_damage("zero", scope="weights")
 ZERO_LARGEST = make_zero(target="largest")
+FLIP_SIGN = make_sign_flip()
 
 
 # --------------------------------------------------------------------------
@@ -103,10 +104,10 @@ def test_zero_global_ratio_spreads_over_leaves():
 
 
 def test_zero_marks_entries_that_were_already_zero():
-    tree = {"w": np.zeros((10, 10), np.float32)}
-    damage = ZERO(jax.random.key(0), tree, 0.3)
-    assert np.asarray(damage.mask["w"]).sum() == 30
-    assert not np.asarray(damage.params["w"]).any()
+    tree = jax.tree.map(np.zeros_like, TREE)
+    damage = ZERO(jax.random.key(0), tree, 0.5)
+    assert np.asarray(damage.mask["dense"]["kernel"]).sum() == 140
+    assert tree_equal(damage.params, tree)
 
 
 def test_zero_bernoulli_mode_is_independent_per_entry():
@@ -185,8 +186,7 @@ def test_inputs_are_not_mutated_and_keys_reproduce():
 def test_entry_operators_choose_the_same_entries_for_a_key():
     key = jax.random.key(4)
     zeroed = ZERO(key, TREE, 0.3).mask
-    for op in (make_sign_flip(), make_random_values("normal")):
-        assert tree_equal(op(key, TREE, 0.3).mask, zeroed)
+    assert tree_equal(FLIP_SIGN(key, TREE, 0.3).mask, zeroed)
 
 
 def test_one_trace_for_many_ratios_and_keys():
@@ -200,11 +200,15 @@ def test_one_trace_for_many_ratios_and_keys():
     run = jax.jit(damage_many)
     ratios = jnp.linspace(0.0, 1.0, 12)
     first = run(jax.random.split(jax.random.key(0), 12), ratios)
-    run(jax.random.split(jax.random.key(1), 12), ratios[::-1] * 0.5)
+    # Traced ratios are clipped to [0, 1], NaN reads as 0.
+    odd = jnp.asarray([1.7, -0.5, jnp.nan] + [0.5] * 9)
+    second = run(jax.random.split(jax.random.key(1), 12), odd)
     assert traces == 1
     counts = np.asarray(first.mask["dense"]["kernel"]).sum(axis=(1, 2))
     np.testing.assert_array_equal(
         counts, [_count(280, r) for r in np.asarray(ratios)])
+    counts = np.asarray(second.mask["dense"]["kernel"]).sum(axis=(1, 2))
+    np.testing.assert_array_equal(counts[:4], [280, 0, 0, 140])
 
 
 def test_direct_calls_do_not_retrace_for_new_amounts_or_keys():
@@ -269,7 +273,7 @@ def test_multiplicative_noise_keeps_zeros_and_scales_entries():
 @SETTINGS
 @given(ratio=RATIOS, seed=SEEDS)
 def test_sign_flip_negates_exactly_the_masked_entries(ratio, seed):
-    damage = make_sign_flip()(jax.random.key(seed), TREE, ratio)
+    damage = FLIP_SIGN(jax.random.key(seed), TREE, ratio)
     for before, after, mask in zip(_flat(TREE), _flat(damage.params),
                                    _flat(damage.mask)):
         assert mask.sum() == _count(before.size, ratio)
@@ -281,8 +285,8 @@ def test_sign_flip_negates_exactly_the_masked_entries(ratio, seed):
 # bit faults
 # --------------------------------------------------------------------------
 
-BIT_CASES = [(np.float32, "exponent"), (jnp.bfloat16, "mantissa"),
-             (np.float16, "sign"), (np.float32, 30), (jnp.bfloat16, "any")]
+BIT_CASES = [(np.float32, "exponent"), (jnp.bfloat16, "any"),
+             (np.float16, "sign"), (jnp.bfloat16, 3)]
 BIT_OPS = {case: make_bit_flip(case[1], mode="exact") for case in BIT_CASES}
 BIT_TREES = {dtype: _tree(dtype) for dtype in (np.float32, jnp.bfloat16,
                                                np.float16)}
@@ -352,16 +356,10 @@ def test_stuck_at_forces_bits_and_marks_faulty_cells():
         assert not (_bits(leaf) & np.uint32((1 << 23) - 1)).any()
 
 
-@pytest.mark.parametrize("dtype", [np.int32, np.float64, np.bool_])
+@pytest.mark.parametrize("dtype", [np.int32, np.bool_, np.complex64])
 def test_bit_flips_refuse_other_dtypes_naming_the_leaf(dtype):
     tree = {"layer": {"kernel": np.ones((3, 3), np.float32),
                       "steps": np.ones((2,), dtype)}}
-    if dtype == np.float64 and not jax.config.jax_enable_x64:
-        tree["layer"]["steps"] = jax.ShapeDtypeStruct((2,), np.float64)
-        with pytest.raises(TypeError, match="layer/steps"):
-            jax.eval_shape(lambda t: make_bit_flip()(jax.random.key(0), t,
-                                                     0.1), tree)
-        return
     with pytest.raises(TypeError, match="'layer/steps'.*not"):
         make_bit_flip()(jax.random.key(0), tree, 0.1)
 
@@ -404,13 +402,6 @@ def test_bad_concrete_amounts_are_refused_before_tracing(op, amount,
 def test_noise_scales_above_one_are_fine():
     damage = make_gaussian_noise()(jax.random.key(0), TREE, 3.0)
     assert not tree_equal(damage.params, TREE)
-
-
-def test_traced_ratios_are_clipped():
-    run = jax.jit(lambda ratio: ZERO(jax.random.key(0), TREE, ratio).mask)
-    assert all(m.all() for m in _flat(run(1.7)))
-    assert not any(m.any() for m in _flat(run(-0.5)))
-    assert not any(m.any() for m in _flat(run(jnp.nan)))
 
 
 def test_untyped_keys_are_refused():
@@ -463,12 +454,12 @@ def test_registry_names_and_metadata():
 
 
 def test_registry_builds_configured_operators():
-    op = get_damage("zero", scope="weights", mode="exact")
-    assert tree_equal(op(jax.random.key(0), TREE, 0.5),
-                      ZERO_WEIGHTS(jax.random.key(0), TREE, 0.5))
+    # ZERO_WEIGHTS, used by the scope tests, comes from the registry.
+    assert "make_zero(scope='weights'" in ZERO_WEIGHTS.__doc__
     stuck = get_damage("stuck_at_1", bits="sign", mode="exact")
     after = stuck(jax.random.key(0), TREE, 1.0).params
     assert all((leaf <= 0).all() for leaf in _flat(after))
+    assert "value=1" in stuck.__doc__
 
 
 def test_registry_unknown_name_lists_valid_names():

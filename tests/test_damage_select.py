@@ -115,6 +115,32 @@ def test_exact_selection_survives_a_crowded_threshold_bucket(monkeypatch):
         assert not np.asarray(second & ~where).any()
 
 
+@pytest.mark.parametrize("kind", ["random", "smallest"])
+def test_sort_and_search_paths_choose_the_same_entries(kind, monkeypatch):
+    sizes = (300, 7, 2049)
+    rng = np.random.default_rng(0)
+    values = [jnp.asarray(rng.integers(0, 50, n).astype(np.uint32))
+              for n in sizes]
+    where = [None, jnp.asarray(rng.uniform(size=7) < 0.5), None]
+
+    def choose(ratio, key):
+        counts = jnp.stack([select.count_of(n, ratio) for n in sizes])
+        if kind == "random":
+            return select.select_random(key, sizes, counts, where=where)
+        return select.select_smallest(values, counts, where=where)
+
+    run = jax.jit(choose)
+    searched = [run(r, jax.random.key(i)) for i, r in enumerate(
+        (0.0, 0.3, 0.71, 1.0))]
+    monkeypatch.setattr(select, "SORT_LIMIT", 10**6)
+    run = jax.jit(choose)
+    sorted_ = [run(r, jax.random.key(i)) for i, r in enumerate(
+        (0.0, 0.3, 0.71, 1.0))]
+    for a, b in zip(searched, sorted_):
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_exact_selection_is_uniform_over_positions():
     keys = jax.random.split(jax.random.key(0), 2000)
     select_many = jax.jit(jax.vmap(lambda k: _exact(k, 0.25, (40,))[1][0]))

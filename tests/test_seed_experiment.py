@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import pathlib
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recovjax._types import Damage
-from recovjax.recovery.seed import (config_arguments, load_config, mean_ci95,
+from recovjax.damage import get_damage
+from recovjax.recovery.seed import (load_config, mean_ci95,
                                     run_seed_experiment)
 
 CONFIG = pathlib.Path(__file__).parent.parent / "experiments" / (
@@ -18,27 +16,8 @@ CONFIG = pathlib.Path(__file__).parent.parent / "experiments" / (
 
 
 def zero_op():
-    """The registry's exact-count ``zero`` damage, or a local stand-in."""
-    try:
-        from recovjax.damage import get_damage
-        return get_damage("zero")
-    except ImportError:
-        return _local_zero
-
-
-def _local_zero(key, params, amount):
-    """Zero exactly floor(n * amount) random entries of every leaf."""
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    damaged, masks = [], []
-    for leaf_key, leaf in zip(keys, leaves):
-        count = jnp.floor(leaf.size * amount + 1e-6)
-        rank = jnp.argsort(jax.random.permutation(leaf_key, leaf.size))
-        mask = (rank < count).reshape(leaf.shape)
-        damaged.append(jnp.where(mask, jnp.zeros_like(leaf), leaf))
-        masks.append(mask)
-    return Damage(jax.tree.unflatten(treedef, damaged),
-                  jax.tree.unflatten(treedef, masks))
+    """The registry's exact-count ``zero`` damage (the seed's damage)."""
+    return get_damage("zero")
 
 
 def test_seed_experiment_runs_end_to_end_on_a_subset(small_mnist,
@@ -70,20 +49,29 @@ def test_seed_experiment_runs_end_to_end_on_a_subset(small_mnist,
 
 def test_config_is_the_seeds_recipe():
     arguments = load_config(CONFIG)
-    assert arguments == {"model": "lenet5", "dataset": "mnist5k",
-                         "pretrained_seed": 0, "seeds": 10, "ratio": 0.1,
-                         "learning_rate": 0.001, "momentum": 0.9,
-                         "batch_size": 100, "epochs": 2}
+    assert arguments["seeds"] == 10 and arguments["first_seed"] == 0
+    assert (arguments["model"], arguments["dataset"]) == ("lenet5", "mnist5k")
+    assert arguments["ratio"] == 0.1
+    assert arguments["damage_options"].get("scope", "all") == "all"
+    assert arguments["learning_rate"] == 0.001
+    assert arguments["momentum"] == 0.9
+    assert arguments["batch_size"] == 100
+    assert arguments["epochs"] == 2 and arguments["steps"] is None
+    assert arguments["pretrained_seed"] == 0
 
 
 def test_config_errors_are_clear():
-    with pytest.raises(ValueError, match="zeroes weights"):
-        config_arguments({"damage": {"name": "noise"}})
-    with pytest.raises(ValueError, match="unknown config keys.*'colour'"):
-        config_arguments({"colour": "blue"})
+    from recovjax.config import ConfigError
+    with pytest.raises(ValueError, match="exactly one damage entry of kind "
+                       "'zero'"):
+        load_config(CONFIG, ("damage.0.kind=sign_flip",))
+    with pytest.raises(ValueError, match="one damage ratio"):
+        load_config(CONFIG, ("damage.0.ratios=[0.1, 0.2]",))
     with pytest.raises(ValueError, match="recovers by fine-tuning"):
-        config_arguments({"recovery": {"strategy": "distill"}})
-    with pytest.raises(FileNotFoundError):
+        load_config(CONFIG, ("recovery.strategies=[distill]",))
+    with pytest.raises(ValueError, match="with SGD"):
+        load_config(CONFIG, ("recovery.optimizer.name=adam",))
+    with pytest.raises(ConfigError, match="config file not found"):
         load_config(CONFIG.with_name("missing.yaml"))
     with pytest.raises(ValueError, match="seeds must be a positive int"):
         run_seed_experiment(0)

@@ -19,6 +19,7 @@ to ``[0, 1]`` (NaN reads as 0) and traced noise scales are used as given.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Literal, Mapping, Sequence
 
 import jax
@@ -203,10 +204,9 @@ def make_label_noise(mapping: Mapping[int, int] | Sequence[tuple[int, int]]
 
     def corrupt(key, images, labels, rate, num_classes):
         labels = jnp.asarray(labels, jnp.int32)
-        select_key, value_key = jax.random.split(key)
         if pairs is None:
-            chosen = _pick(select_key, labels.shape[0], rate, mode)
-            uniform = select.draw_uniform(value_key, [labels.shape[0]])[0]
+            chosen = _pick(key, labels.shape[0], rate, mode)
+            uniform = select.draw_uniform(key, [labels.shape[0]])[0]
             offset = 1 + jnp.minimum(
                 jnp.floor(uniform * (num_classes - 1)).astype(jnp.int32),
                 num_classes - 2)
@@ -222,7 +222,7 @@ def make_label_noise(mapping: Mapping[int, int] | Sequence[tuple[int, int]]
                 table[source] = target
                 sources[source] = True
             eligible = jnp.asarray(sources)[labels]
-            chosen = _pick(select_key, labels.shape[0], rate, mode,
+            chosen = _pick(key, labels.shape[0], rate, mode,
                            where=eligible)
             noisy = jnp.asarray(table, jnp.int32)[labels]
         new_labels = jnp.where(chosen, noisy, labels)
@@ -251,8 +251,7 @@ def make_input_noise() -> DataDamageFn:
 
     def perturb(key, images, labels, scale, num_classes):
         images = jnp.asarray(images, jnp.float32)
-        _, value_key = jax.random.split(key)
-        noise = select.draw_normal(value_key, [images.size])[0]
+        noise = select.draw_normal(key, [images.size])[0]
         noisy = images + scale * noise.reshape(images.shape)
         return _result(images, labels, new_images=noisy,
                        mask=jnp.ones((labels.shape[0],), jnp.bool_))
@@ -286,6 +285,7 @@ def make_remove_classes() -> DataDamageFn:
         min_classes=1, doc=make_remove_classes.__doc__)
 
 
+@functools.partial(jax.jit, static_argnames=("num_classes",))
 def removed_classes(key: PRNGKey, ratio: Array, num_classes: int) -> Array:
     """The classes :func:`make_remove_classes` removes for this key.
 

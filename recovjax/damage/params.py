@@ -242,7 +242,6 @@ def make_zero(scope: ScopeLike = "all", *, mode: Mode = "exact",
     def zero(key: PRNGKey, params: Params, ratio: Array) -> Damage:
         flat = _flatten(params, resolved)
         leaves = [flat.leaves[i] for i in flat.chosen]
-        key, _ = jax.random.split(key)
         masks = select_entries(key, leaves, ratio, mode=mode,
                                ratio_over=ratio_over, target=target)
         new = {i: jnp.where(m, jnp.zeros((), leaf.dtype), leaf.ravel())
@@ -283,7 +282,6 @@ def make_sign_flip(scope: ScopeLike = "all", *, mode: Mode = "exact",
         flat = _flatten(params, resolved)
         _require_float(flat, "sign flip")
         leaves = [flat.leaves[i] for i in flat.chosen]
-        key, _ = jax.random.split(key)
         masks = select_entries(key, leaves, ratio, mode=mode,
                                ratio_over=ratio_over, target=target)
         new = {i: jnp.where(m, -leaf.ravel(), leaf.ravel())
@@ -333,15 +331,14 @@ def make_random_values(distribution: Literal["uniform", "normal"] = "uniform",
         flat = _flatten(params, resolved)
         _require_float(flat, f"random {distribution} values")
         leaves = [flat.leaves[i] for i in flat.chosen]
-        select_key, value_key = jax.random.split(key)
-        masks = select_entries(select_key, leaves, ratio, mode=mode,
+        masks = select_entries(key, leaves, ratio, mode=mode,
                                ratio_over=ratio_over, target=target)
         sizes = [int(leaf.size) for leaf in leaves]
         new = {}
         if distribution == "uniform":
-            draws = select.draw_uniform(value_key, sizes)
+            draws = select.draw_uniform(key, sizes)
         else:
-            draws = select.draw_normal(value_key, sizes)
+            draws = select.draw_normal(key, sizes)
         for i, leaf, m, draw in zip(flat.chosen, leaves, masks, draws):
             x = leaf.ravel().astype(jnp.float32)
             if distribution == "uniform":
@@ -399,8 +396,7 @@ def make_gaussian_noise(scope: ScopeLike = "all", *, relative: bool = True
         flat = _flatten(params, resolved)
         _require_float(flat, "Gaussian noise")
         leaves = [flat.leaves[i] for i in flat.chosen]
-        _, value_key = jax.random.split(key)
-        noise = select.draw_normal(value_key, [leaf.size for leaf in leaves])
+        noise = select.draw_normal(key, [leaf.size for leaf in leaves])
         new, masks = {}, {}
         for i, leaf, z in zip(flat.chosen, leaves, noise):
             x = leaf.ravel().astype(jnp.float32)
@@ -441,8 +437,7 @@ def make_multiplicative_noise(scope: ScopeLike = "all") -> DamageFn:
         flat = _flatten(params, resolved)
         _require_float(flat, "multiplicative noise")
         leaves = [flat.leaves[i] for i in flat.chosen]
-        _, value_key = jax.random.split(key)
-        noise = select.draw_normal(value_key, [leaf.size for leaf in leaves])
+        noise = select.draw_normal(key, [leaf.size for leaf in leaves])
         new, masks = {}, {}
         for i, leaf, z in zip(flat.chosen, leaves, noise):
             x = leaf.ravel().astype(jnp.float32)
@@ -560,7 +555,6 @@ def _make_bit_fault(fault: str, bits, scope: ScopeLike, mode: str,
                 raise ValueError(f"leaf {flat.paths[i]!r}: {error}") from None
         leaves = [flat.leaves[i] for i in flat.chosen]
         sizes = [int(leaf.size) * len(p) for leaf, p in zip(leaves, positions)]
-        key, _ = jax.random.split(key)
         if mode == "bernoulli":
             chosen_bits = select.select_bernoulli(
                 select.draw_bits(key, sizes), rate)

@@ -61,7 +61,7 @@ class Scope:
     def describe(self) -> str:
         """Human-readable form, as it was written."""
         if self.kind == "pattern":
-            return f"pattern {self.pattern.pattern!r}"
+            return f"pattern '{self.pattern.pattern}'"
         return repr(self.kind)
 
 
@@ -94,7 +94,7 @@ def parse_scope(scope: ScopeLike) -> Scope:
     try:
         return Scope("pattern", re.compile(scope))
     except re.error as error:
-        raise ValueError(f"scope pattern {scope!r} is not a valid regular "
+        raise ValueError(f"scope pattern '{scope}' is not a valid regular "
                          f"expression: {error}") from error
 
 

@@ -5,7 +5,10 @@ with the damage amount traced so that one compiled program serves every
 ratio and seed. The kernels here do the picking:
 
 * :func:`draw_bits` turns a typed key into pseudo-random ``uint32`` draws,
-  one per candidate entry, that are *all distinct* within one call.
+  one per candidate entry, that are *all distinct* within one call. Each
+  key has numbered streams (:func:`stream_seeds`): stream 0 chooses entries,
+  stream 1 makes values, so every operator chooses the same entries for the
+  same key.
 * :func:`select_random` picks exactly ``k`` entries uniformly without
   replacement: the ``k`` smallest draws. Instead of sorting, it finds the
   threshold ``t`` with exactly ``k`` draws below it by a bitwise binary
@@ -27,13 +30,13 @@ global ratio puts every selected leaf in one group), and one loop serves
 all groups at once.
 
 Why not ``jax.random.bits`` for every entry: the draws come from a keyed
-bijection of the entry's index (three rounds of a 32-bit integer mixer
-keyed by three words that ``jax.random.bits`` derives from the typed key).
-A bijection gives distinct draws, which makes the exact count exact without
-a tie-breaking pass, and it costs a few integer operations per entry, where
-XLA:CPU's threefry costs several times more and compiles slowly when there
-are many leaves. The key still goes through ``jax.random``, so any key
-implementation works and ``split``/``fold_in`` behave as usual.
+bijection of the entry's index (three rounds of a 32-bit integer mixer,
+keyed by words hashed from ``jax.random.key_data(key)``). A bijection gives
+distinct draws, which makes the exact count exact without a tie-breaking
+pass; it costs a few integer operations per entry where XLA:CPU's threefry
+costs several times more; and it keeps threefry, which XLA:CPU compiles
+slowly, out of the damage programs altogether. Keys are still typed keys,
+split and folded by the caller with ``jax.random`` as usual.
 """
 
 from __future__ import annotations
@@ -188,16 +191,53 @@ def _permute(counter: Array, seeds: Array) -> Array:
     return _mix32(x + seeds[2])
 
 
-def draw_bits(key: PRNGKey, sizes: Sequence[int]) -> list[Array]:
+SELECT_STREAM = 0
+"""Stream of the draws that choose entries (shared by every operator)."""
+
+VALUE_STREAM = 1
+"""Stream of the draws that make replacement values and noise."""
+
+
+def stream_seeds(key: PRNGKey, stream: int = SELECT_STREAM) -> Array:
+    """Three ``uint32`` seed words for one stream of a key.
+
+    The key's data (``jax.random.key_data``, whatever the implementation)
+    and the stream number are hashed together. Streams play the role of
+    ``jax.random.split`` inside an operator without running threefry, which
+    XLA:CPU compiles slowly (about half a second per call site).
+
+    Args:
+        key: typed key.
+        stream: static stream number (:data:`SELECT_STREAM`,
+            :data:`VALUE_STREAM`, ...).
+
+    Returns:
+        ``uint32[3]``.
+    """
+    words = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
+    seeds = []
+    for index in range(3):
+        state = jnp.uint32((0x9E3779B9 * (index + 1)
+                            + 0x632BE5AB * (stream + 1)) & _UINT32_MAX)
+        for word in range(words.shape[0]):
+            state = _mix32(state ^ words[word]) + jnp.uint32(0x6A09E667)
+        seeds.append(_mix32(state))
+    return jnp.stack(seeds)
+
+
+def draw_bits(key: PRNGKey, sizes: Sequence[int],
+              stream: int = SELECT_STREAM) -> list[Array]:
     """Distinct pseudo-random ``uint32`` draws, one flat array per size.
 
     Entry ``i`` of the concatenation of all arrays is a keyed bijection of
-    ``i``, so no two draws of one call are equal. The same key gives the same
-    draws; draws for a prefix of ``sizes`` do not depend on later sizes.
+    ``i``, so no two draws of one call are equal. The same key and stream
+    give the same draws; draws for a prefix of ``sizes`` do not depend on
+    later sizes.
 
     Args:
         key: typed key.
         sizes: number of draws wanted for each array (static).
+        stream: static stream number (see :func:`stream_seeds`).
 
     Returns:
         One ``uint32[size]`` array per size.
@@ -209,7 +249,7 @@ def draw_bits(key: PRNGKey, sizes: Sequence[int]) -> list[Array]:
     if total > MAX_ENTRIES:
         raise ValueError(f"cannot draw {total} distinct uint32 values "
                          f"(at most {MAX_ENTRIES})")
-    seeds = jax.random.bits(key, (3,), jnp.uint32)
+    seeds = stream_seeds(key, stream)
     draws, offset = [], 0
     for size in sizes:
         counter = lax.iota(jnp.uint32, int(size)) + jnp.uint32(offset)
@@ -233,14 +273,16 @@ def normal_from_bits(bits: Array) -> Array:
     return jnp.float32(np.sqrt(2.0)) * lax.erf_inv(2.0 * uniform - 1.0)
 
 
-def draw_uniform(key: PRNGKey, sizes: Sequence[int]) -> list[Array]:
+def draw_uniform(key: PRNGKey, sizes: Sequence[int],
+                 stream: int = VALUE_STREAM) -> list[Array]:
     """Float32 uniform draws in ``(0, 1)``, one flat array per size."""
-    return [uniform_from_bits(bits) for bits in draw_bits(key, sizes)]
+    return [uniform_from_bits(bits) for bits in draw_bits(key, sizes, stream)]
 
 
-def draw_normal(key: PRNGKey, sizes: Sequence[int]) -> list[Array]:
+def draw_normal(key: PRNGKey, sizes: Sequence[int],
+                stream: int = VALUE_STREAM) -> list[Array]:
     """Float32 standard normal draws, one flat array per size."""
-    return [normal_from_bits(bits) for bits in draw_bits(key, sizes)]
+    return [normal_from_bits(bits) for bits in draw_bits(key, sizes, stream)]
 
 
 # --------------------------------------------------------------------------
@@ -398,10 +440,10 @@ def _threshold_distinct(draws: Sequence[Array],
     # The high half takes 16 counting passes. The entries whose high half
     # is the answer are then few (about size / 2**16), so one top_k gathers
     # their smallest low halves and the needed rank is read off, instead of
-    # 16 more passes. Should the rank not fit (astronomically rare), the 16
-    # passes run after all, in a while_loop that otherwise does nothing;
-    # it redraws the values rather than capture them, because arrays a
-    # loop captures are copied even when it runs no iteration.
+    # 16 more passes. Should the rank not fit (astronomically rare), a sort
+    # finds it, in a while_loop that otherwise does nothing; it redraws the
+    # values rather than capture them, because arrays a loop captures are
+    # copied even when it runs no iteration.
     values = _park(draws, where)
     levels = [_halvings(v.shape[0]) for v in values]
     high = [(v >> 16).astype(jnp.uint16) for v in values]
@@ -427,21 +469,98 @@ def _threshold_distinct(draws: Sequence[Array],
         bottom.append(jnp.minimum(low, 65535.0).astype(jnp.uint16))
         fits.append(needed[g] < capacity[g])
 
-    def search_low_half(state):
+    def sort_low_half(state):
+        # The rare path: sort every group's low halves (entries outside
+        # the bucket parked at 0xFFFF) and read the needed rank.
         _, bottom = state
         values = _park(redraw(), where)
-        low = [jnp.where((v >> 16).astype(jnp.uint16) == top[g],
-                         (v & 0xFFFF).astype(jnp.uint16), jnp.uint16(0xFFFF))
-               for v, g in zip(values, groups)]
-        searched, _ = _search16(low, levels, below, counts, groups)
+        low = [[] for _ in range(num_groups)]
+        for v, g in zip(values, groups):
+            low[g].append(jnp.where((v >> 16).astype(jnp.uint16) == top[g],
+                                    (v & 0xFFFF).astype(jnp.uint16),
+                                    jnp.uint16(0xFFFF)))
+        searched = []
+        for g in range(num_groups):
+            ranked = jnp.sort(jnp.concatenate(low[g]) if len(low[g]) > 1
+                              else low[g][0])
+            searched.append(ranked[jnp.clip(needed[g], 0,
+                                            ranked.shape[0] - 1)])
         return jnp.bool_(True), [jnp.where(f, b, s) for f, b, s in
                                  zip(fits, bottom, searched)]
 
     all_fit = jnp.all(jnp.stack(fits))
     _, bottom = lax.while_loop(lambda state: ~(state[0] | all_fit),
-                               search_low_half, (jnp.bool_(False), bottom))
+                               sort_low_half, (jnp.bool_(False), bottom))
     top, bottom = jnp.stack(top), jnp.stack(bottom)
     return (top.astype(jnp.uint32) << 16) | bottom.astype(jnp.uint32)
+
+
+SORT_LIMIT = 1024
+"""Groups of at most this many entries are ranked by one sort instead.
+
+For small groups a sort is as fast as the counting passes and compiles in
+a fraction of the time; the choice is the same either way (the ``k``
+smallest values, ties to the lowest position)."""
+
+
+def _partition(values: Sequence, groups: Sequence[int], num_groups: int
+               ) -> tuple[list[int], list[int]]:
+    sizes = [0] * num_groups
+    for v, g in zip(values, groups):
+        sizes[g] += int(v.shape[0])
+    small = [g for g in range(num_groups) if sizes[g] <= SORT_LIMIT]
+    large = [g for g in range(num_groups) if sizes[g] > SORT_LIMIT]
+    return small, large
+
+
+def _members(groups: Sequence[int], chosen: Sequence[int]
+             ) -> tuple[list[int], list[int]]:
+    # Leaves of the chosen groups, and their groups renumbered 0..len-1.
+    renumber = {g: i for i, g in enumerate(chosen)}
+    leaves = [i for i, g in enumerate(groups) if g in renumber]
+    return leaves, [renumber[groups[i]] for i in leaves]
+
+
+def _rank_select(values: Sequence[Array], where: Sequence[Array | None],
+                 count: Array) -> list[Array]:
+    # One group by sorting: candidates first, then by value, then by
+    # position (a stable sort); the first `count` are chosen.
+    flat = jnp.concatenate(values) if len(values) > 1 else values[0]
+    outside = [jnp.zeros(v.shape, jnp.uint8) if w is None
+               else (~w).astype(jnp.uint8) for v, w in zip(values, where)]
+    outside = jnp.concatenate(outside) if len(outside) > 1 else outside[0]
+    size = flat.shape[0]
+    position = lax.iota(jnp.int32, size)
+    order = lax.sort((outside, flat, position), num_keys=2,
+                     is_stable=True)[2]
+    rank = jnp.zeros((size,), jnp.int32).at[order].set(position)
+    chosen = (rank < count) & (outside == 0)
+    masks, start = [], 0
+    for v in values:
+        masks.append(chosen[start:start + v.shape[0]])
+        start += v.shape[0]
+    return masks
+
+
+def _dispatch(values: Sequence[Array], counts: Array,
+              where: Sequence[Array | None], groups: Sequence[int],
+              num_groups: int, search: Callable) -> list[Array]:
+    # Small groups by one sort each; the others by `search` on the subset.
+    small, large = _partition(values, groups, num_groups)
+    masks: list[Array | None] = [None] * len(values)
+    for g in small:
+        leaves = [i for i, group in enumerate(groups) if group == g]
+        chosen = _rank_select([values[i] for i in leaves],
+                              [where[i] for i in leaves], counts[g])
+        for i, mask in zip(leaves, chosen):
+            masks[i] = mask
+    if large:
+        leaves, renumbered = _members(groups, large)
+        chosen = search(leaves, jnp.stack([counts[g] for g in large]),
+                        renumbered, len(large))
+        for i, mask in zip(leaves, chosen):
+            masks[i] = mask
+    return masks
 
 
 def select_random(key: PRNGKey, sizes: Sequence[int], counts: Array, *,
@@ -451,10 +570,11 @@ def select_random(key: PRNGKey, sizes: Sequence[int], counts: Array, *,
 
     The choice is uniform without replacement: the entries with the
     ``counts[g]`` smallest of the distinct draws of :func:`draw_bits` for
-    ``key``. The threshold below which exactly that many draws lie is found
-    without sorting: a bitwise binary search over the draws' high 16 bits
-    (16 counting passes), then one ``top_k`` over the few entries sharing
-    the threshold's high bits.
+    ``key``. For a group of more than :data:`SORT_LIMIT` entries the
+    threshold below which exactly that many draws lie is found without
+    sorting: a bitwise binary search over the draws' high 16 bits (16
+    counting passes), then one ``top_k`` over the few entries sharing the
+    threshold's high bits.
 
     Args:
         key: typed key; the draws are ``draw_bits(key, sizes)``.
@@ -476,17 +596,31 @@ def select_random(key: PRNGKey, sizes: Sequence[int], counts: Array, *,
     if not sizes:
         return []
     counts = jnp.broadcast_to(jnp.asarray(counts, jnp.int32), (num_groups,))
+    counts = jnp.minimum(counts, eligible_counts(shapes, where, groups))
     draws = draw_bits(key, sizes)
-    threshold = _threshold_distinct(draws, lambda: draw_bits(key, sizes),
-                                    counts, where, groups, num_groups)
-    # With distinct draws exactly `count` lie below the threshold, except
-    # when every candidate is wanted and the top draw is 2**32 - 1.
-    everything = counts >= eligible_counts(draws, where, groups)
-    masks = []
-    for v, w, g in zip(draws, where, groups):
-        mask = (v < threshold[g]) | everything[g]
-        masks.append(mask if w is None else mask & w)
-    return masks
+
+    def search(leaves, sub_counts, sub_groups, sub_num_groups):
+        sub_where = [where[i] for i in leaves]
+
+        def redraw():
+            every = draw_bits(key, sizes)
+            return [every[i] for i in leaves]
+
+        threshold = _threshold_distinct(
+            [draws[i] for i in leaves], redraw, sub_counts, sub_where,
+            sub_groups, sub_num_groups)
+        # With distinct draws exactly `count` lie below the threshold,
+        # except when every candidate is wanted and the top draw is
+        # 2**32 - 1.
+        everything = sub_counts >= eligible_counts(
+            [draws[i] for i in leaves], sub_where, sub_groups)
+        masks = []
+        for i, w, g in zip(leaves, sub_where, sub_groups):
+            mask = (draws[i] < threshold[g]) | everything[g]
+            masks.append(mask if w is None else mask & w)
+        return masks
+
+    return _dispatch(draws, counts, where, groups, num_groups, search)
 
 
 def select_bernoulli(draws: Sequence[Array], rate: Array, *,
@@ -521,11 +655,12 @@ def select_smallest(values: Sequence[Array], counts: Array, *,
                     groups: Sequence[int] | None = None) -> list[Array]:
     """Exactly ``counts[g]`` entries of each group with the smallest values.
 
-    Ties at the threshold are broken by position: within a group, entries
-    are numbered through its arrays in order (flat index), and the lowest
-    numbers win. That second search (over index bits) runs inside a
-    ``while_loop`` that does no iteration unless a tie straddles the
-    threshold.
+    Ties are broken by position: within a group, entries are numbered
+    through its arrays in order (flat index), and the lowest numbers win.
+    Groups of more than :data:`SORT_LIMIT` entries are searched by bits
+    like :func:`select_random`; ties straddling the threshold are then
+    settled by a second search over position bits, inside a ``while_loop``
+    that does no iteration unless such a tie exists.
 
     Args:
         values: flat ``uint32`` arrays (order-preserving bit patterns, see
@@ -544,6 +679,18 @@ def select_smallest(values: Sequence[Array], counts: Array, *,
         return []
     counts = jnp.broadcast_to(jnp.asarray(counts, jnp.int32), (num_groups,))
     counts = jnp.minimum(counts, eligible_counts(values, where, groups))
+
+    def search(leaves, sub_counts, sub_groups, sub_num_groups):
+        return _search_smallest([values[i] for i in leaves], sub_counts,
+                                [where[i] for i in leaves], sub_groups,
+                                sub_num_groups)
+
+    return _dispatch(values, counts, where, groups, num_groups, search)
+
+
+def _search_smallest(values: Sequence[Array], counts: Array,
+                     where: Sequence[Array | None], groups: Sequence[int],
+                     num_groups: int) -> list[Array]:
     threshold = _threshold(values, counts, where, groups, num_groups)
     below = [(v < threshold[g]) if w is None else (v < threshold[g]) & w
              for v, w, g in zip(values, where, groups)]

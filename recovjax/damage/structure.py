@@ -336,7 +336,7 @@ def find_blocks(params: Params, pattern: str) -> tuple[str, ...]:
              if compiled.fullmatch(name) and isinstance(params[name], Mapping)]
     if not names:
         top = ", ".join(sorted(params)) if isinstance(params, Mapping) else ""
-        raise ValueError(f"block pattern {pattern!r} matches no top-level "
+        raise ValueError(f"block pattern '{pattern}' matches no top-level "
                          f"entry of the parameters (entries: {top or 'none'})")
     return tuple(sorted(names, key=_natural_key))
 
@@ -364,7 +364,7 @@ def make_drop_blocks(pattern: str = r"block\d+") -> DamageFn:
     try:
         re.compile(pattern)
     except (re.error, TypeError) as error:
-        raise ValueError(f"block pattern {pattern!r} is not a valid regular "
+        raise ValueError(f"block pattern '{pattern}' is not a valid regular "
                          f"expression: {error}") from error
 
     def drop(key: PRNGKey, params: Params, ratio: Array) -> Damage:

@@ -29,6 +29,7 @@ from typing import Any, Callable, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from recovjax._types import (Array, ApplyFn, Batches, Damage, InitFn, Params,
@@ -159,14 +160,14 @@ def _evaluate_stack(apply, params, batches, num_classes):
 def _static_curve(params: Params, task: RecoveryTask) -> Curve:
     count = _stack_size(params)
     if task.eval_batches is None:
-        empty = jnp.zeros((count, 0), jnp.float32)
-        return Curve(jnp.zeros((count, 0), jnp.int32), empty, empty, empty)
+        empty = np.zeros((count, 0), np.float32)
+        return Curve(np.zeros((count, 0), np.int32), empty, empty, empty)
     metrics = _evaluate_stack(task.apply, params, task.eval_batches,
                               task.num_classes)
-    return Curve(steps=jnp.zeros((count, 1), jnp.int32),
-                 samples=jnp.zeros((count, 1), jnp.float32),
-                 accuracy=metrics.accuracy[:, None],
-                 loss=metrics.loss[:, None])
+    return Curve(steps=np.zeros((count, 1), np.int32),
+                 samples=np.zeros((count, 1), np.float32),
+                 accuracy=np.asarray(metrics.accuracy)[:, None],
+                 loss=np.asarray(metrics.loss)[:, None])
 
 
 def _outcome_without_training(params, task, restored_leaves, bytes_read,
@@ -174,9 +175,9 @@ def _outcome_without_training(params, task, restored_leaves, bytes_read,
     count = _stack_size(params)
     return RecoveryOutcome(
         params=params, curve=_static_curve(params, task),
-        losses=jnp.zeros((count, 0), jnp.float32),
-        diverged=jnp.zeros((count,), bool),
-        diverged_step=jnp.full((count,), -1, jnp.int32),
+        losses=np.zeros((count, 0), np.float32),
+        diverged=np.zeros((count,), bool),
+        diverged_step=np.full((count,), -1, np.int32),
         restored_leaves=tuple(restored_leaves), bytes_read=int(bytes_read),
         seconds=seconds)
 
@@ -311,6 +312,18 @@ def _rebuild_reinit_factory(*, optimizer: str | optax.GradientTransformation
     return _training_strategy("rebuild_reinit", build, uses_frozen=False)
 
 
+@jax.jit
+def _stack_trees(trees: list[Params]) -> Params:
+    """Stack trees along a new leading axis (one compiled program)."""
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _broadcast_tree(tree: Params, count: int) -> Params:
+    return jax.tree.map(
+        lambda leaf: jnp.broadcast_to(leaf, (count,) + leaf.shape), tree)
+
+
 def _unstack(params: Params, index: int) -> Params:
     return jax.tree.map(lambda leaf: leaf[index], params)
 
@@ -326,9 +339,7 @@ def _restore_full_factory() -> Strategy:
         result = restore_lib.restore_full(
             _need_checkpoint(task, "restore_full"), shapes)
         count = _stack_size(damage.params)
-        params = jax.tree.map(
-            lambda leaf: jnp.broadcast_to(leaf, (count,) + leaf.shape),
-            result.params)
+        params = _broadcast_tree(result.params, count)
         return _outcome_without_training(params, task, result.restored_leaves,
                                          result.bytes_read,
                                          time.perf_counter() - start)
@@ -391,7 +402,7 @@ def _detect_restore_factory(*, block_size: int = 1) -> Strategy:
             restored.append(result.params)
             leaves.update(result.restored_leaves)
             total += result.bytes_read
-        params = jax.tree.map(lambda *xs: jnp.stack(xs), *restored)
+        params = _stack_trees(restored)
         return _outcome_without_training(params, task, sorted(leaves), total,
                                          time.perf_counter() - start)
 
@@ -462,8 +473,8 @@ def compose(*strategies: Strategy) -> Strategy:
             params = outcome.params
         trained = [o for o in outcomes if o.losses.shape[-1] > 0]
         last = trained[-1] if trained else outcomes[-1]
-        diverged = functools.reduce(jnp.logical_or,
-                                    [o.diverged for o in outcomes])
+        diverged = functools.reduce(np.logical_or, [
+            np.asarray(o.diverged) for o in outcomes])
         return RecoveryOutcome(
             params=params, curve=last.curve, losses=last.losses,
             diverged=diverged, diverged_step=last.diverged_step,

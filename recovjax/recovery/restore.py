@@ -219,11 +219,12 @@ def replace_leaves(reference: Params, params: Params,
         for name, leaf in _flat(params).items()})
 
 
+@jax.jit
 def replace_entries(reference: Params, params: Params, mask: Mask) -> Params:
     """``where(mask, reference, params)`` leaf by leaf; pure and vmappable.
 
     A stacked ``params``/``mask`` (leading model axis) broadcasts against an
-    unstacked ``reference``.
+    unstacked ``reference``. Compiled as one program for the whole tree.
     """
     return jax.tree.map(
         lambda r, p, m: jnp.where(m, jnp.asarray(r, p.dtype), p), reference,
@@ -271,7 +272,7 @@ def restore_full(directory: PathLike, abstract_params: Params
     """
     with _ReadMeter() as meter:
         params, _ = checkpoints.restore_checkpoint(directory, abstract_params)
-    mask = jax.tree.map(lambda leaf: jnp.ones(leaf.shape, bool), params)
+    mask = jax.tree.map(lambda leaf: np.ones(np.shape(leaf), bool), params)
     names = list(_flat(params))
     array_bytes = sum(np.asarray(leaf).nbytes
                       for leaf in jax.tree.leaves(params))
@@ -311,11 +312,11 @@ def restore_leaves(directory: PathLike, params: Params,
         values = read_leaves(directory, {name: flat[name] for name in names},
                              metadata=metadata)
     restored = {
-        name: (jnp.broadcast_to(jnp.asarray(values[name], leaf.dtype),
-                                leaf.shape) if name in values else leaf)
+        name: (np.broadcast_to(np.asarray(values[name], leaf.dtype),
+                               leaf.shape) if name in values else leaf)
         for name, leaf in _flat(params).items()}
     mask = _unflatten_like(params, {
-        name: jnp.full(np.shape(leaf), name in values, bool)
+        name: np.full(np.shape(leaf), name in values, bool)
         for name, leaf in _flat(params).items()})
     return _result(_unflatten_like(params, restored), names, mask, meter,
                    _nbytes(values))
@@ -350,11 +351,11 @@ def restore_entries(directory: PathLike, params: Params, mask: Mask, *,
         values = read_leaves(directory, {name: flat[name] for name in names},
                              metadata=metadata)
     flat_params, flat_mask = _flat(params), _flat(mask)
-    restored = {
-        name: (jnp.where(flat_mask[name],
-                         jnp.asarray(values[name], leaf.dtype), leaf)
-               if name in values else leaf)
-        for name, leaf in flat_params.items()}
+    replaced = replace_entries(
+        values, {name: flat_params[name] for name in values},
+        {name: flat_mask[name] for name in values})
+    restored = {name: replaced.get(name, leaf)
+                for name, leaf in flat_params.items()}
     return _result(_unflatten_like(params, restored), names, mask, meter,
                    _nbytes(values))
 

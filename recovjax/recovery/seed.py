@@ -98,9 +98,9 @@ class SeedExperimentResult:
         return "\n".join(lines)
 
 
-def _zero_damage() -> Callable[..., Damage]:
+def _zero_damage(**options: Any) -> Callable[..., Damage]:
     from recovjax.damage import get_damage
-    return get_damage("zero")
+    return get_damage("zero", **options)
 
 
 def _subset(split: Split, size: int | None) -> Split:
@@ -120,6 +120,8 @@ def run_seed_experiment(seeds: int = 10, *, model: str = "lenet5",
                         test_size: int | None = None,
                         eval_every: int | None = None,
                         damage_op: Callable[..., Damage] | None = None,
+                        damage_options: Mapping[str, Any] | None = None,
+                        eval_batch_size: int = 500,
                         first_seed: int = 0) -> SeedExperimentResult:
     """Reproduce the seed's experiment over ``seeds`` seeds.
 
@@ -145,7 +147,9 @@ def run_seed_experiment(seeds: int = 10, *, model: str = "lenet5",
         test_size: use only the first examples of the test split (tests).
         eval_every: also record the curve every this many steps.
         damage_op: ``op(key, params, amount) -> Damage``; default the
-            registry's ``zero``.
+            registry's ``zero`` built with ``damage_options``.
+        damage_options: options of the registry's ``zero`` (e.g. ``scope``).
+        eval_batch_size: evaluation batch size.
         first_seed: the first seed.
 
     Returns:
@@ -168,12 +172,13 @@ def run_seed_experiment(seeds: int = 10, *, model: str = "lenet5",
         from recovjax.pretrain import load_pretrained
         pretrained_params = load_pretrained(
             model, data.name, seed=pretrained_seed, progress=False).params
-    damage_op = damage_op if damage_op is not None else _zero_damage()
+    if damage_op is None:
+        damage_op = _zero_damage(**dict(damage_options or {}))
     seed_values = tuple(range(first_seed, first_seed + seeds))
     keys = jax.vmap(jax.random.key)(jnp.asarray(seed_values))
     damage_keys = jax.vmap(lambda key: jax.random.fold_in(key, 0))(keys)
     order_keys = jax.vmap(lambda key: jax.random.fold_in(key, 1))(keys)
-    eval_batches = batch_split(test, 500)
+    eval_batches = batch_split(test, eval_batch_size)
     images, labels = jnp.asarray(train.images), jnp.asarray(train.labels)
     weights = jnp.ones(labels.shape, jnp.float32)
 
@@ -211,45 +216,62 @@ def run_seed_experiment(seeds: int = 10, *, model: str = "lenet5",
         config=config)
 
 
-def load_config(path: os.PathLike[str] | str) -> dict[str, Any]:
-    """Read ``experiments/seed_mnist.yaml`` into keyword arguments.
+def load_config(path: os.PathLike[str] | str,
+                overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read an experiment config (``experiments/seed_mnist.yaml``) as arguments.
+
+    The file is loaded and validated by :func:`recovjax.config.load_config`
+    (the same schema as ``recovjax recover --config``), then mapped by
+    :func:`config_arguments`.
 
     Raises:
-        FileNotFoundError: no file at ``path``.
-        ValueError: the config asks for something this experiment does not
-            run (another damage or strategy) or has unknown keys.
+        recovjax.config.ConfigError: a missing file or an invalid config.
+        ValueError: a config this experiment does not run.
     """
-    import yaml
-    with open(path) as handle:
-        config = yaml.safe_load(handle)
-    return config_arguments(config)
+    from recovjax.config import load_config as load_experiment
+    return config_arguments(load_experiment(path, overrides))
 
 
-def config_arguments(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Map the YAML structure to :func:`run_seed_experiment` arguments."""
-    config = dict(config)
-    damage = dict(config.pop("damage", {}))
-    recovery = dict(config.pop("recovery", {}))
-    config.pop("name", None)
-    config.pop("description", None)
-    if damage.pop("name", "zero") != "zero":
-        raise ValueError("the seed experiment zeroes weights (damage.name: "
-                         "zero)")
-    if damage.pop("scope", "all") not in ("all", "every tensor"):
-        raise ValueError("the seed experiment damages every tensor")
-    if recovery.pop("strategy", "finetune") != "finetune":
-        raise ValueError("the seed experiment recovers by fine-tuning")
-    if recovery.pop("optimizer", "sgd") != "sgd":
-        raise ValueError("the seed experiment fine-tunes with SGD")
-    arguments = {**config, **damage, **recovery}
-    allowed = set(run_seed_experiment.__code__.co_varnames[
-        :run_seed_experiment.__code__.co_argcount
-        + run_seed_experiment.__code__.co_kwonlyargcount])
-    unknown = sorted(set(arguments) - allowed)
-    if unknown:
-        raise ValueError(f"unknown config keys {unknown}; valid keys: "
-                         f"{sorted(allowed)}")
-    return arguments
+def config_arguments(config: Any) -> dict[str, Any]:
+    """Map an :class:`~recovjax.config.ExperimentConfig` to arguments.
+
+    ``sweep.seeds`` becomes ``seeds`` and the root ``seed`` the first seed;
+    the one damage must be ``zero`` with one ratio (its options, e.g.
+    ``scope``, are passed to the operator); the one strategy must be
+    ``finetune`` with SGD.
+
+    Raises:
+        ValueError: a config this experiment does not run.
+    """
+    if len(config.damage) != 1 or config.damage[0].kind != "zero":
+        raise ValueError("the seed experiment zeroes weights: exactly one "
+                         "damage entry of kind 'zero'")
+    damage = config.damage[0]
+    if len(damage.ratios) != 1:
+        raise ValueError("the seed experiment uses one damage ratio, got "
+                         f"{list(damage.ratios)}")
+    recovery = config.recovery
+    names = [getattr(s, "name", s) for s in (recovery.strategies
+                                             if recovery else ())]
+    if names != ["finetune"]:
+        raise ValueError("the seed experiment recovers by fine-tuning "
+                         f"(strategies: [finetune]), got {names}")
+    if recovery.optimizer.name != "sgd":
+        raise ValueError("the seed experiment fine-tunes with SGD, got "
+                         f"{recovery.optimizer.name!r}")
+    return {"seeds": config.sweep.seeds, "model": config.model,
+            "dataset": config.dataset, "ratio": float(damage.ratios[0]),
+            "damage_options": dict(damage.options),
+            "learning_rate": recovery.optimizer.learning_rate,
+            "momentum": recovery.optimizer.momentum or 0.0,
+            "batch_size": recovery.batch_size,
+            "epochs": None if recovery.steps is not None else recovery.epochs,
+            "steps": recovery.steps,
+            "pretrained_seed": config.pretrain_seed,
+            "test_size": config.evaluate.test_examples,
+            "train_size": recovery.data.train_examples,
+            "eval_batch_size": config.evaluate.batch_size,
+            "first_seed": config.seed}
 
 
 def main(argv: list[str] | None = None) -> int:
