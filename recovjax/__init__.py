@@ -4,7 +4,9 @@ The pipeline, in the order of its modules::
 
     data -> models -> damage -> evaluate -> recovery -> sweep -> results/report
 
-Everything here is re-exported from those modules.
+Everything here is re-exported from those modules. ``recovjax.evaluate``
+and ``recovjax.sweep`` name the functions here; import the modules of the
+same name with ``from recovjax.sweep import ...``.
 """
 
 from recovjax._types import (Batches, Damage, DataDamage, Dataset, Params,
@@ -19,7 +21,7 @@ from recovjax.data import batch_split, dataset_names, load_dataset
 from recovjax.evaluate import Metrics, evaluate, evaluate_stack
 from recovjax.experiment import run_experiment
 from recovjax.models import Model, get_model, model_names
-from recovjax.pretrain import Pretrained, load_pretrained, pretrain
+from recovjax.pretrain import Pretrained, load_pretrained
 from recovjax.recovery import (RecoveryTask, finetune, get_strategy,
                                make_task, recovery_ratio, strategy_names)
 from recovjax.results import ResultsTable, read_csv, read_json, summarize
@@ -62,7 +64,6 @@ __all__ = [
     "load_pretrained",
     "make_task",
     "model_names",
-    "pretrain",
     "read_csv",
     "read_json",
     "recovery_ratio",

@@ -53,7 +53,7 @@ def _run(args: argparse.Namespace, config) -> int:
     from tqdm.auto import tqdm
 
     from recovjax.experiment import check_config, run_experiment
-    check_config(config)
+    check_config(config, source=getattr(args, "config", None))
     run_dir = pathlib.Path(args.run_dir or pathlib.Path("runs") / config.name)
     start = time.perf_counter()
     bar = tqdm(total=None, desc=config.name, unit="step", disable=args.quiet,

@@ -78,13 +78,24 @@ def _subset(split: Split, count: int | None) -> Split:
     return Split(split.images[:count], split.labels[:count])
 
 
-def check_config(config: config_lib.ExperimentConfig) -> None:
+def check_config(config: config_lib.ExperimentConfig,
+                 source: str | os.PathLike[str] | None = None) -> None:
     """Check names and options against the registries, before any work.
 
     Raises:
-        ConfigError: naming the key of an unknown damage or strategy, a
-            bad option, a fraction above 1 or a duplicate label.
+        ConfigError: naming the key (and ``source``, the config file) of an
+            unknown damage or strategy, a bad option, a fraction above 1 or a
+            duplicate label.
     """
+    try:
+        _check_registries(config)
+    except config_lib.ConfigError as error:
+        if source is None:
+            raise
+        raise config_lib.ConfigError(f"{source}: {error}") from None
+
+
+def _check_registries(config: config_lib.ExperimentConfig) -> None:
     labels = set()
     for index, damage in enumerate(config.damage):
         where = f"damage[{index}]"

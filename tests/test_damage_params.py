@@ -286,7 +286,7 @@ def test_sign_flip_negates_exactly_the_masked_entries(ratio, seed):
 # --------------------------------------------------------------------------
 
 BIT_CASES = [(np.float32, "exponent"), (jnp.bfloat16, "any"),
-             (np.float16, "sign"), (jnp.bfloat16, 3)]
+             (np.float16, "sign")]
 BIT_OPS = {case: make_bit_flip(case[1], mode="exact") for case in BIT_CASES}
 BIT_TREES = {dtype: _tree(dtype) for dtype in (np.float32, jnp.bfloat16,
                                                np.float16)}
@@ -351,9 +351,6 @@ def test_stuck_at_forces_bits_and_marks_faulty_cells():
     np.testing.assert_array_equal(mask, stuck_one.mask["w"])  # same cells
     np.testing.assert_array_equal(after[mask], 1.0)
     np.testing.assert_array_equal(after[~mask], 1.5)
-    mantissa = make_stuck_at(0, "mantissa")(jax.random.key(0), TREE, 1.0)
-    for leaf in _flat(mantissa.params):
-        assert not (_bits(leaf) & np.uint32((1 << 23) - 1)).any()
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.bool_, np.complex64])

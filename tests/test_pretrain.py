@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import numpy as np
 import pytest
 
-from recovjax import pretrain as pretraining
 from recovjax._types import Dataset, Split
 from recovjax.checkpoints import read_metadata
 from recovjax.pretrain import Recipe, load_pretrained, pretrain, train
 
 from conftest import tree_equal
+
+# The module, not the function re-exported as recovjax.pretrain.
+pretraining = importlib.import_module("recovjax.pretrain")
 
 TINY = Recipe(epochs=2, batch_size=50, learning_rate=2e-3)
 

@@ -15,15 +15,13 @@ from recovjax._types import Damage, Split
 from recovjax.checkpoints import save_checkpoint
 from recovjax.data import batch_split
 from recovjax.models import Model
-from recovjax.recovery import (FinetuneResult, distill, distill_loss,
-                               get_strategy, make_finetune, make_task,
-                               peak_memory, rebuild_from_checkpoint,
-                               rebuild_reinit, recovery_ratio,
-                               recovery_records, reinitialize,
+from recovjax.recovery import (Curve, FinetuneResult, distill, distill_loss,
+                               get_strategy, make_task, peak_memory,
+                               rebuild_from_checkpoint, rebuild_reinit,
+                               recovery_ratio, recovery_records, reinitialize,
                                samples_to_fraction, steps_to_fraction,
                                strategy_names, teacher_logits,
                                train_step_cost)
-from recovjax.recovery.finetune import Curve
 
 
 def tiny_model() -> Model:
@@ -75,14 +73,10 @@ def data(small_mnist):
 
 @pytest.fixture(scope="module")
 def pretrained(tiny, data):
+    """Stand-in pretrained parameters: none of these tests needs a trained
+    model, and training one would cost another compilation."""
     train, _ = data
-    images = jnp.asarray(train.images)
-    params = tiny.init(jax.random.key(0), images[:1])
-    recover = jax.jit(make_finetune(tiny.apply, optax.adam(1e-3), steps=40,
-                                    batch_size=50))
-    return recover(jax.random.key(1), params, None, images,
-                   jnp.asarray(train.labels),
-                   jnp.ones((300,), jnp.float32)).params
+    return tiny.init(jax.random.key(0), jnp.asarray(train.images[:1]))
 
 
 @pytest.fixture(scope="module")

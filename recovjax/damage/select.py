@@ -249,7 +249,10 @@ def draw_bits(key: PRNGKey, sizes: Sequence[int],
     if total > MAX_ENTRIES:
         raise ValueError(f"cannot draw {total} distinct uint32 values "
                          f"(at most {MAX_ENTRIES})")
-    seeds = stream_seeds(key, stream)
+    return _draw_from_seeds(stream_seeds(key, stream), sizes)
+
+
+def _draw_from_seeds(seeds: Array, sizes: Sequence[int]) -> list[Array]:
     draws, offset = [], 0
     for size in sizes:
         counter = lax.iota(jnp.uint32, int(size)) + jnp.uint32(offset)
@@ -432,18 +435,19 @@ def _park(values: Sequence[Array], where: Sequence[Array | None]
 
 
 def _threshold_distinct(draws: Sequence[Array],
-                        redraw: Callable[[], list[Array]], counts: Array,
-                        where: Sequence[Array | None], groups: Sequence[int],
-                        num_groups: int) -> Array:
-    # As _threshold, for draws distinct within a group; redraw() makes them
-    # again.
-    # The high half takes 16 counting passes. The entries whose high half
-    # is the answer are then few (about size / 2**16), so one top_k gathers
-    # their smallest low halves and the needed rank is read off, instead of
-    # 16 more passes. Should the rank not fit (astronomically rare), a sort
-    # finds it, in a while_loop that otherwise does nothing; it redraws the
-    # values rather than capture them, because arrays a loop captures are
-    # copied even when it runs no iteration.
+                        redraw: Callable[[Array], list[Array]],
+                        counts: Array, where: Sequence[Array | None],
+                        groups: Sequence[int], num_groups: int) -> Array:
+    # As _threshold, for draws distinct within a group; redraw(salt) makes
+    # them again when salt is 0. The high half takes 16 counting passes.
+    # The entries whose high half is the answer are then few (about
+    # size / 2**16), so one top_k gathers their smallest low halves and the
+    # needed rank is read off, instead of 16 more passes. Should the rank
+    # not fit (astronomically rare), a sort finds it, in a while_loop that
+    # otherwise runs no iteration. That loop must not compute from loop
+    # invariants only: XLA hoists loop-invariant work out of the loop and
+    # would then run the sort every time. So it redraws, salted with the
+    # loop's own (always false) flag.
     values = _park(draws, where)
     levels = [_halvings(v.shape[0]) for v in values]
     high = [(v >> 16).astype(jnp.uint16) for v in values]
@@ -472,8 +476,9 @@ def _threshold_distinct(draws: Sequence[Array],
     def sort_low_half(state):
         # The rare path: sort every group's low halves (entries outside
         # the bucket parked at 0xFFFF) and read the needed rank.
-        _, bottom = state
-        values = _park(redraw(), where)
+        done, bottom = state
+        # `done` is False here, so the salt is 0, but XLA cannot know.
+        values = _park(redraw(done.astype(jnp.uint32)), where)
         low = [[] for _ in range(num_groups)]
         for v, g in zip(values, groups):
             low[g].append(jnp.where((v >> 16).astype(jnp.uint16) == top[g],
@@ -542,16 +547,32 @@ def _rank_select(values: Sequence[Array], where: Sequence[Array | None],
     return masks
 
 
+def _sort_select_distinct(values: Sequence[Array],
+                          where: Sequence[Array | None], count: Array
+                          ) -> list[Array]:
+    # One group of distinct values by sorting: below the count-th smallest.
+    parked = _park(values, where)
+    ranked = jnp.sort(jnp.concatenate(parked) if len(parked) > 1
+                      else parked[0])
+    threshold = ranked[jnp.clip(count, 0, ranked.shape[0] - 1)]
+    everything = count >= eligible_counts(values, where, [0] * len(values))[0]
+    return [((v < threshold) | everything) if w is None
+            else ((v < threshold) | everything) & w
+            for v, w in zip(values, where)]
+
+
 def _dispatch(values: Sequence[Array], counts: Array,
               where: Sequence[Array | None], groups: Sequence[int],
-              num_groups: int, search: Callable) -> list[Array]:
+              num_groups: int, search: Callable, distinct: bool = False
+              ) -> list[Array]:
     # Small groups by one sort each; the others by `search` on the subset.
     small, large = _partition(values, groups, num_groups)
     masks: list[Array | None] = [None] * len(values)
     for g in small:
         leaves = [i for i, group in enumerate(groups) if group == g]
-        chosen = _rank_select([values[i] for i in leaves],
-                              [where[i] for i in leaves], counts[g])
+        rank = _sort_select_distinct if distinct else _rank_select
+        chosen = rank([values[i] for i in leaves],
+                      [where[i] for i in leaves], counts[g])
         for i, mask in zip(leaves, chosen):
             masks[i] = mask
     if large:
@@ -597,13 +618,14 @@ def select_random(key: PRNGKey, sizes: Sequence[int], counts: Array, *,
         return []
     counts = jnp.broadcast_to(jnp.asarray(counts, jnp.int32), (num_groups,))
     counts = jnp.minimum(counts, eligible_counts(shapes, where, groups))
-    draws = draw_bits(key, sizes)
+    seeds = stream_seeds(key, SELECT_STREAM)
+    draws = _draw_from_seeds(seeds, sizes)
 
     def search(leaves, sub_counts, sub_groups, sub_num_groups):
         sub_where = [where[i] for i in leaves]
 
-        def redraw():
-            every = draw_bits(key, sizes)
+        def redraw(salt):
+            every = _draw_from_seeds(seeds ^ salt, sizes)
             return [every[i] for i in leaves]
 
         threshold = _threshold_distinct(
@@ -620,7 +642,8 @@ def select_random(key: PRNGKey, sizes: Sequence[int], counts: Array, *,
             masks.append(mask if w is None else mask & w)
         return masks
 
-    return _dispatch(draws, counts, where, groups, num_groups, search)
+    return _dispatch(draws, counts, where, groups, num_groups, search,
+                     distinct=True)
 
 
 def select_bernoulli(draws: Sequence[Array], rate: Array, *,

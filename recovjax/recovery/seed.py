@@ -271,6 +271,7 @@ def config_arguments(config: Any) -> dict[str, Any]:
             "test_size": config.evaluate.test_examples,
             "train_size": recovery.data.train_examples,
             "eval_batch_size": config.evaluate.batch_size,
+            "eval_every": recovery.eval_every,
             "first_seed": config.seed}
 
 
@@ -280,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     path = argv[0] if argv else os.path.join("experiments", "seed_mnist.yaml")
     result = run_seed_experiment(**load_config(path))
     print(result.describe())
+    print("  damaged per seed:   "
+          + " ".join(f"{a:.3f}" for a in result.damaged_accuracy))
+    print("  recovered per seed: "
+          + " ".join(f"{a:.3f}" for a in result.recovered_accuracy))
     print(f"  ({result.seconds:.1f} s for damage + recovery of "
           f"{len(result.seeds)} models, compilation included)")
     return 0
