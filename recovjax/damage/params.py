@@ -26,7 +26,7 @@ to ``[0, 1]`` (NaN reads as 0) and traced noise scales are used as given.
 
 from __future__ import annotations
 
-from typing import Callable, Literal, NamedTuple, Sequence
+from typing import Callable, Literal, NamedTuple, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +43,8 @@ DamageFn = Callable[[PRNGKey, Params, "float | Array"], Damage]
 Mode = Literal["exact", "bernoulli"]
 RatioOver = Literal["leaf", "global"]
 Target = Literal["random", "largest", "smallest"]
-Bits = "Literal['any', 'sign', 'exponent', 'mantissa'] | int"
+Bits = Union[Literal["any", "sign", "exponent", "mantissa"], int]
+"""A bit class or one bit position (0 = least significant)."""
 
 MODES = ("exact", "bernoulli")
 RATIO_OVER = ("leaf", "global")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Sequence, Union
+from typing import Union
 
 import jax
 
@@ -126,12 +126,3 @@ def select_leaves(params: Params, scope: ScopeLike) -> tuple[bool, ...]:
         raise ValueError(f"scope {resolved.describe()} matches no leaf of "
                          f"the parameters (leaves: {shown or 'none'})")
     return chosen
-
-
-def describe_leaves(paths: Sequence[str], chosen: Sequence[bool]) -> str:
-    """``'conv1/kernel, fc1/kernel'``: the chosen paths, for messages."""
-    return ", ".join(p for p, c in zip(paths, chosen) if c)
-
-
-def _is_leaf_like(value: Any) -> bool:
-    return hasattr(value, "shape") and hasattr(value, "dtype")

@@ -323,12 +323,6 @@ def _per_group(totals_by_leaf: Sequence[Array], groups: Sequence[int],
     return jnp.stack(totals)
 
 
-def _count(condition: Array, where: Array | None) -> Array:
-    if where is not None:
-        condition = condition & where
-    return jnp.sum(condition, dtype=jnp.int32)
-
-
 def eligible_counts(values: Sequence[Array], where: Sequence[Array | None]
                     | None = None, groups: Sequence[int] | None = None
                     ) -> Array:
