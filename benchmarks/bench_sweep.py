@@ -413,6 +413,8 @@ def main(argv: list[str] | None = None) -> str:
         f"{default_first:.2f} | {torch_loop / default_first:.2f}x |")
     say(f"| recovjax default sweep, steady state (median of 3) | "
         f"{default_steady:.2f} | {torch_loop / default_steady:.2f}x |")
+    say(f"| recovjax steady state vs the 1-thread PyTorch loop | | "
+        f"{torch_one_thread / default_steady:.2f}x |")
     say(f"| (steady-state speed-up per alternating round: "
         f"{', '.join(f'{x:.2f}x' for x in speedups)}) | | |")
     say(f"| whole PyTorch process (import, load, loop, write CSV) | "
