@@ -15,12 +15,13 @@ from recovjax.recovery.rebuild import (make_rebuild, rebuild_from_checkpoint,
                                        rebuild_reinit, reinitialize)
 from recovjax.recovery.registry import (RecoveryOutcome, RecoveryTask,
                                         compose, get_strategy, make_task,
-                                        strategy_names)
+                                        strategy_names, strategy_options)
 from recovjax.recovery.restore import (RestoreResult, check_structure,
                                        damaged_leaf_paths, detect_and_restore,
                                        read_leaves, replace_entries,
                                        replace_leaves, restore_entries,
                                        restore_full, restore_leaves)
+from recovjax.recovery.seed import SeedExperimentResult, run_seed_experiment
 
 __all__ = [
     "MODES",
@@ -31,6 +32,7 @@ __all__ = [
     "RecoveryOutcome",
     "RecoveryTask",
     "RestoreResult",
+    "SeedExperimentResult",
     "budget_weights",
     "check_structure",
     "compiled_cost",
@@ -51,6 +53,7 @@ __all__ = [
     "read_leaves",
     "rebuild_from_checkpoint",
     "rebuild_reinit",
+    "run_seed_experiment",
     "recovery_ratio",
     "recovery_records",
     "reinitialize",
@@ -63,6 +66,7 @@ __all__ = [
     "stack_recover",
     "steps_to_fraction",
     "strategy_names",
+    "strategy_options",
     "teacher_logits",
     "train_step_cost",
     "trainable_mask",

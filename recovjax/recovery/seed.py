@@ -94,7 +94,10 @@ class SeedExperimentResult:
             lines.append(f"  {stage:<9} accuracy {mean:.4f} ± {half:.4f}"
                          if stage != "clean" else
                          f"  {stage:<9} accuracy {mean:.4f}")
-        lines.append(f"  recovery ratio {np.nanmean(recovery_ratio(self.clean_accuracy, self.damaged_accuracy, self.recovered_accuracy)):.3f}")  # noqa: E501
+        ratios = recovery_ratio(self.clean_accuracy, self.damaged_accuracy,
+                                self.recovered_accuracy)
+        lines.append(f"  recovery ratio {np.nanmean(ratios):.3f} (mean over "
+                     "seeds)")
         return "\n".join(lines)
 
 
