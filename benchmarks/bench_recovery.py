@@ -8,9 +8,9 @@ Measured side by side in one run:
 
 * convolution formulations of the vmapped train step (how a stack of models
   meets the convolutions), per model-step, with XLA's FLOP count;
-* W2 with the vmapped recovery (one compiled program for the 20 copies):
-  first call (compilation included) and steady state, for the fastest
-  formulation (``--with-registry``: also for the registry's LeNet);
+* W2 with the vmapped recovery (one compiled program for the 20 copies)
+  through the library's own LeNet-5: first call (compilation included) and
+  steady state;
 * W2 in chunks of 10 models (two calls of one vmapped program);
 * W2 as a sequential JAX loop (one compiled single-model program, 20 calls);
 * W2 as the PyTorch loop (``torch.optim.SGD``, same damaged weights, same
@@ -71,85 +71,60 @@ def _head(params, x):
     return x @ params["fc3"]["kernel"] + params["fc3"]["bias"]
 
 
-def _pool(x):
+def _reshape_pool(x):
     n, h, w, c = x.shape
     return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
 
-def conv2d_banded(x, kernel, bias, tile: int | None = None):
-    """Stride-1 VALID convolution as a GEMM of image rows with a band matrix.
-
-    Each output row ``h`` is ``concat_i(x[h + i]) @ band``, where ``band``
-    (``[kh * W * C, W' * O]``) holds the kernel on shifted diagonals. No
-    ``kh * kw``-fold im2col copy is built (only ``kh`` shifted row slabs), at
-    the price of multiplying by the band's zeros: ``W / kw`` times the
-    im2col FLOPs, in large, well-shaped matmuls. With ``tile``, the output
-    width is cut into tiles of that many columns sharing one smaller band
-    (``(tile + kw - 1) / kw`` times the FLOPs).
-    """
-    b, h, w, c = x.shape
-    kh, kw, _, o = kernel.shape
-    ho, wo = h - kh + 1, w - kw + 1
-    tile = wo if tile is None else tile
-    count, span = wo // tile, tile + kw - 1
-    slabs = jnp.stack([
-        jnp.stack([x[:, i:i + ho, t * tile:t * tile + span]
-                   for i in range(kh)], axis=2)
-        for t in range(count)], axis=2)  # [B, ho, tiles, kh, span, C]
-    slabs = slabs.reshape(b * ho * count, kh * span * c)
-    shift = np.zeros((kw, span, tile), np.float32)
-    for j in range(kw):
-        shift[j, np.arange(tile) + j, np.arange(tile)] = 1.0
-    band = jnp.einsum("ijco,jvw->ivcwo", kernel, shift).reshape(
-        kh * span * c, tile * o)
-    return (slabs @ band).reshape(b, ho, wo, o) + bias
-
-
-def _conv_channels_first(x, kernel, bias):
+def _im2col(x, kernel, bias):
+    from recovjax.models.layers import extract_patches
     kh, kw, cin, cout = kernel.shape
-    ho, wo = x.shape[2] - kh + 1, x.shape[3] - kw + 1
-    patches = jnp.stack([x[:, :, i:i + ho, j:j + wo] for i in range(kh)
-                         for j in range(kw)])
-    patches = patches.reshape((kh * kw * cin,) + x.shape[1:2] + (ho, wo))
-    y = jnp.einsum("ko,kbhw->obhw", kernel.reshape(kh * kw * cin, cout),
-                   patches)
-    return y + bias[:, None, None, None]
+    patches = extract_patches(x, (kh, kw))
+    return patches @ kernel.reshape(kh * kw * cin, cout) + bias
 
 
-def lenet_channels_first(params, x):
-    """LeNet-5 with im2col in a channels-first layout (no minor-dim concat)."""
-    x = jnp.moveaxis(x, -1, 0)
-    for name in ("conv1", "conv2"):
-        y = _conv_channels_first(x, params[name]["kernel"],
-                                 params[name]["bias"])
-        c, b, h, w = y.shape
-        x = jax.nn.relu(y.reshape(c, b, h // 2, 2, w // 2, 2).max(
-            axis=(3, 5)))
-    x = jnp.transpose(x, (1, 2, 3, 0))
-    return _head(params, x)
+def _lax_conv(x, kernel, bias):
+    from recovjax.models.layers import reference_conv2d
+    return reference_conv2d(x, kernel, bias)
 
 
-def make_banded_lenet(tile1: int | None = None, tile2: int | None = None):
-    """LeNet-5 whose convolutions are :func:`conv2d_banded`."""
+def make_lenet(conv: Callable, pool: Callable | None = None) -> Callable:
+    """LeNet-5 (the registry's parameter tree) with the given conv / pool."""
+    from recovjax.models.layers import max_pool_2x2
+    pool = max_pool_2x2 if pool is None else pool
 
     def apply(params, x):
-        x = _pool(jax.nn.relu(conv2d_banded(
-            x, params["conv1"]["kernel"], params["conv1"]["bias"], tile1)))
-        x = _pool(jax.nn.relu(conv2d_banded(
-            x, params["conv2"]["kernel"], params["conv2"]["bias"], tile2)))
+        for name in ("conv1", "conv2"):
+            x = pool(jax.nn.relu(conv(x, params[name]["kernel"],
+                                      params[name]["bias"])))
         return _head(params, x)
 
     return apply
 
 
+def _banded(tile: int) -> Callable:
+    from recovjax.models.layers import conv2d
+    return lambda x, kernel, bias: conv2d(x, kernel, bias, "VALID", tile)
+
+
 def formulations() -> dict[str, Callable]:
+    """Ways of computing LeNet-5; the first is the library's own model."""
     from recovjax.models import get_model
     return {
-        "im2col NHWC (registry lenet5)": get_model("lenet5").apply,
-        "im2col channels-first": lenet_channels_first,
-        "banded GEMM": make_banded_lenet(),
-        "banded GEMM, tiles of 4": make_banded_lenet(4, 4),
+        "registry lenet5 (banded GEMM, tiles of 4)": get_model("lenet5").apply,
+        "banded GEMM, tiles of 4, reshape pooling": make_lenet(
+            _banded(4), _reshape_pool),
+        "im2col, reshape pooling": make_lenet(_im2col, _reshape_pool),
+        "im2col": make_lenet(_im2col),
+        "banded GEMM, full width": make_banded(1000),
+        "banded GEMM, tiles of 8": make_banded(8),
+        "banded GEMM, tiles of 2": make_banded(2),
     }
+
+
+def make_banded(tile: int) -> Callable:
+    """LeNet-5 whose convolutions are banded GEMMs with ``tile`` columns."""
+    return make_lenet(_banded(tile))
 
 
 # --------------------------------------------------------------------------
@@ -422,9 +397,6 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--quick", action="store_true",
                         help="20 steps instead of 200 (smoke run)")
     parser.add_argument("--skip-torch", action="store_true")
-    parser.add_argument("--with-registry", action="store_true",
-                        help="also run full W2 with the registry's LeNet "
-                        "(the formulation table already compares it)")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     from recovjax.recovery import peak_memory
     machine = _machine()
@@ -436,17 +408,13 @@ def main(argv: list[str] | None = None) -> str:
     log("formulations ...")
     table = bench_formulations(setup)
     best = min(table, key=lambda row: row["per_step_ms"])
-    best_apply = formulations()[best["name"]]
-    log(f"best formulation: {best['name']}; W2 vmapped ...")
-    vmapped = bench_vmapped(setup, best_apply)
-    registry = None
-    if args.with_registry and best["name"] != next(iter(formulations())):
-        log("W2 vmapped, registry formulation ...")
-        registry = bench_vmapped(setup, next(iter(formulations().values())))
+    library_name, library_apply = next(iter(formulations().items()))
+    log(f"fastest formulation: {best['name']}; W2 vmapped ...")
+    vmapped = bench_vmapped(setup, library_apply)
     log("W2 chunks ...")
-    chunked = bench_chunked(setup, best_apply)
+    chunked = bench_chunked(setup, library_apply)
     log("W2 sequential ...")
-    sequential = bench_sequential(setup, best_apply)
+    sequential = bench_sequential(setup, library_apply)
     torch_result = None
     if not args.skip_torch:
         log("W2 PyTorch ...")
@@ -483,12 +451,9 @@ def main(argv: list[str] | None = None) -> str:
                      f"{row['first']:.1f} |")
     lines += [
         "",
-        f"Kept for W2: **{best['name']}**. The banded formulations are "
-        "defined in this file (`conv2d_banded`, same parameters as the "
-        "registry's LeNet-5, logits equal to float rounding); the registry "
-        "model in `recovjax.models` still computes its convolutions as "
-        "im2col, so recoveries through the library run at the first row's "
-        "speed until the model layer adopts one of them.",
+        f"Fastest in this run: **{best['name']}**. Every row has the "
+        "registry's LeNet-5 parameters; W2 below runs the library's own "
+        f"model ({library_name}), as `recovjax.recovery` does.",
         "",
         "### W2",
         "",
@@ -501,11 +466,9 @@ def main(argv: list[str] | None = None) -> str:
     def speed(seconds):
         return f"{baseline / seconds:.2f}x" if baseline else "n/a"
 
-    runs = [(f"recovjax vmapped, {best['name']}", vmapped)]
-    if registry is not None:
-        runs.append(("recovjax vmapped, registry lenet5 (im2col)", registry))
-    runs += [(f"recovjax 2 chunks of 10, {best['name']}", chunked),
-             (f"recovjax sequential loop, {best['name']}", sequential)]
+    runs = [("recovjax vmapped (one program, 20 models)", vmapped),
+            ("recovjax 2 chunks of 10", chunked),
+            ("recovjax sequential loop", sequential)]
     for name, run in runs:
         lines.append(f"| {name} | {run['first']:.1f} | {run['steady']:.1f} "
                      f"| {per_step(run['steady']):.2f} | "

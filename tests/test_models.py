@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from recovjax.models import get_model, model_names
-from recovjax.models.layers import conv2d, max_pool_2x2, reference_conv2d
+from recovjax.models.layers import (conv2d, extract_patches, max_pool_2x2,
+                                    reference_conv2d)
 
 from conftest import tree_equal
 
@@ -82,14 +83,45 @@ def test_bad_num_classes():
 
 @pytest.mark.parametrize("padding", ["VALID", "SAME"])
 @pytest.mark.parametrize("kernel_size", [(5, 5), (3, 3), (2, 3)])
-def test_im2col_conv_matches_lax_conv(padding, kernel_size):
+@pytest.mark.parametrize("tile", [1, 3, 4, 100])
+def test_banded_conv_matches_lax_conv(padding, kernel_size, tile):
     kx, kk, kb = jax.random.split(jax.random.key(1), 3)
     x = jax.random.normal(kx, (2, 12, 11, 3))
     kernel = jax.random.normal(kk, (*kernel_size, 3, 4))
     bias = jax.random.normal(kb, (4,))
-    np.testing.assert_allclose(conv2d(x, kernel, bias, padding),
+    np.testing.assert_allclose(conv2d(x, kernel, bias, padding, tile),
                                reference_conv2d(x, kernel, bias, padding),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_banded_conv_gradients_match_lax_conv():
+    kx, kk = jax.random.split(jax.random.key(2))
+    x = jax.random.normal(kx, (3, 10, 10, 2))
+    kernel = jax.random.normal(kk, (3, 3, 2, 5))
+
+    def loss(conv, x, kernel):
+        return jnp.sum(jnp.sin(conv(x, kernel, None, "SAME")))
+
+    ours = jax.grad(lambda x, k: loss(conv2d, x, k), (0, 1))(x, kernel)
+    ref = jax.grad(lambda x, k: loss(reference_conv2d, x, k), (0, 1))(
+        x, kernel)
+    for a, b in zip(ours, ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_patches_are_im2col():
+    x = jnp.arange(2 * 4 * 5 * 3, dtype=jnp.float32).reshape(2, 4, 5, 3)
+    kernel = jax.random.normal(jax.random.key(3), (2, 3, 3, 4))
+    patches = extract_patches(x, (2, 3))
+    assert patches.shape == (2, 3, 3, 18)
+    np.testing.assert_allclose(patches @ kernel.reshape(18, 4),
+                               reference_conv2d(x, kernel, None), rtol=1e-5)
+
+
+def test_conv_rejects_bad_tile():
+    with pytest.raises(ValueError, match="tile"):
+        conv2d(jnp.zeros((1, 4, 4, 1)), jnp.zeros((3, 3, 1, 1)), None,
+               "VALID", 0)
 
 
 def test_conv_rejects_unknown_padding():
@@ -101,3 +133,6 @@ def test_max_pool():
     x = jnp.arange(16.0).reshape(1, 4, 4, 1)
     np.testing.assert_array_equal(max_pool_2x2(x)[0, :, :, 0],
                                   [[5.0, 7.0], [13.0, 15.0]])
+    odd = jnp.arange(35.0).reshape(1, 5, 7, 1)  # floor: last row/column out
+    np.testing.assert_array_equal(max_pool_2x2(odd)[0, :, :, 0],
+                                  [[8.0, 10.0, 12.0], [22.0, 24.0, 26.0]])
