@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/recovjax demo
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest tests
+	$(VENV)/bin/python -m pytest -n 2 --dist loadscope tests
 
 bench: $(STAMP)
 	$(VENV)/bin/python -m pip install --quiet -e '.[bench]'

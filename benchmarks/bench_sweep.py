@@ -324,15 +324,17 @@ def main(argv: list[str] | None = None) -> str:
          lambda: run_sweep(im2col_model, batch_size=1000, vmap_size=2)),
         ("lax.map (1 at a time), banded, batch 1000",
          lambda: run_sweep(batch_size=1000, vmap_size=1)),
-        ("lax.map over vmap pairs (default), banded, batch 1000",
+        ("lax.map over vmap pairs, banded, batch 1000",
          lambda: run_sweep(batch_size=1000, vmap_size=2)),
         ("lax.map over vmap pairs, banded, batch 250",
          lambda: run_sweep(batch_size=250, vmap_size=2)),
+        ("lax.map (1 at a time, default), banded, batch 250",
+         lambda: run_sweep(batch_size=250, vmap_size=1)),
     ]
     if not args.quick:
         trials += [
-            ("lax.map (1 at a time), banded, batch 250",
-             lambda: run_sweep(batch_size=250, vmap_size=1)),
+            ("lax.map (1 at a time), banded, batch 100",
+             lambda: run_sweep(batch_size=100, vmap_size=1)),
             ("vmap of all 100, banded, batch 100",
              lambda: run_sweep(batch_size=100, vmap_size=100,
                                memory_budget_bytes=big)),
@@ -474,7 +476,8 @@ def main(argv: list[str] | None = None) -> str:
     say()
     say(f"Fastest formulation in this run: {best[0]} ({best[2]:.2f} s). "
         f"The sweep's default is vmap groups of "
-        f"{sweeping.DEFAULT_VMAP_SIZE} inside `lax.map`, the model's own "
+        f"{sweeping.DEFAULT_VMAP_SIZE} (one model at a time) inside "
+        f"`lax.map`, the model's own "
         f"apply (banded-GEMM convolutions), batches of "
         f"{sweeping.DEFAULT_BATCH_SIZE}.")
     if scaling:

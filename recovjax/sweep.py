@@ -81,16 +81,21 @@ DamageOp = Callable[[PRNGKey, Params, Any], Damage]
 AXIS = "models"
 """Name of the mesh axis the model axis is sharded over."""
 
-DEFAULT_BATCH_SIZE = 1000
-"""Evaluation batch size (examples per forward pass of one model)."""
+DEFAULT_BATCH_SIZE = 250
+"""Evaluation batch size (examples per forward pass of one model).
 
-DEFAULT_VMAP_SIZE = 2
+Chosen with :data:`DEFAULT_VMAP_SIZE` by ``benchmarks/bench_sweep.py`` on a
+2-core CPU: with banded-GEMM convolutions, batches of 200-250 images keep a
+model's activations in cache and beat batches of 100, 500 and 1,000.
+"""
+
+DEFAULT_VMAP_SIZE = 1
 """Points damaged and evaluated together under ``vmap`` on one device.
 
-Chosen by ``benchmarks/bench_sweep.py`` on a 2-core CPU (LeNet-5, batches
-of 1,000 images): ``lax.map`` over pairs beat one model at a time by about
-2x and wider groups (5, 10, 25, 50, 100: vmapped convolutions become
-batched matmuls over per-model patch tensors, which XLA:CPU runs slowly).
+Chosen by ``benchmarks/bench_sweep.py`` on a 2-core CPU (LeNet-5): one
+model at a time inside ``lax.map`` beat ``vmap`` groups of 2, 4, 5, 10 and
+100 by 10-40 % (under ``vmap`` every convolution becomes a batched matmul
+over per-model slabs, and a group's activations no longer fit in cache).
 On accelerators wider groups win; raise ``vmap_size`` there (it is capped
 by ``memory_budget_bytes``).
 """

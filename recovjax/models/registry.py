@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import flax.linen as nn
@@ -68,7 +69,8 @@ def get_model(name: str, num_classes: int = 10) -> Model:
         num_classes: size of the output layer.
 
     Returns:
-        A :class:`Model`.
+        A :class:`Model`. The same object for the same arguments, so that
+        every ``jax.jit`` keyed on its functions compiles once per process.
 
     Raises:
         ValueError: for an unknown name (the message lists valid names) or a
@@ -79,4 +81,9 @@ def get_model(name: str, num_classes: int = 10) -> Model:
                          f"{', '.join(model_names())}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be positive, got {num_classes}")
+    return _cached_model(name, int(num_classes))
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_model(name: str, num_classes: int) -> Model:
     return _from_module(name, _FACTORIES[name](num_classes), num_classes)
