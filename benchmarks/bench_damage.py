@@ -34,7 +34,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from recovjax._types import Damage
 from recovjax.damage import make_zero

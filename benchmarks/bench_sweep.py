@@ -30,9 +30,7 @@ Needs PyTorch (``pip install -e '.[bench]'``).
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
-import json
 import os
 import pathlib
 import platform

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import math
 import os
-import pathlib
 import time
 import zlib
 from typing import Any, Callable, Sequence
@@ -39,10 +38,11 @@ from recovjax.evaluate import evaluate
 from recovjax.models import get_model
 from recovjax.pretrain import load_pretrained
 from recovjax.recovery import get_strategy, make_task
-from recovjax.recovery.measure import peak_memory, recovery_records
-from recovjax.recovery.registry import strategy_options
+from recovjax.recovery.measure import (peak_memory, recovery_records,
+                                       train_step_cost)
+from recovjax.recovery.registry import make_optimizer, strategy_options
 from recovjax.results import ResultsTable, metrics_rows
-from recovjax.rundir import RunDirectory, atomic_write, environment
+from recovjax.rundir import RunDirectory, environment
 from recovjax.sweep import iter_sweep, point_key
 
 RECOVERY_STREAM = 0x5EC0
@@ -172,6 +172,22 @@ def _build_strategy(spec: config_lib.StrategyConfig,
 class Experiment:
     """The state shared by the stages of one run (data, model, keys)."""
 
+    _step_flops: float | None = None
+
+    def step_flops(self) -> float | None:
+        """FLOPs of one fine-tuning step of one model (XLA cost analysis),
+        or ``None`` where the backend does not count them."""
+        if self._step_flops is None:
+            recovery = self.config.recovery
+            optimizer = make_optimizer(recovery.optimizer.name,
+                                       recovery.optimizer.learning_rate,
+                                       recovery.optimizer.momentum)
+            shape = (recovery.batch_size,
+                     *self.data.train.images.shape[1:])
+            self._step_flops = float(train_step_cost(
+                self.model.apply, self.params, shape, optimizer).flops)
+        return None if math.isnan(self._step_flops) else self._step_flops
+
     def __init__(self, config: config_lib.ExperimentConfig, *,
                  zoo_dir=None, progress: bool = True):
         self.config = config
@@ -219,10 +235,9 @@ class Experiment:
                        num_classes=self.data.num_classes)
         key = jax.random.fold_in(
             self.root, zlib.crc32(f"recovery-budget/{label}".encode()))
-        fraction = None if data.fraction >= 1.0 else data.fraction
+        budget = None if data.fraction >= 1.0 else (key, data.fraction)
         return make_task(self.model, train, checkpoint=self.pretrained.path,
-                         eval_batches=self.batches, fraction=fraction,
-                         key=key if fraction is not None else None,
+                         eval_batches=self.batches, budget=budget,
                          teacher=self.params)
 
     def damaged_stack(self, damage: config_lib.DamageConfig,
@@ -364,10 +379,14 @@ def run_experiment(config: config_lib.ExperimentConfig,
                             strategy=strategy_label, clean=clean_accuracy,
                             damaged=damaged_accuracy)
                         run.write_part(name, part_rows)
+                        trained = outcome.losses.shape[-1] > 0
                         costs["recovery"].append({
                             "damage": label, "strategy": strategy_label,
                             "group": index, "models": len(group),
                             "seconds": round(seconds, 4),
+                            "steps": int(outcome.losses.shape[-1]),
+                            "flops_per_step": (experiment.step_flops()
+                                               if trained else None),
                             "bytes_read": int(outcome.bytes_read),
                             "restored_leaves": list(outcome.restored_leaves),
                             "peak_rss_mb": round(

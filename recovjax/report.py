@@ -14,7 +14,7 @@ import json
 import math
 import os
 import pathlib
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 

@@ -33,6 +33,8 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from recovjax._io import atomic_write
+
 COLUMNS = ("damage", "ratio", "seed", "stage", "step", "metric", "value")
 """Columns of the tidy table, in file order."""
 
@@ -300,7 +302,7 @@ class ResultsTable:
         Returns:
             The path written.
         """
-        return _atomic_write(path, self.to_csv_text())
+        return atomic_write(path, self.to_csv_text())
 
     def to_json(self, path: os.PathLike[str] | str) -> pathlib.Path:
         """Write the table and its metadata as strict JSON, atomically.
@@ -313,23 +315,7 @@ class ResultsTable:
         Returns:
             The path written.
         """
-        return _atomic_write(path, self.to_json_text())
-
-
-def _atomic_write(path: os.PathLike[str] | str, text: str) -> pathlib.Path:
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "w", encoding="utf-8", newline="") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-    return path
+        return atomic_write(path, self.to_json_text())
 
 
 def _float(text: Any) -> float:

@@ -16,8 +16,9 @@ import pathlib
 import platform
 import shutil
 import subprocess
-import tempfile
 from typing import Any
+
+from recovjax._io import atomic_write  # noqa: F401  (re-exported)
 
 CONFIG_FILE = "config.yaml"
 PARTS_DIR = "parts"
@@ -25,29 +26,6 @@ PARTS_DIR = "parts"
 
 class RunConflictError(ValueError):
     """The run directory belongs to a different config."""
-
-
-def atomic_write(path: os.PathLike[str] | str, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename.
-
-    Readers see either the old file or the whole new one, never a partial
-    write, even if the process is killed midway.
-    """
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode() if isinstance(data, str) else data
-    handle, temporary = tempfile.mkstemp(dir=path.parent,
-                                         prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(payload)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
 
 
 class RunDirectory:

@@ -59,8 +59,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
-import platform
 import time
 import zlib
 from typing import (Any, Callable, Iterator, Mapping, NamedTuple, Sequence)

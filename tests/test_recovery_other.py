@@ -221,12 +221,12 @@ def test_distill_strategy_reads_the_teacher_from_the_checkpoint(
 
 def test_make_task_data_budget(tiny, data):
     train, _ = data
-    task = make_task(tiny, train, fraction=0.2, key=jax.random.key(3))
+    task = make_task(tiny, train, budget=(jax.random.key(3), 0.2))
     assert float(task.weights.sum()) == 60.0
-    with pytest.raises(ValueError, match="needs a key"):
-        make_task(tiny, train, fraction=0.2)
+    with pytest.raises(ValueError, match=r"\(key, fraction\) pair"):
+        make_task(tiny, train, budget=0.2)
     with pytest.raises(ValueError, match=r"fraction must be in \[0, 1\]"):
-        make_task(tiny, train, fraction=1.5, key=jax.random.key(0))
+        make_task(tiny, train, budget=(jax.random.key(0), 1.5))
 
 
 # Measures.

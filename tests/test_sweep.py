@@ -15,7 +15,6 @@ import pytest
 
 from recovjax import _compile_cache
 from recovjax._types import Damage, Split
-from recovjax.data import batch_split
 from recovjax.results import ResultsTable, metrics_rows, read_csv
 from recovjax.sweep import (ChunkResult, damage_id, damage_point,
                             estimate_model_bytes, iter_sweep, plan_sweep,

@@ -74,7 +74,7 @@ class RecoveryTask:
 def make_task(model: Any, train: Split | Any, *,
               checkpoint: os.PathLike[str] | str | None = None,
               eval_batches: Batches | None = None,
-              fraction: float | None = None, key: PRNGKey | None = None,
+              budget: tuple[PRNGKey, float] | None = None,
               teacher: Params | None = None) -> RecoveryTask:
     """Build a :class:`RecoveryTask` from a model and recovery data.
 
@@ -87,28 +87,31 @@ def make_task(model: Any, train: Split | Any, *,
             ``labels`` and ``weights`` (dropped samples weigh 0).
         checkpoint: pretrained checkpoint directory.
         eval_batches: test batches for curves.
-        fraction: keep only this fraction of the data (a data budget); needs
-            ``key``.
-        key: which examples the budget keeps.
+        budget: ``(key, fraction)``: keep only this fraction of the data
+            (a data budget), the kept examples chosen by ``key``; ``None``
+            keeps everything.
         teacher: pretrained parameters for distillation.
 
     Returns:
         :class:`RecoveryTask`.
 
     Raises:
-        ValueError: a ``fraction`` outside ``[0, 1]`` or without ``key``.
+        ValueError: a budget that is not ``(key, fraction)`` or whose
+            fraction lies outside ``[0, 1]``.
     """
     images = jnp.asarray(train.images)
     labels = jnp.asarray(train.labels)
     weights = getattr(train, "weights", None)
     weights = (jnp.ones(labels.shape[:1], jnp.float32) if weights is None
                else jnp.asarray(weights, jnp.float32))
-    if fraction is not None:
+    if budget is not None:
+        if not isinstance(budget, tuple) or len(budget) != 2:
+            raise ValueError("budget must be a (key, fraction) pair, got "
+                             f"{budget!r}")
+        key, fraction = budget
         if not 0.0 <= float(fraction) <= 1.0:
-            raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-        if key is None:
-            raise ValueError("a data budget (fraction) needs a key choosing "
-                             "the kept examples")
+            raise ValueError(f"budget fraction must be in [0, 1], got "
+                             f"{fraction}")
         weights = weights * budget_weights(key, labels.shape[0], fraction)
     return RecoveryTask(apply=model.apply, init=model.init,
                         num_classes=model.num_classes, images=images,
@@ -189,9 +192,20 @@ def _need_checkpoint(task: RecoveryTask, name: str):
     return task.checkpoint
 
 
-def _optimizer(optimizer: str | optax.GradientTransformation,
-               learning_rate: float, momentum: float | None
-               ) -> optax.GradientTransformation:
+def make_optimizer(optimizer: str | optax.GradientTransformation,
+                   learning_rate: float, momentum: float | None
+                   ) -> optax.GradientTransformation:
+    """The optax optimiser a training strategy is configured with.
+
+    Args:
+        optimizer: ``"sgd"``, ``"adam"``, or an optax transformation (returned
+            as is).
+        learning_rate: step size.
+        momentum: SGD momentum (``None`` or 0 for plain SGD).
+
+    Raises:
+        ValueError: for an unknown optimiser name.
+    """
     if not isinstance(optimizer, str):
         return optimizer
     if optimizer == "sgd":
@@ -244,7 +258,7 @@ def _finetune_factory(mode: str):
             raise ValueError("structural damage keeps the damaged entries at "
                              "zero, so fine-tuning only them changes nothing; "
                              "use rebuild_reinit instead")
-        transform = _optimizer(optimizer, learning_rate, momentum)
+        transform = make_optimizer(optimizer, learning_rate, momentum)
 
         def build(task):
             return make_finetune(task.apply, transform,
@@ -266,7 +280,7 @@ def _distill_factory(*, temperature: float = 1.0,
                      epochs: int | None = None, steps: int | None = None,
                      eval_every: int | None = None) -> Strategy:
     """Distil the checkpoint model into the damaged ones (no labels used)."""
-    transform = _optimizer(optimizer, learning_rate, momentum)
+    transform = make_optimizer(optimizer, learning_rate, momentum)
     cached: list[tuple[RecoveryTask, Array]] = []
 
     def build(task):
@@ -301,7 +315,7 @@ def _rebuild_reinit_factory(*, optimizer: str | optax.GradientTransformation
                             steps: int | None = None,
                             eval_every: int | None = None) -> Strategy:
     """Re-initialise the masked units with fresh keys, then fine-tune."""
-    transform = _optimizer(optimizer, learning_rate, momentum)
+    transform = make_optimizer(optimizer, learning_rate, momentum)
 
     def build(task):
         return make_rebuild(task.init, task.images[:1], task.apply, transform,
