@@ -25,9 +25,7 @@ Run ``python benchmarks/bench_damage.py`` to print the section, add
 from __future__ import annotations
 
 import os
-import pathlib
 import platform
-import re
 import statistics
 import sys
 import time
@@ -38,9 +36,8 @@ import jax.numpy as jnp
 from recovjax._types import Damage
 from recovjax.damage import make_zero
 from recovjax.models import get_model
+from results_md import write_section
 
-RESULTS = pathlib.Path(__file__).with_name("RESULTS.md")
-BEGIN, END = "<!-- begin damage -->", "<!-- end damage -->"
 RATIOS, SEEDS = 20, 5
 REPEATS = 9
 
@@ -126,7 +123,6 @@ def main(argv: list[str] | None = None) -> str:
     exact = results[EXACT]["median_ms"]
     device = jax.devices()[0]
     lines = [
-        BEGIN,
         "## Damage: exact-count selection on 100 LeNet-5 copies",
         "",
         f"Command: `python benchmarks/bench_damage.py{' --write' if '--write' in argv else ''}`  ",
@@ -162,25 +158,12 @@ def main(argv: list[str] | None = None) -> str:
         "leaves of at most 1,024 entries are ranked by one sort instead. "
         "Timings on a shared machine are noisy; the minimum is the better "
         "estimate of the intrinsic cost.",
-        END,
     ]
     return "\n".join(lines)
-
-
-def write_section(section: str, path: pathlib.Path = RESULTS) -> None:
-    """Replace (or append) the damage section of RESULTS.md."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END),
-                         re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":
     section = main()
     print(section)
     if "--write" in sys.argv[1:]:
-        write_section(section)
+        write_section("damage", section)

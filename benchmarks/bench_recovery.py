@@ -36,7 +36,6 @@ import functools
 import os
 import pathlib
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -47,9 +46,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from results_md import write_section
+
 HERE = pathlib.Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
-BEGIN, END = "<!-- begin recovery -->", "<!-- end recovery -->"
 
 RATIOS = (0.1, 0.25, 0.5, 0.75)
 SEEDS = (0, 1, 2, 3, 4)
@@ -508,22 +507,9 @@ def main(argv: list[str] | None = None) -> str:
               "read is slightly below the raw array size."]
     section = "\n".join(lines) + "\n"
     if args.write:
-        write_section(section)
+        write_section("recovery", section)
     print(section)
     return section
-
-
-def write_section(section: str, path: pathlib.Path = RESULTS) -> None:
-    """Replace the text between the recovery markers (or append them)."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = f"{BEGIN}\n{section.rstrip()}\n{END}"
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END),
-                         re.DOTALL)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ import importlib
 import os
 import pathlib
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -42,9 +41,9 @@ import textwrap
 import time
 from typing import Any, Callable
 
+from results_md import write_section
+
 HERE = pathlib.Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
-BEGIN, END = "<!-- begin sweep -->", "<!-- end sweep -->"
 
 NUM_RATIOS, NUM_SEEDS = 20, 5
 MAX_RATIO = 0.95
@@ -210,31 +209,6 @@ im2col_lenet = _lenet_with(_im2col_conv)
 """LeNet-5 forward with im2col convolutions."""
 
 
-def zero_damage():
-    """The registry's ``zero`` op, or a minimal local one (exact count)."""
-    try:
-        from recovjax.damage import get_damage
-        return get_damage("zero"), "recovjax.damage.get_damage('zero')"
-    except ImportError:
-        import jax
-        import jax.numpy as jnp
-        from recovjax._types import Damage
-
-        def zero(key, params, ratio):
-            leaves, tree = jax.tree.flatten(params)
-            out, masks = [], []
-            for index, leaf in enumerate(leaves):
-                rank = jax.random.permutation(jax.random.fold_in(key, index),
-                                              leaf.size).reshape(leaf.shape)
-                mask = rank < jnp.floor(leaf.size * ratio).astype(jnp.int32)
-                out.append(jnp.where(mask, 0.0, leaf))
-                masks.append(mask)
-            return Damage(jax.tree.unflatten(tree, out),
-                          jax.tree.unflatten(tree, masks))
-
-        return zero, "local permutation-rank zero op (no registry yet)"
-
-
 def main(argv: list[str] | None = None) -> str:
     """Run W1 and return the markdown section (``--write``: into RESULTS.md)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -253,6 +227,7 @@ def main(argv: list[str] | None = None) -> str:
 
     sweeping = importlib.import_module("recovjax.sweep")
     from recovjax._compile_cache import disable_compilation_cache
+    from recovjax.damage import get_damage
     from recovjax.data import batch_split, load_dataset
     from recovjax.models import Model, get_model
     from recovjax.pretrain import load_pretrained, library_versions
@@ -269,7 +244,7 @@ def main(argv: list[str] | None = None) -> str:
     params = load_pretrained("lenet5", "mnist5k", seed=0,
                              progress=False).params
     test = dataset.test
-    zero, zero_source = zero_damage()
+    zero = get_damage("zero")
     grid = ratios()
     count = NUM_RATIOS * NUM_SEEDS
 
@@ -426,7 +401,8 @@ def main(argv: list[str] | None = None) -> str:
         f"{time.strftime('%Y-%m-%d')}. jax {versions['jax']}, jaxlib "
         f"{versions['jaxlib']}, torch {torch.__version__} "
         f"({torch.get_num_threads()} threads), numpy {versions['numpy']}, "
-        f"Python {versions['python']}. Damage op: {zero_source}. "
+        f"Python {versions['python']}. Damage op: "
+        "recovjax.damage.get_damage('zero'). "
         f"Clean accuracy: recovjax {clean_acc:.4f}, PyTorch "
         f"{torch_clean[0]:.4f}. The machine is shared: figures are noisy.")
     say()
@@ -491,20 +467,8 @@ def main(argv: list[str] | None = None) -> str:
                 f" | {rss / 2**20:.0f} | {wall:.2f} |")
     section = "\n".join(lines)
     if args.write:
-        write_section(section)
+        write_section("sweep", section)
     return section
-
-
-def write_section(section: str, path: pathlib.Path = RESULTS) -> None:
-    """Replace the text between the sweep markers of RESULTS.md (or add it)."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    block = f"{BEGIN}\n{section}\n{END}"
-    if BEGIN in text and END in text:
-        text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END),
-                      lambda _: block, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,28 @@
+"""Sections of ``benchmarks/RESULTS.md``, one per benchmark script."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+RESULTS = pathlib.Path(__file__).with_name("RESULTS.md")
+
+
+def markers(name: str) -> tuple[str, str]:
+    """The HTML comments that delimit section ``name``."""
+    return f"<!-- begin {name} -->", f"<!-- end {name} -->"
+
+
+def write_section(name: str, section: str,
+                  path: pathlib.Path = RESULTS) -> None:
+    """Replace the text between section ``name``'s markers, or append it."""
+    begin, end = markers(name)
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    block = f"{begin}\n{section.strip()}\n{end}"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end),
+                         re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
