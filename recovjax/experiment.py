@@ -172,7 +172,19 @@ def _build_strategy(spec: config_lib.StrategyConfig,
 class Experiment:
     """The state shared by the stages of one run (data, model, keys)."""
 
-    _step_flops: float | None = None
+    def __init__(self, config: config_lib.ExperimentConfig, *,
+                 zoo_dir=None, progress: bool = True):
+        self.config = config
+        self.data = load_dataset(config.dataset, data_dir=config.data_dir)
+        self.model = get_model(config.model, self.data.num_classes)
+        self.pretrained = load_pretrained(
+            config.model, config.dataset, seed=config.pretrain_seed,
+            zoo_dir=zoo_dir, data_dir=config.data_dir, progress=progress)
+        self.params = self.pretrained.params
+        self.test = _subset(self.data.test, config.evaluate.test_examples)
+        self.batches = batch_split(self.test, config.evaluate.batch_size)
+        self.root = jax.random.key(config.seed)
+        self._step_flops: float | None = None
 
     def step_flops(self) -> float | None:
         """FLOPs of one fine-tuning step of one model (XLA cost analysis),
@@ -187,19 +199,6 @@ class Experiment:
             self._step_flops = float(train_step_cost(
                 self.model.apply, self.params, shape, optimizer).flops)
         return None if math.isnan(self._step_flops) else self._step_flops
-
-    def __init__(self, config: config_lib.ExperimentConfig, *,
-                 zoo_dir=None, progress: bool = True):
-        self.config = config
-        self.data = load_dataset(config.dataset, data_dir=config.data_dir)
-        self.model = get_model(config.model, self.data.num_classes)
-        self.pretrained = load_pretrained(
-            config.model, config.dataset, seed=config.pretrain_seed,
-            zoo_dir=zoo_dir, data_dir=config.data_dir, progress=progress)
-        self.params = self.pretrained.params
-        self.test = _subset(self.data.test, config.evaluate.test_examples)
-        self.batches = batch_split(self.test, config.evaluate.batch_size)
-        self.root = jax.random.key(config.seed)
 
     def clean_rows(self) -> list[dict]:
         metrics = jax.jit(evaluate, static_argnums=(0, 3))(
