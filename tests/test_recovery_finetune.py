@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,6 +183,79 @@ def test_vmapped_recovery_equals_one_model_at_a_time(damaged_stack, data,
         close(together.curve.loss, alone.curve.loss)
 
 
+def test_groups_and_padding_give_the_default_numbers(tiny, damaged_stack,
+                                                     data, programs):
+    images, labels, weights, test = data
+    order_keys = jax.random.split(jax.random.key(9), 3)
+    args = (order_keys, damaged_stack.params, damaged_stack.mask, images,
+            labels, weights, test)
+    default = jax.device_get(programs("undamaged")(*args))
+    # Groups of 2 pad the 3 models to 4; the padding must not leak out.
+    recover = make_finetune(tiny.apply, steps=9, batch_size=50, eval_every=4,
+                            mode="undamaged")
+    grouped = jax.device_get(stack_recover(recover, group_size=2)(*args))
+    assert grouped.losses.shape == default.losses.shape == (3, 9)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(
+        a, b, rtol=2e-5, atol=2e-6), grouped, default)
+
+
+# A subprocess: the device count is fixed when JAX starts.
+FOUR_DEVICES = textwrap.dedent("""
+    import sys
+    import jax, numpy as np
+    sys.path.insert(0, sys.argv[3])
+    from recovjax.data import batch_split
+    from recovjax._types import Split
+    from recovjax.recovery import make_finetune, stack_recover
+    from test_recovery_finetune import tiny_model
+    assert jax.device_count() == 4, jax.devices()
+    data = dict(np.load(sys.argv[1]))
+    stack = lambda prefix: {
+        layer: {name: data[f"{prefix}/{layer}/{name}"]
+                for name in ("kernel", "bias")} for layer in ("hidden", "out")}
+    recover = make_finetune(tiny_model().apply, steps=9, batch_size=50,
+                            eval_every=4, mode="undamaged")
+    test = batch_split(Split(data["test_images"], data["test_labels"]), 50)
+    result = stack_recover(recover)(
+        jax.random.split(jax.random.key(9), 3), stack("params"),
+        jax.tree.map(lambda m: m.astype(bool), stack("mask")),
+        data["images"], data["labels"], data["weights"], test)
+    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(result))[0]
+    np.savez(sys.argv[2], **{jax.tree_util.keystr(path): leaf
+                             for path, leaf in leaves})
+""")
+
+
+def test_four_forced_devices_equal_one(damaged_stack, data, programs,
+                                       small_mnist, tmp_path):
+    images, labels, weights, test = data
+    order_keys = jax.random.split(jax.random.key(9), 3)
+    one = jax.device_get(programs("undamaged")(
+        order_keys, damaged_stack.params, damaged_stack.mask, images, labels,
+        weights, test))
+    arrays = {"images": images, "labels": labels, "weights": weights,
+              "test_images": small_mnist.test.images[:100],
+              "test_labels": small_mnist.test.labels[:100]}
+    for prefix, tree in (("params", damaged_stack.params),
+                         ("mask", damaged_stack.mask)):
+        for layer, leaves in tree.items():
+            for name, value in leaves.items():
+                arrays[f"{prefix}/{layer}/{name}"] = np.asarray(value)
+    np.savez(tmp_path / "inputs.npz", **arrays)
+    environment = dict(os.environ, JAX_NUM_CPU_DEVICES="4",
+                       JAX_PLATFORMS="cpu")
+    done = subprocess.run(
+        [sys.executable, "-c", FOUR_DEVICES, str(tmp_path / "inputs.npz"),
+         str(tmp_path / "four.npz"), str(pathlib.Path(__file__).parent)],
+        env=environment, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    four = np.load(tmp_path / "four.npz")
+    leaves = jax.tree_util.tree_flatten_with_path(one)[0]
+    assert len(four.files) == len(leaves)
+    for path, leaf in leaves:
+        np.testing.assert_array_equal(four[jax.tree_util.keystr(path)], leaf)
+
+
 def test_divergence_is_recorded_per_model_without_stopping_others(
         tiny_trained, data, programs):
     images, labels, weights, test = data
@@ -265,3 +344,8 @@ def test_bad_arguments_raise_clear_errors(tiny, tiny_trained, data):
     with pytest.raises(ValueError, match="needs the damage mask"):
         finetune(jax.random.key(0), tiny.apply, tiny_trained, images, labels,
                  steps=1, mode="damaged")
+    recover = make_finetune(tiny.apply, steps=1)
+    with pytest.raises(ValueError, match="group_size must be a positive"):
+        stack_recover(recover, group_size=0)
+    with pytest.raises(ValueError, match="devices is empty"):
+        stack_recover(recover, devices=[])

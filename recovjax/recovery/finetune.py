@@ -5,25 +5,26 @@ number of steps, which entries train, the loss) in Python and returns a pure
 function ``recover(key, params, mask, images, labels, weights, eval_batches,
 frozen)``. The whole run is one ``lax.scan`` over training steps (nested in a
 scan over evaluation intervals), and every result comes back as arrays, so a
-caller reads the device once per run. ``jax.vmap`` over ``key``, ``params``
-and ``mask`` recovers a stack of damaged models with their own optimiser
-states and data orders in one compiled program::
+caller reads the device once per run. :func:`stack_recover` recovers a stack
+of damaged models, each with its own optimiser state and data order, in one
+compiled program: ``vmap`` over ``key``, ``params`` and ``mask`` within a
+group, ``lax.map`` over groups, and the model axis sharded across devices::
 
     recover = make_finetune(model.apply, steps=200, eval_every=20)
-    stack = jax.jit(jax.vmap(recover, in_axes=(0, 0, 0, None, None, None,
-                                               None)))
-    result = stack(keys, damaged_params, masks, images, labels, weights,
-                   eval_batches)
+    result = stack_recover(recover)(keys, damaged_params, masks, images,
+                                    labels, weights, eval_batches)
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Literal, NamedTuple
+from typing import Any, Callable, Literal, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.sharding import Mesh, PartitionSpec
 
 from recovjax._types import Array, ApplyFn, Batches, Mask, Params, PRNGKey
 from recovjax.data import num_batches, shuffled_batches
@@ -415,10 +416,40 @@ def make_finetune(apply: ApplyFn,
     return recover
 
 
+DEFAULT_GROUP_SIZE = 1
+"""Models per ``vmap`` group in :func:`stack_recover`.
+
+``benchmarks/bench_recovery.py`` measures the choices: on XLA:CPU one model
+at a time (``lax.map`` over groups of 1) beats a batched ``vmap`` over the
+whole stack, whose batched matmuls and larger working set run slower per
+model-step.
+"""
+
+AXIS = "models"
+"""Name of the mesh axis the model stack is sharded over."""
+
+
 def stack_recover(recover: Callable[..., FinetuneResult], *,
-                  shared_data: bool = True, frozen: bool = False
+                  shared_data: bool = True, frozen: bool = False,
+                  devices: Sequence[Any] | None = None,
+                  group_size: int = DEFAULT_GROUP_SIZE
                   ) -> Callable[..., FinetuneResult]:
-    """``jit(vmap(recover))`` over keys, parameters and masks of a stack.
+    """One compiled program recovering a stack of models on all devices.
+
+    The model axis (keys, parameters, masks) is sharded across ``devices``
+    with ``shard_map``; on each device ``lax.map`` walks over groups of
+    ``group_size`` models, and a group is recovered under ``vmap`` (each
+    model with its own optimiser state and data order). A stack whose size
+    is not a multiple of ``group_size * len(devices)`` is padded by
+    repeating its last model, and the padding is dropped from the result.
+    Each model's arithmetic does not depend on the device count, so one
+    device and several give the same numbers.
+
+    On a multi-core CPU, JAX shows one device unless asked for more
+    (``JAX_NUM_CPU_DEVICES=N`` in the environment, or
+    ``jax.config.update("jax_num_cpu_devices", N)`` before JAX starts); one
+    device per core lets the cores recover different models at once, which
+    XLA:CPU's mostly single-threaded kernels cannot do within one model.
 
     Args:
         recover: a function from :func:`make_finetune`.
@@ -426,21 +457,79 @@ def stack_recover(recover: Callable[..., FinetuneResult], *,
             ``labels``, ``weights`` unbatched); if false, ``labels`` and
             ``weights`` carry a leading model axis too (per-model data damage).
         frozen: the call passes a stacked ``frozen`` pytree as 8th argument.
+        devices: devices to shard the model axis over; default
+            ``jax.devices()``.
+        group_size: models per ``vmap`` group (static); see
+            :data:`DEFAULT_GROUP_SIZE`.
 
     Returns:
-        The compiled, vmapped function; each model has its own optimiser state
-        and data order.
+        ``run(keys, params, mask, images, labels, weights, eval_batches=None,
+        [frozen])`` returning a :class:`FinetuneResult` with a leading model
+        axis; ``run.lower(...)`` lowers the underlying program.
+
+    Raises:
+        ValueError: for an empty ``devices`` or a non-positive
+            ``group_size``.
     """
+    _check_positive("group_size", group_size, allow_none=False)
+    device_list = list(jax.devices()) if devices is None else list(devices)
+    if not device_list:
+        raise ValueError("devices is empty")
     data_axis = None if shared_data else 0
     in_axes = (0, 0, 0, None, data_axis, data_axis, None)
     if frozen:
         in_axes = in_axes + (0,)
-    compiled = jax.jit(jax.vmap(recover, in_axes=in_axes))
+    group = jax.vmap(recover, in_axes=in_axes)
+
+    def local(*args):
+        count = jax.tree.leaves(args[0])[0].shape[0] // group_size
+        split = lambda tree: jax.tree.map(
+            lambda x: x.reshape((count, group_size) + x.shape[1:]), tree)
+        mapped = tuple(index for index, axis in enumerate(in_axes)
+                       if axis == 0)
+
+        def one_group(xs):
+            full = list(args)
+            for index, value in zip(mapped, xs):
+                full[index] = value
+            return group(*full)
+
+        result = jax.lax.map(one_group,
+                             tuple(split(args[index]) for index in mapped))
+        return jax.tree.map(
+            lambda x: x.reshape((count * group_size,) + x.shape[2:]), result)
+
+    mesh = Mesh(np.asarray(device_list), (AXIS,))
+    specs = tuple(PartitionSpec(AXIS) if axis == 0 else PartitionSpec()
+                  for axis in in_axes)
+    compiled = jax.jit(jax.shard_map(
+        local, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(AXIS),
+        # The fine-tune's loop state starts from constants (zeros, iotas),
+        # which shard_map's replication typing does not cover; nothing here
+        # communicates across devices.
+        check_vma=False))
+    unit = group_size * len(device_list)
+
+    def prepare(args):
+        args = _canonical(args)
+        size = jax.tree.leaves(args[0])[0].shape[0]
+        padded = -(-size // unit) * unit
+        if padded != size:
+            pad = lambda tree: jax.tree.map(
+                lambda x: jnp.concatenate(
+                    [x] + [x[-1:]] * (padded - size)), tree)
+            args = tuple(pad(arg) if axis == 0 else arg
+                         for arg, axis in zip(args, in_axes))
+        return args, size, padded
 
     def run(*args: Any) -> FinetuneResult:
-        return compiled(*_canonical(args))
+        args, size, padded = prepare(args)
+        result = compiled(*args)
+        if padded == size:
+            return result
+        return jax.tree.map(lambda x: x[:size], result)
 
-    run.lower = lambda *args: compiled.lower(*_canonical(args))
+    run.lower = lambda *args: compiled.lower(*prepare(args)[0])
     return run
 
 
