@@ -8,9 +8,11 @@ Measured side by side in one run:
 
 * convolution formulations of the vmapped train step (how a stack of models
   meets the convolutions), per model-step, with XLA's FLOP count;
-* W2 with the vmapped recovery (one compiled program for the 20 copies)
-  through the library's own LeNet-5: first call (compilation included) and
-  steady state;
+* W2 with ``stack_recover`` (one compiled program for the 20 copies)
+  through the library's own LeNet-5, sharded over all devices (JAX is
+  started with one CPU device per core, ``--devices``), then on one device,
+  and as one ``vmap`` over the whole stack: first call (compilation
+  included) and steady state;
 * W2 in chunks of 10 models (two calls of one vmapped program);
 * W2 as a sequential JAX loop (one compiled single-model program, 20 calls);
 * W2 as the PyTorch loop (``torch.optim.SGD``, same damaged weights, same
@@ -446,7 +448,8 @@ def main(argv: list[str] | None = None) -> str:
         f"Workload: zero damage at ratios {list(RATIOS)} x seeds "
         f"{list(SEEDS)} = {setup.count} models, {steps} steps of batch "
         f"{BATCH} each ({model_steps} model-steps), SGD lr {LEARNING_RATE} "
-        f"momentum {MOMENTUM}, own data order per model.",
+        f"momentum {MOMENTUM}, own data order per model. JAX shows {devices} "
+        "CPU device(s) (`--devices`, default one per core).",
         "",
         "### Convolution formulations (vmapped train step, 20 models x 20 "
         "steps)",
@@ -477,7 +480,7 @@ def main(argv: list[str] | None = None) -> str:
         return f"{baseline / seconds:.2f}x" if baseline else "n/a"
 
     runs = [(f"recovjax `stack_recover` (one program, 20 models, "
-             f"{devices} device{'s' if devices > 1 else ''}; library default)",
+             f"sharded over all {devices} device{'s' if devices > 1 else ''})",
              vmapped),
             ("recovjax `stack_recover`, 1 device", one_device),
             ("recovjax one `vmap` over all 20 models, 1 device", whole_vmap),
