@@ -22,6 +22,8 @@ parameters and activations are alive at a time, so memory is bounded by
 ``vmap_size`` (sized from ``memory_budget_bytes``) and does not grow with
 the number of points; each finished chunk is read back and streamed to
 ``on_chunk`` (or yielded by :func:`iter_sweep`) while the next one runs.
+The undamaged model is evaluated as one more slot of the first kind's last
+chunk, flagged by a traced boolean, so it costs no compilation of its own.
 
 Keys
 ====
@@ -170,12 +172,16 @@ class ChunkResult(NamedTuple):
         metrics: host (NumPy) :class:`~recovjax.evaluate.Metrics` with a
             leading axis over ``points``.
         rows: the results rows of these points (stage ``damaged``).
+        clean_rows: the undamaged model's rows (stage ``clean``) when this
+            chunk carried it (see ``include_clean`` of :func:`iter_sweep`),
+            else empty.
     """
 
     damage: str
     points: list[SweepPoint]
     metrics: Metrics
     rows: list[dict[str, Any]]
+    clean_rows: list[dict[str, Any]] = []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -414,17 +420,25 @@ def plan_sweep(model_bytes: int, num_points: int, *, num_devices: int = 1,
 
 def _group_fn(apply, op: DamageOp, num_classes: int,
               metric_fn: MetricFn | None):
-    """Damage and evaluate ``k`` points under ``vmap``: the unit of work."""
+    """Damage and evaluate ``k`` points under ``vmap``: the unit of work.
 
-    def group(base_key, ratio_indices, ratios, seeds, params, batches):
-        def one(ratio_index, ratio, seed):
+    A point whose ``clean`` flag is set evaluates the undamaged parameters
+    instead (the flag is traced), so the clean model rides along in a chunk
+    and needs no program of its own.
+    """
+
+    def group(base_key, ratio_indices, ratios, seeds, clean, params,
+              batches):
+        def one(ratio_index, ratio, seed, keep):
             key = jax.random.fold_in(
                 jax.random.fold_in(base_key, ratio_index), seed)
             damaged = op(key, params, ratio).params
-            return evaluate(apply, damaged, batches, num_classes,
+            chosen = jax.tree.map(lambda p, d: jnp.where(keep, p, d),
+                                  params, damaged)
+            return evaluate(apply, chosen, batches, num_classes,
                             metric_fn=metric_fn)
 
-        return jax.vmap(one)(ratio_indices, ratios, seeds)
+        return jax.vmap(one)(ratio_indices, ratios, seeds, clean)
 
     return group
 
@@ -435,12 +449,14 @@ def _chunk_program(apply, op: DamageOp, num_classes: int,
                    devices: tuple) -> Callable:
     group = _group_fn(apply, op, num_classes, metric_fn)
 
-    def local(base_key, ratio_indices, ratios, seeds, params, batches):
+    def local(base_key, ratio_indices, ratios, seeds, clean, params,
+              batches):
         count = ratio_indices.shape[0] // vmap_size
         split = lambda x: x.reshape((count, vmap_size) + x.shape[1:])
         metrics = jax.lax.map(
             lambda xs: group(base_key, *xs, params, batches),
-            (split(ratio_indices), split(ratios), split(seeds)))
+            (split(ratio_indices), split(ratios), split(seeds),
+             split(clean)))
         return jax.tree.map(
             lambda x: x.reshape((count * vmap_size,) + x.shape[2:]), metrics)
 
@@ -448,7 +464,7 @@ def _chunk_program(apply, op: DamageOp, num_classes: int,
     sharded = PartitionSpec(AXIS)
     program = jax.shard_map(
         local, mesh=mesh,
-        in_specs=(PartitionSpec(), sharded, sharded, sharded,
+        in_specs=(PartitionSpec(), sharded, sharded, sharded, sharded,
                   PartitionSpec(), PartitionSpec()),
         out_specs=sharded,
         # Damage operators and evaluate carry loop state made from constants
@@ -462,14 +478,6 @@ def _chunk_program(apply, op: DamageOp, num_classes: int,
 def _point_program(apply, op: DamageOp, num_classes: int,
                    metric_fn: MetricFn | None) -> Callable:
     return jax.jit(_group_fn(apply, op, num_classes, metric_fn))
-
-
-@functools.lru_cache(maxsize=64)
-def _clean_program(apply, num_classes: int,
-                   metric_fn: MetricFn | None) -> Callable:
-    return jax.jit(functools.partial(evaluate, apply,
-                                     num_classes=num_classes,
-                                     metric_fn=metric_fn))
 
 
 def _place(tree, sharding: NamedSharding):
@@ -550,7 +558,8 @@ def damage_point(model, params: Params, *, damage: DamageOp | str,
     replicate = lambda value, dtype: jnp.full((vmap_size,), value, dtype)
     metrics = program(base, replicate(ratio_index, jnp.int32),
                       replicate(ratio, jnp.float32),
-                      replicate(seed, jnp.int32), params,
+                      replicate(seed, jnp.int32),
+                      replicate(False, jnp.bool_), params,
                       _batches(data, batch_size))
     return jax.tree.map(lambda x: np.asarray(x)[0], jax.device_get(metrics))
 
@@ -571,7 +580,8 @@ def iter_sweep(model, params: Params, *,
                memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
                devices: Sequence | None = None,
                metric_fn: MetricFn | None = None,
-               plan: list | None = None) -> Iterator[ChunkResult]:
+               plan: list | None = None,
+               include_clean: bool = False) -> Iterator[ChunkResult]:
     """:func:`sweep` as a generator of finished chunks (streaming).
 
     Arguments as for :func:`sweep`. Chunk ``i + 1`` is dispatched before
@@ -580,6 +590,10 @@ def iter_sweep(model, params: Params, *,
     Args:
         plan: if a list is given, the :class:`SweepPlan` is appended to it
             before the first chunk runs.
+        include_clean: evaluate the undamaged model too, as one more slot
+            after the first kind's points (the chunk programs evaluate it,
+            so it compiles nothing extra); its rows come in that chunk's
+            ``clean_rows``.
 
     Yields:
         :class:`ChunkResult` per chunk, in sweep order.
@@ -592,10 +606,11 @@ def iter_sweep(model, params: Params, *,
     device_list = _devices(devices)
     layout = _layout(list(kinds), ratio_values, seed_values)
     num_points = len(ratio_values) * len(seed_values)
+    clean_slots = 1 if include_clean else 0
     model_bytes = estimate_model_bytes(
         model.apply, params,
         jax.ShapeDtypeStruct(batches.images.shape[1:], batches.images.dtype))
-    the_plan = plan_sweep(model_bytes, num_points,
+    the_plan = plan_sweep(model_bytes, num_points + clean_slots,
                           num_devices=len(device_list),
                           batch_size=int(batches.labels.shape[1]),
                           chunk_size=chunk_size, vmap_size=vmap_size,
@@ -609,8 +624,13 @@ def iter_sweep(model, params: Params, *,
     batches_on_mesh = _place(batches, replicated)
     size = the_plan.chunk_size
 
-    def launch(name: str, points: list[SweepPoint]):
-        padded = points + [points[-1]] * (size - len(points))
+    def launch(name: str, points: list[SweepPoint], clean: bool):
+        # The clean slot (if any) follows the points; padding repeats the
+        # last point, and both are cut off in finish().
+        slots = points + [SweepPoint(name, 0, 0.0, 0)] * clean
+        padded = slots + [slots[-1]] * (size - len(slots))
+        flags = np.zeros((size,), np.bool_)
+        flags[len(points):len(slots)] = True
         program = _chunk_program(model.apply, kinds[name],
                                  model.num_classes, metric_fn,
                                  the_plan.vmap_size, tuple(device_list))
@@ -618,26 +638,38 @@ def iter_sweep(model, params: Params, *,
         inputs = _place(
             (np.asarray([p.ratio_index for p in padded], np.int32),
              np.asarray([p.ratio for p in padded], np.float32),
-             np.asarray([p.seed for p in padded], np.int32)), sharded)
+             np.asarray([p.seed for p in padded], np.int32), flags), sharded)
         return program(jax.device_put(base, replicated), *inputs,
                        params_on_mesh, batches_on_mesh)
 
-    def finish(name: str, points: list[SweepPoint], pending) -> ChunkResult:
-        host = jax.tree.map(lambda x: np.asarray(x)[:len(points)],
-                            _fetch(pending))
+    def finish(name: str, points: list[SweepPoint], clean: bool,
+               pending) -> ChunkResult:
+        host = jax.tree.map(np.asarray, _fetch(pending))
         rows = []
         for index, point in enumerate(points):
             one = jax.tree.map(lambda x: x[index], host)
             rows.extend(metrics_rows(one, damage=name, ratio=point.ratio,
                                      seed=point.seed, stage="damaged"))
-        return ChunkResult(name, points, host, rows)
+        clean_rows = []
+        if clean:
+            one = jax.tree.map(lambda x: x[len(points)], host)
+            clean_rows = metrics_rows(one, damage=CLEAN, ratio=0.0, seed=0,
+                                      stage="clean")
+        return ChunkResult(name, points,
+                           jax.tree.map(lambda x: x[:len(points)], host),
+                           rows, clean_rows)
 
-    work = [(name, points[start:start + size])
-            for name, points in layout.items()
-            for start in range(0, len(points), size)]
+    work = []
+    for position, (name, points) in enumerate(layout.items()):
+        # The first kind carries the clean slot, at index len(points).
+        total = len(points) + (clean_slots if position == 0 else 0)
+        for start in range(0, total, size):
+            work.append((name, points[start:start + size],
+                         position == 0 and start <= len(points) < start + size
+                         and clean_slots == 1))
     previous = None
-    for name, points in work:
-        pending = (name, points, launch(name, points))
+    for name, points, clean in work:
+        pending = (name, points, clean, launch(name, points, clean))
         if previous is not None:
             yield finish(*previous)
         previous = pending
@@ -729,20 +761,18 @@ def sweep(model, params: Params, *,
     batches = _batches(data, batch_size)
     plans: list[SweepPlan] = []
     rows: list[dict[str, Any]] = []
+    clean_rows: list[dict[str, Any]] = []
     for chunk in iter_sweep(model, params, damages=kinds, ratios=ratios,
                             seeds=seeds, data=batches, root_key=root,
                             chunk_size=chunk_size, vmap_size=vmap_size,
                             memory_budget_bytes=memory_budget_bytes,
                             devices=devices, metric_fn=metric_fn,
-                            plan=plans):
+                            plan=plans, include_clean=include_clean):
         rows.extend(chunk.rows)
+        clean_rows.extend(chunk.clean_rows)
         if on_chunk is not None:
             on_chunk(chunk)
-    if include_clean:
-        clean = _clean_program(model.apply, model.num_classes,
-                               metric_fn)(params, batches)
-        rows.extend(metrics_rows(jax.device_get(clean), damage=CLEAN,
-                                 ratio=0.0, seed=0, stage="clean"))
+    rows.extend(clean_rows)
     the_plan = plans[0]
     description = {
         "model": getattr(model, "name", "?"),

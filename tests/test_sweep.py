@@ -91,6 +91,37 @@ def test_table_has_every_point_and_the_clean_model(baseline):
     assert "jax" in table.versions
 
 
+def test_clean_model_rides_in_a_chunk_without_a_program_of_its_own(
+        lenet, trained_lenet, test_split):
+    from recovjax.evaluate import evaluate
+    from recovjax.data import batch_split
+    from recovjax.models import Model
+    traces = []
+
+    def apply(params, x):
+        traces.append(1)  # Runs only while JAX traces.
+        return lenet.apply(params, x)
+
+    counted = Model(name="counted", init=lenet.init, apply=apply,
+                    num_classes=lenet.num_classes)
+    result = sweep(counted, trained_lenet, damages={"zero": ZERO},
+                   ratios=RATIOS, seeds=SEEDS, data=test_split, root_key=0,
+                   batch_size=50, chunk_size=3)
+    # Traced for the memory estimate and for the one chunk program; not
+    # for the clean model (a program of its own would trace it again).
+    assert len(traces) == 2
+    alone = jax.device_get(evaluate(lenet.apply, trained_lenet,
+                                    batch_split(test_split, 50), 10))
+    (accuracy,) = result.table.select(stage="clean", metric="accuracy")
+    (loss,) = result.table.select(stage="clean", metric="loss")
+    assert accuracy["value"] == pytest.approx(float(alone.accuracy),
+                                              abs=1e-6)
+    assert loss["value"] == pytest.approx(float(alone.loss), rel=1e-5)
+    # 6 points + the clean slot in chunks of 3: the slot makes a third chunk.
+    assert len(result.table.select(stage="clean")) == 12
+    assert len(result.table.select(stage="damaged")) == 12 * 6
+
+
 def test_second_sweep_with_other_ratios_does_not_retrace(
         lenet, trained_lenet, test_split):
     traces = []
@@ -115,7 +146,8 @@ def test_chunked_equals_unchunked(lenet, trained_lenet, test_split,
     whole = sweep(lenet, trained_lenet, damages={"zero": ZERO},
                   ratios=RATIOS, seeds=SEEDS, data=test_split, root_key=0,
                   batch_size=50, chunk_size=None)
-    assert whole.plan.chunk_size == len(RATIOS) * SEEDS
+    # One chunk: every point plus the clean model's slot.
+    assert whole.plan.chunk_size == len(RATIOS) * SEEDS + 1
     assert _body(whole.table) == _body(baseline.table)
 
 
