@@ -101,7 +101,7 @@ by ``memory_budget_bytes``).
 """
 
 DEFAULT_CHUNK_POINTS = 100
-"""Points per chunk when neither ``chunk_size`` nor a small sweep sets it."""
+"""Most points per device in a default chunk (see :func:`plan_sweep`)."""
 
 DEFAULT_MEMORY_BUDGET = 1 << 30
 """Bytes a chunk's working set may take (1 GiB)."""
@@ -372,10 +372,10 @@ def plan_sweep(model_bytes: int, num_points: int, *, num_devices: int = 1,
 
     ``vmap_size`` (default :data:`DEFAULT_VMAP_SIZE`) is lowered until one
     group's working set, ``vmap_size * model_bytes``, fits the budget (at
-    least 1). ``chunk_size`` defaults to the points per kind rounded up to a
-    multiple of ``vmap_size * num_devices``, at most
-    :data:`DEFAULT_CHUNK_POINTS` per device; an explicit one is rounded up
-    to that multiple.
+    least 1). ``chunk_size`` defaults to the points per kind split into as
+    few chunks of at most :data:`DEFAULT_CHUNK_POINTS` per device as
+    possible, balanced, and rounded up to a multiple of ``vmap_size *
+    num_devices``; an explicit one is rounded up to that multiple.
 
     Args:
         model_bytes: from :func:`estimate_model_bytes`.
@@ -405,8 +405,12 @@ def plan_sweep(model_bytes: int, num_points: int, *, num_devices: int = 1,
     group = max(1, min(wanted, fit))
     unit = group * num_devices
     if chunk_size is None:
+        # As few chunks as the cap allows, of balanced size, so that the
+        # padding is below one unit per chunk (101 points run as 2 x 51,
+        # not as 100 + 1 padded to 100).
         per_device = -(-num_points // num_devices)
-        chunk_size = min(per_device, DEFAULT_CHUNK_POINTS) * num_devices
+        chunks = -(-per_device // DEFAULT_CHUNK_POINTS)
+        chunk_size = -(-per_device // chunks) * num_devices
     chunk = -(-int(chunk_size) // unit) * unit
     return SweepPlan(chunk_size=chunk, vmap_size=group,
                      num_devices=num_devices, batch_size=batch_size,

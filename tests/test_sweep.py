@@ -239,6 +239,10 @@ def test_memory_plan():
     plan = plan_sweep(10_000, 7, num_devices=4, vmap_size=2,
                       memory_budget_bytes=1 << 20)
     assert plan.chunk_size % 8 == 0 and plan.chunk_size >= 7
+    # Balanced chunks: 101 points (100 and a clean slot) run as 2 x 51.
+    assert plan_sweep(10_000, 101).chunk_size == 51
+    assert plan_sweep(10_000, 1000).chunk_size == 100
+    assert plan_sweep(10_000, 1001, num_devices=2).chunk_size == 2 * 84
     plan = plan_sweep(1 << 40, 10, memory_budget_bytes=1)
     assert plan.vmap_size == 1  # Never below one model.
     plan = plan_sweep(100, 1000, chunk_size=30, vmap_size=4)
