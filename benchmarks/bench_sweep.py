@@ -50,6 +50,10 @@ MAX_RATIO = 0.95
 TORCH_BATCH = 100
 
 
+PROCESS_ROUNDS = 3
+"""Alternating rounds of the whole-process measurements."""
+
+
 def ratios(count: int = NUM_RATIOS) -> list[float]:
     """The W1 ratio grid: ``count`` evenly spaced values in [0, 0.95]."""
     return [round(MAX_RATIO * i / (count - 1), 10) for i in range(count)]
@@ -363,15 +367,26 @@ def main(argv: list[str] | None = None) -> str:
             for layer, leaves in params.items()
             for name, value in leaves.items()}
     np.savez(npz, images=test.images, labels=test.labels, **flat)
-    cache = scratch / "xla"
-    cold_wall, cold_out = _run_child(
-        RECOVJAX_PROCESS, [str(count), str(scratch / "cold.csv")],
-        {"RECOVJAX_COMPILATION_CACHE": str(cache)})
-    warm_wall, warm_out = _run_child(
-        RECOVJAX_PROCESS, [str(count), str(scratch / "warm.csv")],
-        {"RECOVJAX_COMPILATION_CACHE": str(cache)})
-    torch_wall, _ = _run_child(TORCH_PROCESS,
-                               [str(npz), str(scratch / "torch.csv")])
+    # Rounds alternate the three processes (each cold run with a fresh
+    # compilation cache), so that all see the same load; medians reported.
+    cold_runs, warm_runs, torch_runs = [], [], []
+    for round_index in range(1 if args.quick else PROCESS_ROUNDS):
+        cache = scratch / f"xla{round_index}"
+        cold_runs.append(_run_child(
+            RECOVJAX_PROCESS, [str(count), str(scratch / "cold.csv")],
+            {"RECOVJAX_COMPILATION_CACHE": str(cache)}))
+        warm_runs.append(_run_child(
+            RECOVJAX_PROCESS, [str(count), str(scratch / "warm.csv")],
+            {"RECOVJAX_COMPILATION_CACHE": str(cache)}))
+        torch_runs.append(_run_child(TORCH_PROCESS,
+                                     [str(npz), str(scratch / "torch.csv")]))
+    median = lambda runs: sorted(runs, key=lambda run: run[0])[
+        len(runs) // 2]
+    cold_wall, cold_out = median(cold_runs)
+    warm_wall, warm_out = median(warm_runs)
+    torch_wall, _ = median(torch_runs)
+    process_rounds = [(t[0], c[0], w[0]) for t, c, w in
+                      zip(torch_runs, cold_runs, warm_runs)]
     cold_sweep = _child_result(cold_out)[0]
     warm_sweep = _child_result(warm_out)[0]
     same_csv = (scratch / "cold.csv").read_bytes() == (
@@ -420,12 +435,17 @@ def main(argv: list[str] | None = None) -> str:
         f"{torch_one_thread / default_steady:.2f}x |")
     say(f"| (steady-state speed-up per alternating round: "
         f"{', '.join(f'{x:.2f}x' for x in speedups)}) | | |")
-    say(f"| whole PyTorch process (import, load, loop, write CSV) | "
-        f"{torch_wall:.2f} | 1.00x |")
-    say(f"| whole recovjax process, cold compilation cache | "
+    say(f"| whole PyTorch process (import, load, loop, write CSV; median "
+        f"of {len(torch_runs)}) | {torch_wall:.2f} | 1.00x |")
+    say(f"| whole recovjax process, cold compilation cache (median) | "
         f"{cold_wall:.2f} | {torch_wall / cold_wall:.2f}x |")
-    say(f"| whole recovjax process, warm compilation cache | "
+    say(f"| whole recovjax process, warm compilation cache (median) | "
         f"{warm_wall:.2f} | {torch_wall / warm_wall:.2f}x |")
+    say()
+    say("Whole processes per alternating round (PyTorch / recovjax cold / "
+        "recovjax warm, s): " + "; ".join(
+            f"{t:.2f} / {c:.2f} / {w:.2f}" for t, c, w in process_rounds)
+        + ".")
     say()
     say(f"Default plan: {plan}. One PyTorch evaluation of "
         f"{len(test)} images: {1000 * torch_eval:.1f} ms. The `sweep` call "
