@@ -442,8 +442,10 @@ def stack_recover(recover: Callable[..., FinetuneResult], *,
     model with its own optimiser state and data order). A stack whose size
     is not a multiple of ``group_size * len(devices)`` is padded by
     repeating its last model, and the padding is dropped from the result.
-    Each model's arithmetic does not depend on the device count, so one
-    device and several give the same numbers.
+    Each model is computed on one device, as it would be alone, so one
+    device and several give the same numbers up to how XLA compiles
+    reductions for each device count: bit-identical for LeNet-5 and the
+    test models, the last digits of a fine-tuned ViT's loss can differ.
 
     On a multi-core CPU, JAX shows one device unless asked for more
     (``JAX_NUM_CPU_DEVICES=N`` in the environment, or
