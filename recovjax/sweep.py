@@ -181,7 +181,7 @@ class ChunkResult(NamedTuple):
     points: list[SweepPoint]
     metrics: Metrics
     rows: list[dict[str, Any]]
-    clean_rows: list[dict[str, Any]] = []
+    clean_rows: tuple[dict[str, Any], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -654,11 +654,11 @@ def iter_sweep(model, params: Params, *,
             one = jax.tree.map(lambda x: x[index], host)
             rows.extend(metrics_rows(one, damage=name, ratio=point.ratio,
                                      seed=point.seed, stage="damaged"))
-        clean_rows = []
+        clean_rows = ()
         if clean:
             one = jax.tree.map(lambda x: x[len(points)], host)
-            clean_rows = metrics_rows(one, damage=CLEAN, ratio=0.0, seed=0,
-                                      stage="clean")
+            clean_rows = tuple(metrics_rows(one, damage=CLEAN, ratio=0.0,
+                                            seed=0, stage="clean"))
         return ChunkResult(name, points,
                            jax.tree.map(lambda x: x[:len(points)], host),
                            rows, clean_rows)

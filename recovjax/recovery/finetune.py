@@ -482,13 +482,12 @@ def stack_recover(recover: Callable[..., FinetuneResult], *,
     if frozen:
         in_axes = in_axes + (0,)
     group = jax.vmap(recover, in_axes=in_axes)
+    mapped = tuple(index for index, axis in enumerate(in_axes) if axis == 0)
 
     def local(*args):
         count = jax.tree.leaves(args[0])[0].shape[0] // group_size
         split = lambda tree: jax.tree.map(
             lambda x: x.reshape((count, group_size) + x.shape[1:]), tree)
-        mapped = tuple(index for index, axis in enumerate(in_axes)
-                       if axis == 0)
 
         def one_group(xs):
             full = list(args)
