@@ -83,7 +83,7 @@ def test_draws_refuse_more_than_2_to_the_32():
        global_count=st.booleans())
 def test_exact_selection_counts_and_picks_smallest_draws(
         ratio, seed, global_count):
-    # Small arrays are ranked by a sort, the 2049 by the bitwise search.
+    # Arrays of one row, of several rows and of a ragged last row.
     sizes = SIZES
     draws, masks = _exact(jax.random.key(seed), ratio, sizes, global_count)
     draws = [np.asarray(d) for d in draws]
@@ -101,19 +101,46 @@ def test_exact_selection_counts_and_picks_smallest_draws(
             assert values[mask].max() < values[~mask].min()
 
 
-def test_exact_selection_survives_a_crowded_threshold_bucket(monkeypatch):
-    # Force the rare path: no room for the needed rank after the high half.
-    monkeypatch.setattr(select, "_capacity", lambda size: 1)
-    pick = jax.jit(lambda key, ratio, where: select.select_random(
-        key, (700, 9000), jnp.stack([select.count_of(700, ratio),
-                                     select.count_of(jnp.sum(where), ratio)]),
-        where=[None, where]))
-    where = jnp.asarray(np.arange(9000) % 3 == 0)
-    for seed, ratio in [(0, 0.3), (1, 0.77), (2, 1.0), (3, 0.01)]:
-        first, second = pick(jax.random.key(seed), ratio, where)
-        assert int(first.sum()) == _expected_count(700, ratio)
-        assert int(second.sum()) == _expected_count(3000, ratio)
-        assert not np.asarray(second & ~where).any()
+def _reference_random(draws, where, counts, groups):
+    # The counts[g] smallest draws among each group's candidates.
+    masks = [np.zeros(d.size, bool) for d in draws]
+    for g in range(max(groups) + 1):
+        members = [i for i, group in enumerate(groups) if group == g]
+        values = np.concatenate([draws[i] for i in members])
+        allowed = np.concatenate([where[i] for i in members])
+        order = np.argsort(np.where(allowed, values.astype(np.int64), 2**33),
+                           kind="stable")
+        chosen = np.zeros(values.size, bool)
+        chosen[order[:min(counts[g], allowed.sum())]] = True
+        start = 0
+        for i in members:
+            masks[i] = chosen[start:start + draws[i].size]
+            start += draws[i].size
+    return masks
+
+
+@pytest.mark.parametrize("groups", [(0, 1, 2, 3), (0, 1, 0, 1), (0, 0, 0, 0)])
+def test_random_selection_with_masks_and_groups_equals_a_sort(groups):
+    # Arrays that fill rows exactly, leave a ragged row, or fit in one;
+    # candidate masks on two of them; groups spanning several arrays.
+    sizes = (700, 9000, 128, 129)
+    rng = np.random.default_rng(1)
+    where = [np.ones(700, bool), rng.uniform(size=9000) < 0.3,
+             np.ones(128, bool), rng.uniform(size=129) < 0.9]
+    num_groups = max(groups) + 1
+    eligible = [sum(where[i].sum() for i in range(4) if groups[i] == g)
+                for g in range(num_groups)]
+    pick = jax.jit(lambda key, counts, w1, w3: select.select_random(
+        key, sizes, counts, where=[None, w1, None, w3], groups=groups))
+    for seed, ratio in [(0, 0.3), (1, 0.77), (2, 1.0), (3, 0.01), (4, 0.0)]:
+        counts = [int(np.floor(n * ratio)) for n in eligible]
+        key = jax.random.key(seed)
+        masks = pick(key, jnp.asarray(counts, jnp.int32),
+                     jnp.asarray(where[1]), jnp.asarray(where[3]))
+        draws = [np.asarray(d) for d in select.draw_bits(key, sizes)]
+        expected = _reference_random(draws, where, counts, list(groups))
+        for mask, want in zip(masks, expected):
+            np.testing.assert_array_equal(np.asarray(mask), want)
 
 
 @pytest.mark.parametrize("kind", ["random", "smallest"])

@@ -152,7 +152,7 @@ def _counts(sizes: Sequence[int], ratio: Array, ratio_over: str
             ) -> tuple[Array, list[int]]:
     if ratio_over == "global":
         return select.count_of(sum(sizes), ratio)[None], [0] * len(sizes)
-    return (jnp.stack([select.count_of(size, ratio) for size in sizes]),
+    return (select.count_of(np.asarray(sizes, np.int32), ratio),
             list(range(len(sizes))))
 
 

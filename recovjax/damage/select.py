@@ -11,14 +11,19 @@ ratio and seed. The kernels here do the picking:
   same key.
 * :func:`select_random` picks exactly ``k`` entries uniformly without
   replacement: the ``k`` smallest draws. Instead of sorting, it finds the
-  threshold ``t`` with exactly ``k`` draws below it: a bitwise binary
-  search over the draws' high 16 bits (16 counting passes of ``O(n)``,
-  over uint16 data, folded with elementwise adds because XLA:CPU reduces
-  slowly), then one ``top_k`` over the few entries (about ``n / 2**16``)
-  that share the threshold's high bits. Because the draws are distinct,
+  threshold ``t`` with exactly ``k`` draws below it by a bitwise binary
+  search: 16 counting passes over the draws' high halves, then 16 over the
+  low halves of the entries that share the answer's high half, all over
+  ``uint16`` data. Every array and group is searched at once in one *row
+  layout* (each array cut into rows of 128 entries, its last row padded):
+  a pass is one comparison of the whole layout with its rows' candidates,
+  a count per row folded with elementwise adds (XLA:CPU reduces slowly),
+  and one small product that sums rows into groups. The draws are made in
+  that layout directly. So the search is one loop over one array however
+  many leaves a model has: it compiles to a handful of kernels (about 1 s
+  for LeNet-5's ten leaves where a loop per leaf took about 3 s) and runs
+  in under half a millisecond per LeNet-5. Because the draws are distinct,
   ``k`` draws below ``t`` always exists and no tie-breaking is needed.
-  Groups of at most :data:`SORT_LIMIT` entries are ranked by one sort,
-  which is as fast there and compiles much faster; the result is the same.
 * :func:`select_bernoulli` picks each entry independently with a traced
   probability.
 * :func:`select_smallest` / :func:`select_largest_magnitude` pick exactly
@@ -46,7 +51,7 @@ split and folded by the caller with ``jax.random`` as usual.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -416,15 +421,6 @@ def _threshold(values: Sequence[Array], counts: Array,
     return (top.astype(jnp.uint32) << 16) | bottom.astype(jnp.uint32)
 
 
-def _capacity(size: int) -> int:
-    # How many entries of the threshold's high-half bucket are kept for the
-    # low-half step. The bucket holds about 1 + size / 2**16 entries and
-    # only the needed rank, below that, must fit.
-    expected = size / 65536.0
-    return int(min(size, 16 + math.ceil(2 * expected
-                                        + 8 * math.sqrt(expected))))
-
-
 def _park(values: Sequence[Array], where: Sequence[Array | None]
           ) -> list[Array]:
     # Non-candidates hold 0xFFFFFFFF, which no threshold exceeds.
@@ -432,70 +428,113 @@ def _park(values: Sequence[Array], where: Sequence[Array | None]
             for v, w in zip(values, where)]
 
 
-def _threshold_distinct(draws: Sequence[Array],
-                        redraw: Callable[[Array], list[Array]],
-                        counts: Array, where: Sequence[Array | None],
-                        groups: Sequence[int], num_groups: int) -> Array:
-    # As _threshold, for draws distinct within a group; redraw(salt) makes
-    # them again when salt is 0. The high half takes 16 counting passes.
-    # The entries whose high half is the answer are then few (about
-    # size / 2**16), so one top_k gathers their smallest low halves and the
-    # needed rank is read off, instead of 16 more passes. Should the rank
-    # not fit (astronomically rare), a sort finds it, in a while_loop that
-    # otherwise runs no iteration. That loop must not compute from loop
-    # invariants only: XLA hoists loop-invariant work out of the loop and
-    # would then run the sort every time. So it redraws, salted with the
-    # loop's own (always false) flag.
-    values = _park(draws, where)
-    levels = [_halvings(v.shape[0]) for v in values]
-    high = [(v >> 16).astype(jnp.uint16) for v in values]
-    counts = [counts[g] for g in range(num_groups)]
-    zero = [jnp.zeros((), jnp.int32)] * num_groups
-    top, below = _search16(high, levels, zero, counts, groups)
-    needed = [c - b for c, b in zip(counts, below)]
+_LANES = 128
+"""Width of the rows of the layout :func:`select_random` searches."""
 
-    smallest: list[list[Array]] = [[] for _ in range(num_groups)]
-    capacity = [0] * num_groups
-    for v, h, g in zip(values, high, groups):
-        size = _capacity(v.shape[0])
-        # Scores in [1, 2**16] are exact in float32, the top_k fast path.
-        score = jnp.where(h == top[g],
-                          65536.0 - (v & 0xFFFF).astype(jnp.float32), -1.0)
-        smallest[g].append(65536.0 - lax.top_k(score, size)[0])
-        capacity[g] = size if not capacity[g] else min(capacity[g], size)
-    bottom, fits = [], []
-    for g in range(num_groups):
-        lows = (smallest[g][0] if len(smallest[g]) == 1
-                else jnp.sort(jnp.concatenate(smallest[g])))
-        low = lows[jnp.clip(needed[g], 0, lows.shape[0] - 1)]
-        bottom.append(jnp.minimum(low, 65535.0).astype(jnp.uint16))
-        fits.append(needed[g] < capacity[g])
 
-    def sort_low_half(state):
-        # The rare path: sort every group's low halves (entries outside
-        # the bucket parked at 0xFFFF) and read the needed rank.
-        done, bottom = state
-        # `done` is False here, so the salt is 0, but XLA cannot know.
-        values = _park(redraw(done.astype(jnp.uint32)), where)
-        low = [[] for _ in range(num_groups)]
-        for v, g in zip(values, groups):
-            low[g].append(jnp.where((v >> 16).astype(jnp.uint16) == top[g],
-                                    (v & 0xFFFF).astype(jnp.uint16),
-                                    jnp.uint16(0xFFFF)))
-        searched = []
-        for g in range(num_groups):
-            ranked = jnp.sort(jnp.concatenate(low[g]) if len(low[g]) > 1
-                              else low[g][0])
-            searched.append(ranked[jnp.clip(needed[g], 0,
-                                            ranked.shape[0] - 1)])
-        return jnp.bool_(True), [jnp.where(f, b, s) for f, b, s in
-                                 zip(fits, bottom, searched)]
+class _RowLayout(NamedTuple):
+    # Every array laid out in whole rows of _LANES entries (the last row of
+    # each array padded), arrays one after another.
+    first_row: list[int]     # first row of each array
+    counter: np.ndarray      # uint32[rows]: draw counter of each row's lane 0
+    valid: np.ndarray        # int32[rows]: real (unpadded) entries per row
+    group: np.ndarray        # int32[rows]: group of each row
+    one_hot: np.ndarray      # float32[rows, G]: row-to-group incidence
 
-    all_fit = jnp.all(jnp.stack(fits))
-    _, bottom = lax.while_loop(lambda state: ~(state[0] | all_fit),
-                               sort_low_half, (jnp.bool_(False), bottom))
-    top, bottom = jnp.stack(top), jnp.stack(bottom)
-    return (top.astype(jnp.uint32) << 16) | bottom.astype(jnp.uint32)
+
+def _row_layout(sizes: Sequence[int], groups: Sequence[int],
+                num_groups: int) -> _RowLayout:
+    first_row, counter, valid, row_groups = [], [], [], []
+    offset = 0
+    for size, group in zip(sizes, groups):
+        rows = -(-size // _LANES)
+        first_row.append(len(counter))
+        counter += [offset + r * _LANES for r in range(rows)]
+        valid += [min(_LANES, size - r * _LANES) for r in range(rows)]
+        row_groups += [group] * rows
+        offset += size
+    row_groups = np.asarray(row_groups, np.int32)
+    return _RowLayout(
+        first_row, np.asarray(counter, np.uint32),
+        np.asarray(valid, np.int32), row_groups,
+        (row_groups[:, None] == np.arange(num_groups)).astype(np.float32))
+
+
+def _count_rows(mask: Array) -> Array:
+    # Ones per row of a [rows, _LANES] mask, folded in halves with uint8
+    # adds: elementwise code, which XLA:CPU vectorises, where a reduction
+    # along the minor axis is slow. A row holds at most 128 ones.
+    x = mask.astype(jnp.uint8)
+    while x.shape[1] > 1:
+        half = x.shape[1] // 2
+        x = x[:, :half] + x[:, half:]
+    return x[:, 0]
+
+
+def _search16_rows(halves: Array, layout: _RowLayout, base: Array,
+                   counts: Array) -> tuple[Array, Array]:
+    # Per group, the largest c in [0, 2**16) with base + #{h < c} <= count,
+    # bit by bit from the top, and that number #{h < c}. Each of the 16
+    # passes compares the whole layout with its rows' candidates, counts
+    # per row, and sums rows into groups with one small product (exact in
+    # float32 below 2**24 entries per group).
+    def step(index, state):
+        prefix, below = state
+        candidate = prefix | jnp.left_shift(jnp.int32(1), 15 - index)
+        row_candidate = candidate[layout.group].astype(jnp.uint16)
+        per_row = _count_rows(halves < row_candidate[:, None])
+        totals = (per_row.astype(jnp.float32) @ layout.one_hot).astype(
+            jnp.int32)
+        accept = base + totals <= counts
+        return (jnp.where(accept, candidate, prefix),
+                jnp.where(accept, totals, below))
+
+    zeros = jnp.zeros(counts.shape, jnp.int32)
+    return lax.fori_loop(0, 16, step, (zeros, zeros))
+
+
+def _select_below_rank(seeds: Array, sizes: Sequence[int],
+                       where: Sequence[Array | None], counts: Array,
+                       groups: Sequence[int], num_groups: int
+                       ) -> list[Array]:
+    # The entries holding each group's `count` smallest draws, every array
+    # and group in one row layout: the draws are made in it directly, and
+    # the threshold below which exactly `count` draws of a group lie is
+    # found by 16 passes over the draws' high halves, then 16 over the low
+    # halves of the entries whose high half is the answer (the others
+    # parked at 0xFFFF, which no candidate exceeds). One loop over one
+    # array, whatever the number of arrays and groups: a handful of
+    # kernels to compile.
+    layout = _row_layout(sizes, groups, num_groups)
+    lane = lax.iota(jnp.uint32, _LANES)
+    values = _permute(layout.counter[:, None] + lane[None, :], seeds)
+    candidate = lane[None, :].astype(jnp.int32) < layout.valid[:, None]
+    if any(w is not None for w in where):
+        pieces = []
+        for size, w in zip(sizes, where):
+            rows = -(-size // _LANES)
+            w = jnp.ones((size,), jnp.bool_) if w is None else w
+            pieces.append(jnp.pad(w, (0, rows * _LANES - size)))
+        candidate = candidate & jnp.concatenate(pieces).reshape(-1, _LANES)
+    values = jnp.where(candidate, values, jnp.uint32(_UINT32_MAX))
+
+    high = (values >> 16).astype(jnp.uint16)
+    top, below = _search16_rows(high, layout, jnp.zeros_like(counts),
+                                counts)
+    in_bucket = high == top[layout.group].astype(jnp.uint16)[:, None]
+    low = jnp.where(in_bucket, (values & 0xFFFF).astype(jnp.uint16),
+                    jnp.uint16(0xFFFF))
+    bottom, _ = _search16_rows(low, layout, below, counts)
+    threshold = (top.astype(jnp.uint32) << 16) | bottom.astype(jnp.uint32)
+    # With distinct draws exactly `count` lie below the threshold, except
+    # when every candidate is wanted and the top draw is 2**32 - 1.
+    everything = counts >= (_count_rows(candidate).astype(jnp.float32)
+                            @ layout.one_hot).astype(jnp.int32)
+    chosen = (values < threshold[layout.group][:, None]) | (
+        everything[layout.group][:, None] & candidate)
+    chosen = chosen.reshape(-1)
+    return [chosen[first * _LANES:first * _LANES + size]
+            for first, size in zip(layout.first_row, sizes)]
 
 
 SORT_LIMIT = 1024
@@ -545,32 +584,16 @@ def _rank_select(values: Sequence[Array], where: Sequence[Array | None],
     return masks
 
 
-def _sort_select_distinct(values: Sequence[Array],
-                          where: Sequence[Array | None], count: Array
-                          ) -> list[Array]:
-    # One group of distinct values by sorting: below the count-th smallest.
-    parked = _park(values, where)
-    ranked = jnp.sort(jnp.concatenate(parked) if len(parked) > 1
-                      else parked[0])
-    threshold = ranked[jnp.clip(count, 0, ranked.shape[0] - 1)]
-    everything = count >= eligible_counts(values, where, [0] * len(values))[0]
-    return [((v < threshold) | everything) if w is None
-            else ((v < threshold) | everything) & w
-            for v, w in zip(values, where)]
-
-
 def _dispatch(values: Sequence[Array], counts: Array,
               where: Sequence[Array | None], groups: Sequence[int],
-              num_groups: int, search: Callable, distinct: bool = False
-              ) -> list[Array]:
+              num_groups: int, search: Callable) -> list[Array]:
     # Small groups by one sort each; the others by `search` on the subset.
     small, large = _partition(values, groups, num_groups)
     masks: list[Array | None] = [None] * len(values)
     for g in small:
         leaves = [i for i, group in enumerate(groups) if group == g]
-        rank = _sort_select_distinct if distinct else _rank_select
-        chosen = rank([values[i] for i in leaves],
-                      [where[i] for i in leaves], counts[g])
+        chosen = _rank_select([values[i] for i in leaves],
+                              [where[i] for i in leaves], counts[g])
         for i, mask in zip(leaves, chosen):
             masks[i] = mask
     if large:
@@ -589,11 +612,8 @@ def select_random(key: PRNGKey, sizes: Sequence[int], counts: Array, *,
 
     The choice is uniform without replacement: the entries with the
     ``counts[g]`` smallest of the distinct draws of :func:`draw_bits` for
-    ``key``. For a group of more than :data:`SORT_LIMIT` entries the
-    threshold below which exactly that many draws lie is found without
-    sorting: a bitwise binary search over the draws' high 16 bits (16
-    counting passes), then one ``top_k`` over the few entries sharing the
-    threshold's high bits.
+    ``key``, found by the row-layout search described in the module
+    docstring (no sort, one loop for every array and group).
 
     Args:
         key: typed key; the draws are ``draw_bits(key, sizes)``.
@@ -616,32 +636,8 @@ def select_random(key: PRNGKey, sizes: Sequence[int], counts: Array, *,
         return []
     counts = jnp.broadcast_to(jnp.asarray(counts, jnp.int32), (num_groups,))
     counts = jnp.minimum(counts, eligible_counts(shapes, where, groups))
-    seeds = stream_seeds(key, SELECT_STREAM)
-    draws = _draw_from_seeds(seeds, sizes)
-
-    def search(leaves, sub_counts, sub_groups, sub_num_groups):
-        sub_where = [where[i] for i in leaves]
-
-        def redraw(salt):
-            every = _draw_from_seeds(seeds ^ salt, sizes)
-            return [every[i] for i in leaves]
-
-        threshold = _threshold_distinct(
-            [draws[i] for i in leaves], redraw, sub_counts, sub_where,
-            sub_groups, sub_num_groups)
-        # With distinct draws exactly `count` lie below the threshold,
-        # except when every candidate is wanted and the top draw is
-        # 2**32 - 1.
-        everything = sub_counts >= eligible_counts(
-            [draws[i] for i in leaves], sub_where, sub_groups)
-        masks = []
-        for i, w, g in zip(leaves, sub_where, sub_groups):
-            mask = (draws[i] < threshold[g]) | everything[g]
-            masks.append(mask if w is None else mask & w)
-        return masks
-
-    return _dispatch(draws, counts, where, groups, num_groups, search,
-                     distinct=True)
+    return _select_below_rank(stream_seeds(key, SELECT_STREAM), sizes, where,
+                              counts, groups, num_groups)
 
 
 def select_bernoulli(draws: Sequence[Array], rate: Array, *,
