@@ -9,6 +9,7 @@ and ``recovjax.sweep`` name the functions here; import the modules of the
 same name with ``from recovjax.sweep import ...``.
 """
 
+from recovjax._gc import freeze_import_objects
 from recovjax._types import (Batches, Damage, DataDamage, Dataset, Params,
                              PRNGKey, Split)
 from recovjax.checkpoints import (CheckpointCorruptedError, CheckpointError,
@@ -74,3 +75,6 @@ __all__ = [
     "summarize",
     "sweep",
 ]
+
+# Last: everything imported above is long-lived (see recovjax._gc).
+freeze_import_objects()

@@ -43,7 +43,7 @@ from recovjax.recovery.measure import (peak_memory, recovery_records,
 from recovjax.recovery.registry import make_optimizer, strategy_options
 from recovjax.results import ResultsTable, metrics_rows
 from recovjax.rundir import RunDirectory, environment
-from recovjax.sweep import iter_sweep, point_key
+from recovjax.sweep import iter_sweep, point_keys
 
 RECOVERY_STREAM = 0x5EC0
 """``fold_in`` tag of a point's recovery key (data order, re-init)."""
@@ -244,8 +244,8 @@ class Experiment:
         """Re-create the sweep's damaged models of ``points`` (same keys)."""
         label = damage.label or damage.kind
         op = get_damage(damage.kind, **damage.options)
-        keys = jnp.stack([point_key(self.root, label, index, seed)
-                          for index, _, seed in points])
+        keys = point_keys(self.root, label, [index for index, _, _ in points],
+                          [seed for _, _, seed in points])
         ratios = jnp.asarray([ratio for _, ratio, _ in points], jnp.float32)
         stacked = jax.jit(jax.vmap(op, in_axes=(0, None, 0)))(
             keys, self.params, ratios)

@@ -252,7 +252,7 @@ def load_pretrained(model: str, dataset: str = "mnist5k", *, seed: int = 0,
                      progress=progress, data_dir=data_dir)
         except FileExistsError:
             pass  # Another process finished first; use its checkpoint.
-    sample = jnp.zeros((1, 28, 28, 1), jnp.float32)
+    sample = jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32)
     if dataset not in ("mnist5k", "mnist", "fashion_mnist"):
         sample = jnp.asarray(load_dataset(dataset, data_dir=data_dir)
                              .test.images[:1])

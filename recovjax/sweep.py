@@ -147,6 +147,46 @@ def point_key(root_key: PRNGKey, damage: str, ratio_index: int, seed: int
     return jax.random.fold_in(key, seed)
 
 
+def point_keys(root_key: PRNGKey, damage: str, ratio_indices: Sequence[int],
+               seeds: Sequence[int]) -> PRNGKey:
+    """:func:`point_key` for many points of one damage kind, in one call.
+
+    The keys are derived here, on the host side of the sweep's programs,
+    by the same scalar ``fold_in`` calls as :func:`point_key` (one per
+    kind, ratio and point, each a dispatch of one small compiled program),
+    so that the damage-and-evaluate programs take keys as inputs and
+    contain no threefry: XLA:CPU compiles threefry under ``vmap`` into
+    dozens of small kernels, about half a second per derivation.
+
+    Args:
+        root_key: the sweep's root key (typed).
+        damage: the damage kind's name.
+        ratio_indices: each point's ratio position.
+        seeds: each point's seed value (as many as ``ratio_indices``).
+
+    Returns:
+        A key array of shape ``[len(ratio_indices)]``; entry ``i`` equals
+        ``point_key(root_key, damage, ratio_indices[i], seeds[i])``.
+    """
+    ratio_indices = np.asarray(ratio_indices, np.int32)
+    seeds = np.asarray(seeds, np.int32)
+    if ratio_indices.shape != seeds.shape or ratio_indices.ndim != 1:
+        raise ValueError(f"ratio_indices and seeds must be flat and of one "
+                         f"length, got shapes {ratio_indices.shape} and "
+                         f"{seeds.shape}")
+    kind_key = jax.random.fold_in(root_key, damage_id(damage))
+    ratio_keys: dict[int, PRNGKey] = {}
+    data = []
+    for ratio_index, seed in zip(ratio_indices.tolist(), seeds.tolist()):
+        if ratio_index not in ratio_keys:
+            ratio_keys[ratio_index] = jax.random.fold_in(kind_key,
+                                                         ratio_index)
+        data.append(np.asarray(jax.random.key_data(
+            jax.random.fold_in(ratio_keys[ratio_index], seed))))
+    return jax.random.wrap_key_data(np.stack(data),
+                                    impl=jax.random.key_impl(root_key))
+
+
 class SweepPoint(NamedTuple):
     """One point of a sweep.
 
@@ -431,18 +471,15 @@ def _group_fn(apply, op: DamageOp, num_classes: int,
     and needs no program of its own.
     """
 
-    def group(base_key, ratio_indices, ratios, seeds, clean, params,
-              batches):
-        def one(ratio_index, ratio, seed, keep):
-            key = jax.random.fold_in(
-                jax.random.fold_in(base_key, ratio_index), seed)
+    def group(keys, ratios, clean, params, batches):
+        def one(key, ratio, keep):
             damaged = op(key, params, ratio).params
             chosen = jax.tree.map(lambda p, d: jnp.where(keep, p, d),
                                   params, damaged)
             return evaluate(apply, chosen, batches, num_classes,
                             metric_fn=metric_fn)
 
-        return jax.vmap(one)(ratio_indices, ratios, seeds, clean)
+        return jax.vmap(one)(keys, ratios, clean)
 
     return group
 
@@ -453,14 +490,12 @@ def _chunk_program(apply, op: DamageOp, num_classes: int,
                    devices: tuple) -> Callable:
     group = _group_fn(apply, op, num_classes, metric_fn)
 
-    def local(base_key, ratio_indices, ratios, seeds, clean, params,
-              batches):
-        count = ratio_indices.shape[0] // vmap_size
+    def local(keys, ratios, clean, params, batches):
+        count = ratios.shape[0] // vmap_size
         split = lambda x: x.reshape((count, vmap_size) + x.shape[1:])
         metrics = jax.lax.map(
-            lambda xs: group(base_key, *xs, params, batches),
-            (split(ratio_indices), split(ratios), split(seeds),
-             split(clean)))
+            lambda xs: group(*xs, params, batches),
+            (split(keys), split(ratios), split(clean)))
         return jax.tree.map(
             lambda x: x.reshape((count * vmap_size,) + x.shape[2:]), metrics)
 
@@ -468,8 +503,8 @@ def _chunk_program(apply, op: DamageOp, num_classes: int,
     sharded = PartitionSpec(AXIS)
     program = jax.shard_map(
         local, mesh=mesh,
-        in_specs=(PartitionSpec(), sharded, sharded, sharded, sharded,
-                  PartitionSpec(), PartitionSpec()),
+        in_specs=(sharded, sharded, sharded, PartitionSpec(),
+                  PartitionSpec()),
         out_specs=sharded,
         # Damage operators and evaluate carry loop state made from constants
         # (zeros, iotas); they are not written for shard_map's replication
@@ -556,14 +591,12 @@ def damage_point(model, params: Params, *, damage: DamageOp | str,
                          "when damage is given as an op")
     root, _ = _root(root_key)
     (ratio,) = _ratios([ratio])
-    base = jax.random.fold_in(root, damage_id(damage_name))
     program = _point_program(model.apply, damage, model.num_classes,
                              metric_fn)
-    replicate = lambda value, dtype: jnp.full((vmap_size,), value, dtype)
-    metrics = program(base, replicate(ratio_index, jnp.int32),
-                      replicate(ratio, jnp.float32),
-                      replicate(seed, jnp.int32),
-                      replicate(False, jnp.bool_), params,
+    keys = point_keys(root, damage_name, [ratio_index] * vmap_size,
+                      [seed] * vmap_size)
+    metrics = program(keys, jnp.full((vmap_size,), ratio, jnp.float32),
+                      jnp.zeros((vmap_size,), jnp.bool_), params,
                       _batches(data, batch_size))
     return jax.tree.map(lambda x: np.asarray(x)[0], jax.device_get(metrics))
 
@@ -628,23 +661,24 @@ def iter_sweep(model, params: Params, *,
     batches_on_mesh = _place(batches, replicated)
     size = the_plan.chunk_size
 
-    def launch(name: str, points: list[SweepPoint], clean: bool):
+    def padded_slots(name: str, points: list[SweepPoint], clean: bool
+                     ) -> list[SweepPoint]:
         # The clean slot (if any) follows the points; padding repeats the
         # last point, and both are cut off in finish().
         slots = points + [SweepPoint(name, 0, 0.0, 0)] * clean
-        padded = slots + [slots[-1]] * (size - len(slots))
+        return slots + [slots[-1]] * (size - len(slots))
+
+    def launch(name: str, points: list[SweepPoint], clean: bool, keys):
+        padded = padded_slots(name, points, clean)
         flags = np.zeros((size,), np.bool_)
-        flags[len(points):len(slots)] = True
+        flags[len(points):len(points) + clean] = True
         program = _chunk_program(model.apply, kinds[name],
                                  model.num_classes, metric_fn,
                                  the_plan.vmap_size, tuple(device_list))
-        base = jax.random.fold_in(root, damage_id(name))
         inputs = _place(
-            (np.asarray([p.ratio_index for p in padded], np.int32),
-             np.asarray([p.ratio for p in padded], np.float32),
-             np.asarray([p.seed for p in padded], np.int32), flags), sharded)
-        return program(jax.device_put(base, replicated), *inputs,
-                       params_on_mesh, batches_on_mesh)
+            (keys, np.asarray([p.ratio for p in padded], np.float32), flags),
+            sharded)
+        return program(*inputs, params_on_mesh, batches_on_mesh)
 
     def finish(name: str, points: list[SweepPoint], clean: bool,
                pending) -> ChunkResult:
@@ -671,9 +705,16 @@ def iter_sweep(model, params: Params, *,
             work.append((name, points[start:start + size],
                          position == 0 and start <= len(points) < start + size
                          and clean_slots == 1))
+    # Every chunk's keys first: a key derivation queued behind a running
+    # chunk would wait for it and hold back the next chunk's dispatch.
+    keys = [point_keys(root, name, [p.ratio_index for p in slots],
+                       [p.seed for p in slots])
+            for name, points, clean in work
+            for slots in [padded_slots(name, points, clean)]]
     previous = None
-    for name, points, clean in work:
-        pending = (name, points, clean, launch(name, points, clean))
+    for (name, points, clean), chunk_keys in zip(work, keys):
+        pending = (name, points, clean, launch(name, points, clean,
+                                               chunk_keys))
         if previous is not None:
             yield finish(*previous)
         previous = pending

@@ -14,38 +14,19 @@ import numpy as np
 import pytest
 
 from recovjax import _compile_cache
-from recovjax._types import Damage, Split
+from recovjax._types import Split
+from recovjax.damage import get_damage
 from recovjax.results import ResultsTable, metrics_rows, read_csv
 from recovjax.sweep import (ChunkResult, damage_id, damage_point,
                             estimate_model_bytes, iter_sweep, plan_sweep,
-                            point_key, sweep)
+                            point_key, point_keys, sweep)
 
 RATIOS = (0.0, 0.3, 0.6)
 OTHER_RATIOS = (0.1, 0.45, 0.9)
 SEEDS = 2
 
 
-def _zero_op():
-    """The registry's ``zero`` op, or a minimal exact-count stand-in."""
-    try:
-        from recovjax.damage import get_damage
-        return get_damage("zero")
-    except ImportError:  # The damage package is written in parallel.
-        def zero(key, params, ratio):
-            leaves, tree = jax.tree.flatten(params)
-            out, masks = [], []
-            for index, leaf in enumerate(leaves):
-                rank = jax.random.permutation(jax.random.fold_in(key, index),
-                                              leaf.size).reshape(leaf.shape)
-                mask = rank < jnp.floor(leaf.size * ratio).astype(jnp.int32)
-                out.append(jnp.where(mask, 0.0, leaf))
-                masks.append(mask)
-            return Damage(jax.tree.unflatten(tree, out),
-                          jax.tree.unflatten(tree, masks))
-        return zero
-
-
-ZERO = _zero_op()
+ZERO = get_damage("zero")
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +171,14 @@ def test_keys_are_addressable_and_independent_of_other_kinds(
         root, damage_id("zero")), 2), 1)
     assert np.array_equal(jax.random.key_data(point_key(root, "zero", 2, 1)),
                           jax.random.key_data(expected))
+    # The sweep's batched derivation gives the same keys.
+    many = point_keys(root, "zero", [2, 0, 2], [1, 3, 0])
+    for key, (index, seed) in zip(many, [(2, 1), (0, 3), (2, 0)]):
+        assert np.array_equal(
+            jax.random.key_data(key),
+            jax.random.key_data(point_key(root, "zero", index, seed)))
+    with pytest.raises(ValueError, match="ratio_indices and seeds"):
+        point_keys(root, "zero", [0, 1], [0])
     assert damage_id("zero") == damage_id("zero") != damage_id("noise")
 
 

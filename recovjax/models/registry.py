@@ -30,9 +30,21 @@ class Model:
     apply: Callable[[Params, Array], Array]
     num_classes: int
 
-    def abstract_params(self, sample: Array) -> Params:
-        """Shapes and dtypes of the parameters, without computing them."""
-        return jax.eval_shape(self.init, jax.random.key(0), sample)
+    def abstract_params(self, sample: Array | jax.ShapeDtypeStruct
+                        ) -> Params:
+        """Shapes and dtypes of the parameters, without computing them.
+
+        Args:
+            sample: an input batch, or its ``jax.ShapeDtypeStruct``.
+
+        Returns:
+            The parameter tree with ``jax.ShapeDtypeStruct`` leaves. Nothing
+            is computed or compiled: the initialiser (key included) is only
+            traced.
+        """
+        sample = jax.ShapeDtypeStruct(sample.shape, sample.dtype)
+        return jax.eval_shape(
+            lambda x: self.init(jax.random.key(0), x), sample)
 
 
 def _from_module(name: str, module: nn.Module, num_classes: int) -> Model:
