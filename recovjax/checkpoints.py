@@ -99,7 +99,10 @@ def _manager(directory: pathlib.Path, *, read_only: bool
     return ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=None, create=not read_only, read_only=read_only),
+            max_to_keep=None, create=not read_only, read_only=read_only,
+            # Read-only managers save nothing; saying so up front spares
+            # Orbax's warning that it changed the option.
+            save_interval_steps=0 if read_only else 1),
         item_handlers={PARAMS_ITEM: ocp.StandardCheckpointHandler(),
                        METADATA_ITEM: ocp.JsonCheckpointHandler()})
 

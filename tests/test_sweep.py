@@ -179,6 +179,28 @@ def test_keys_are_addressable_and_independent_of_other_kinds(
             jax.random.key_data(point_key(root, "zero", index, seed)))
     with pytest.raises(ValueError, match="ratio_indices and seeds"):
         point_keys(root, "zero", [0, 1], [0])
+
+
+def test_host_fold_in_is_bit_equal_to_jax():
+    from recovjax.sweep import _threefry_fold_in
+    rng = np.random.default_rng(0)
+    key_data = rng.integers(0, 2**32, (64, 2), dtype=np.uint32)
+    data = rng.integers(0, 2**32, 64, dtype=np.uint32)
+    data[:3] = (0, 1, 2**32 - 1)
+    ours = _threefry_fold_in(key_data, data)
+    for row, datum, got in zip(key_data, data, ours):
+        want = jax.random.fold_in(jax.random.wrap_key_data(row), int(datum))
+        assert np.array_equal(got, jax.random.key_data(want))
+
+
+def test_point_keys_of_other_key_implementations_fold_in_jax():
+    root = jax.random.key(5, impl="rbg")
+    many = point_keys(root, "noise", [1, 0], [4, 2])
+    assert str(jax.random.key_impl(many)) == "rbg"
+    for key, (index, seed) in zip(many, [(1, 4), (0, 2)]):
+        assert np.array_equal(
+            jax.random.key_data(key),
+            jax.random.key_data(point_key(root, "noise", index, seed)))
     assert damage_id("zero") == damage_id("zero") != damage_id("noise")
 
 
