@@ -305,13 +305,13 @@ def main(argv: list[str] | None = None) -> str:
          lambda: run_sweep(batch_size=1000, vmap_size=2)),
         ("lax.map over vmap pairs, banded, batch 250",
          lambda: run_sweep(batch_size=250, vmap_size=2)),
-        ("lax.map (1 at a time, default), banded, batch 250",
-         lambda: run_sweep(batch_size=250, vmap_size=1)),
+        ("lax.map (1 at a time, default), banded, batch 100",
+         lambda: run_sweep(batch_size=100, vmap_size=1)),
     ]
     if not args.quick:
         trials += [
-            ("lax.map (1 at a time), banded, batch 100",
-             lambda: run_sweep(batch_size=100, vmap_size=1)),
+            ("lax.map (1 at a time), banded, batch 250",
+             lambda: run_sweep(batch_size=250, vmap_size=1)),
             ("vmap of all 100, banded, batch 100",
              lambda: run_sweep(batch_size=100, vmap_size=100,
                                memory_budget_bytes=big)),

@@ -58,7 +58,7 @@ class SweepConfig:
 class EvaluateConfig:
     """Evaluation data."""
 
-    batch_size: int = _field(250, low=1)
+    batch_size: int = _field(100, low=1)
     test_examples: int | None = _field(None, low=1,
                                        help="use the first N test images")
 

@@ -36,7 +36,9 @@ Point ``(kind, ratio index, seed)`` gets::
 where :func:`damage_id` is a CRC-32 of the kind's *name*, so adding,
 removing or reordering kinds never changes another kind's keys, and a
 point's key does not depend on the other ratios or seeds in the sweep.
-:func:`damage_point` re-runs one point alone and gives the sweep's numbers
+The keys of a chunk are derived on the host (:func:`point_keys`, in NumPy
+for the default ``threefry2x32`` keys) and passed to the chunk's program,
+which therefore contains no threefry. :func:`damage_point` re-runs one point alone and gives the sweep's numbers
 bit for bit.
 
 Several devices and several hosts
@@ -81,12 +83,13 @@ DamageOp = Callable[[PRNGKey, Params, Any], Damage]
 AXIS = "models"
 """Name of the mesh axis the model axis is sharded over."""
 
-DEFAULT_BATCH_SIZE = 250
+DEFAULT_BATCH_SIZE = 100
 """Evaluation batch size (examples per forward pass of one model).
 
 Chosen with :data:`DEFAULT_VMAP_SIZE` by ``benchmarks/bench_sweep.py`` on a
-2-core CPU: with banded-GEMM convolutions, batches of 200-250 images keep a
-model's activations in cache and beat batches of 100, 500 and 1,000.
+2-core CPU: with banded-GEMM convolutions, batches of 100 images keep a
+model's activations in cache; W1's steady state took 1.75-1.83 s with
+batches of 100 against 1.92 s (200), 2.0-2.2 s (250) and 1.9-2.1 s (50).
 """
 
 DEFAULT_VMAP_SIZE = 1
@@ -211,14 +214,12 @@ def point_keys(root_key: PRNGKey, damage: str, ratio_indices: Sequence[int],
         A key array of shape ``[len(ratio_indices)]``; entry ``i`` equals
         ``point_key(root_key, damage, ratio_indices[i], seeds[i])``.
     """
-    ratio_indices = np.asarray(ratio_indices)
-    seeds = np.asarray(seeds)
+    ratio_indices = np.asarray(ratio_indices, np.int64)
+    seeds = np.asarray(seeds, np.int64)
     if ratio_indices.shape != seeds.shape or ratio_indices.ndim != 1:
         raise ValueError(f"ratio_indices and seeds must be flat and of one "
                          f"length, got shapes {ratio_indices.shape} and "
                          f"{seeds.shape}")
-    ratio_indices = np.asarray(ratio_indices, np.int64)
-    seeds = np.asarray(seeds, np.int64)
     on_host = _fold_on_host(root_key, damage_id(damage), ratio_indices, seeds)
     if on_host is not None:
         return on_host
