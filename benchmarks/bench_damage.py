@@ -152,10 +152,11 @@ def main(argv: list[str] | None = None) -> str:
         f"recovjax's own Bernoulli mode, which shares the cheap hashed "
         f"draws: {exact / own:.1f}x.",
         "",
-        "The exact count costs 16 counting passes over the draws' high 16 "
-        "bits plus one `top_k` over the few entries that share the "
-        "threshold's high bits (see `recovjax/damage/select.py`); "
-        "leaves of at most 1,024 entries are ranked by one sort instead. "
+        "The exact count costs 32 counting passes (16 over the draws' high "
+        "halves, 16 over the low halves of the threshold's bucket), every "
+        "leaf at once in one layout of 128-entry rows (see "
+        "`recovjax/damage/select.py`); targeted selection (largest first) "
+        "still searches leaf by leaf, and small leaves by one sort. "
         "Timings on a shared machine are noisy; the minimum is the better "
         "estimate of the intrinsic cost.",
     ]
