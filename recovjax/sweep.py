@@ -314,12 +314,22 @@ class SweepResult:
 # --------------------------------------------------------------------------
 
 
+def _seed_key(seed: int) -> PRNGKey:
+    # jax.random.key(seed) without compiling a program for it: a
+    # threefry2x32 key of a seed in [0, 2**31) holds the words (0, seed).
+    if (jax.config.jax_default_prng_impl == "threefry2x32"
+            and 0 <= seed < 2**31):
+        return jax.random.wrap_key_data(np.asarray([0, seed], np.uint32),
+                                        impl="threefry2x32")
+    return jax.random.key(seed)
+
+
 def _root(root_key: PRNGKey | int) -> tuple[PRNGKey, int | None]:
     if isinstance(root_key, bool):
         raise TypeError("root_key must be a typed key or an int seed, got "
                         f"{root_key!r}")
     if isinstance(root_key, (int, np.integer)):
-        return jax.random.key(int(root_key)), int(root_key)
+        return _seed_key(int(root_key)), int(root_key)
     dtype = getattr(root_key, "dtype", None)
     if dtype is None or not jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
         raise TypeError("root_key must be a typed key from jax.random.key "

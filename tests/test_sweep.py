@@ -181,6 +181,16 @@ def test_keys_are_addressable_and_independent_of_other_kinds(
         point_keys(root, "zero", [0, 1], [0])
 
 
+def test_int_root_seed_is_jax_random_key():
+    from recovjax.sweep import _seed_key
+    for seed in (0, 1, 12345, 2**31 - 1, -3):  # -3 takes jax.random.key
+        want = jax.random.key(seed)
+        got = _seed_key(seed)
+        assert str(jax.random.key_impl(got)) == str(jax.random.key_impl(want))
+        assert np.array_equal(jax.random.key_data(got),
+                              jax.random.key_data(want))
+
+
 def test_host_fold_in_is_bit_equal_to_jax():
     from recovjax.sweep import _threefry_fold_in
     rng = np.random.default_rng(0)
