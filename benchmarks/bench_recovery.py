@@ -15,6 +15,8 @@ Measured side by side in one run:
   included) and steady state;
 * W2 in chunks of 10 models (two calls of one vmapped program);
 * W2 as a sequential JAX loop (one compiled single-model program, 20 calls);
+* steady-state rounds alternating ``stack_recover`` and the PyTorch loop
+  (the target is judged on their median ratio);
 * W2 as the PyTorch loop (``torch.optim.SGD``, same damaged weights, same
   batch size and number of steps);
 * the restore strategies against a full restore: time and bytes read.
@@ -57,6 +59,8 @@ SEEDS = (0, 1, 2, 3, 4)
 STEPS = 200
 BATCH = 100
 LEARNING_RATE, MOMENTUM = 1e-3, 0.9
+ROUNDS = 3
+"""Alternating steady-state rounds of recovjax and PyTorch (see bench_rounds)."""
 
 
 # --------------------------------------------------------------------------
@@ -332,6 +336,29 @@ def bench_torch(setup: Setup, threads: int | None = None) -> dict[str, Any]:
             "threads": threads, "version": torch.__version__}
 
 
+def bench_rounds(setup: Setup, apply, threads: int, rounds: int
+                 ) -> list[tuple[float, float]]:
+    """Steady-state W2 in alternating rounds: ``stack_recover``, then PyTorch.
+
+    The machine's speed drifts by tens of percent from minute to minute, so
+    one measurement of each side says little; rounds that alternate the two
+    see the same drift, and the target is judged on their median ratio.
+
+    Returns:
+        ``(recovjax seconds, PyTorch seconds)`` per round.
+    """
+    from recovjax.recovery import make_finetune, stack_recover
+    run = stack_recover(make_finetune(apply, _optimizer(), steps=setup.steps,
+                                      batch_size=BATCH))
+    args = _stack_args(setup)
+    _timed(run, *args)
+    pairs = []
+    for _ in range(rounds):
+        ours = _timed(run, *args)[1]
+        pairs.append((ours, bench_torch(setup, threads=threads)["steady"]))
+    return pairs
+
+
 def bench_restore(setup: Setup, repeats: int = 5) -> list[dict[str, Any]]:
     """Restore strategies on one damaged copy: time and bytes read."""
     from recovjax.checkpoints import save_checkpoint
@@ -427,10 +454,13 @@ def main(argv: list[str] | None = None) -> str:
     chunked = bench_chunked(setup, library_apply)
     log("W2 sequential ...")
     sequential = bench_sequential(setup, library_apply)
-    torch_result = None
+    torch_result, rounds = None, []
     if not args.skip_torch:
         log("W2 PyTorch ...")
         torch_result = bench_torch(setup)
+        log("W2 alternating rounds ...")
+        rounds = bench_rounds(setup, library_apply, torch_result["threads"],
+                              1 if args.quick else ROUNDS)
     log("restore ...")
     restore = bench_restore(setup)
     memory = peak_memory()
@@ -497,11 +527,19 @@ def main(argv: list[str] | None = None) -> str:
                      f"{torch_result['steady']:.1f} | "
                      f"{per_step(torch_result['steady']):.2f} | 1.00x |")
     if torch_result:
-        ratio = torch_result["steady"] / vmapped["steady"]
-        lines += ["", f"Target (vmapped recovery, steady state, >= 2x the "
-                  "PyTorch loop): "
+        ratios = [theirs / ours for ours, theirs in rounds]
+        ratio = statistics.median(ratios)
+        shown = "; ".join(f"{ours:.1f} / {theirs:.1f} ({theirs / ours:.2f}x)"
+                          for ours, theirs in rounds)
+        lines += ["", f"Alternating rounds, steady state (recovjax "
+                  f"`stack_recover` on all devices / PyTorch loop, s): "
+                  f"{shown}.",
+                  "", f"Target (vmapped recovery, steady state, >= 2x the "
+                  "PyTorch loop, median of the alternating rounds): "
                   f"**{'met' if ratio >= 2 else 'not met'}** "
-                  f"({ratio:.2f}x; {torch_result['steady'] / vmapped['first']:.2f}x "
+                  f"({ratio:.2f}x; the single measurements in the table "
+                  f"give {torch_result['steady'] / vmapped['steady']:.2f}x, "
+                  f"{torch_result['steady'] / vmapped['first']:.2f}x "
                   "counting the first call's compilation)."]
     lines += ["", "Mean test accuracy after recovery (sanity check, same "
               "damaged weights): recovjax "
