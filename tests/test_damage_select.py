@@ -280,3 +280,20 @@ def test_check_key_rejects_untyped_keys(key):
 def test_check_key_rejects_key_arrays():
     with pytest.raises(TypeError, match="vmap over the keys"):
         select.check_key(jax.random.split(jax.random.key(0), 3))
+
+
+def test_group_sums_switch_to_integers_when_float32_would_round():
+    assert select._row_layout([1000], [0], 1).one_hot.dtype == np.float32
+    assert select._row_layout([2**24], [0], 1).one_hot.dtype == np.int32
+    # Both products give the same threshold.
+    sizes, groups = (300, 2049, 7), [0, 1, 0]
+    layout = select._row_layout(sizes, groups, 2)
+    integer = layout._replace(one_hot=layout.one_hot.astype(np.int32))
+    rng = np.random.default_rng(3)
+    values = select._to_rows([jnp.asarray(rng.integers(0, 2**32, n,
+                                                       dtype=np.uint32))
+                              for n in sizes], 0xFFFFFFFF)
+    counts = jnp.asarray([100, 1500], jnp.int32)
+    np.testing.assert_array_equal(
+        np.asarray(select._rows_threshold(values, layout, counts)),
+        np.asarray(select._rows_threshold(values, integer, counts)))

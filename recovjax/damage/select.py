@@ -343,91 +343,6 @@ def eligible_counts(values: Sequence[Array], where: Sequence[Array | None]
     return _per_group(sizes, groups, num_groups)
 
 
-_SUM_WIDTH = 128
-_MAX_HALVINGS = 7  # uint8 partial counts hold up to 2**7 ones.
-
-
-def _halvings(size: int) -> int:
-    levels = 0
-    while levels < _MAX_HALVINGS and size >> (levels + 1) >= _SUM_WIDTH:
-        levels += 1
-    return levels
-
-
-def _count_true(mask: Array, levels: int) -> Array:
-    # XLA:CPU vectorises elementwise code well and long reductions poorly, so
-    # fold the array in halves with elementwise uint8 adds before the final
-    # (short) reduction: several times faster than one jnp.sum. The tail
-    # that does not fill a whole fold is summed apart (padding the array
-    # instead costs a copy in every pass).
-    size = mask.shape[0]
-    folded = (size >> levels) << levels
-    x = mask[:folded].astype(jnp.uint8)
-    for _ in range(levels):
-        half = x.shape[0] // 2
-        x = x[:half] + x[half:]
-    total = jnp.sum(x, dtype=jnp.int32)
-    if folded < size:
-        total = total + jnp.sum(mask[folded:], dtype=jnp.int32)
-    return total
-
-
-def _search16(halves: Sequence[Array], levels: Sequence[int],
-              base: Sequence[Array], counts: Sequence[Array],
-              groups: Sequence[int]) -> tuple[list[Array], list[Array]]:
-    # Per group, the largest c in [0, 2**16) with base + #{h < c} <= count,
-    # bit by bit from the top, and that number #{h < c}. Groups are kept as
-    # separate scalars so that each count stays a plain fused reduction.
-    num_groups = len(counts)
-
-    def step(index, state):
-        prefixes, belows = state
-        bit = jnp.left_shift(jnp.uint16(1), (15 - index).astype(jnp.uint16))
-        candidates = [prefix | bit for prefix in prefixes]
-        totals = [jnp.zeros((), jnp.int32)] * num_groups
-        for h, level, g in zip(halves, levels, groups):
-            totals[g] = totals[g] + _count_true(h < candidates[g], level)
-        accept = [b + t <= c for b, t, c in zip(base, totals, counts)]
-        return ([jnp.where(a, c, p)
-                 for a, c, p in zip(accept, candidates, prefixes)],
-                [jnp.where(a, t, b)
-                 for a, t, b in zip(accept, totals, belows)])
-
-    start = ([jnp.zeros((), jnp.uint16)] * num_groups,
-             [jnp.zeros((), jnp.int32)] * num_groups)
-    return lax.fori_loop(0, 16, step, start)
-
-
-def _threshold(values: Sequence[Array], counts: Array,
-               where: Sequence[Array | None], groups: Sequence[int],
-               num_groups: int) -> Array:
-    # Per group, the largest t with #{v < t} <= count. Found 16 bits at a
-    # time: first over the high halves, then over the low halves of the
-    # entries whose high half equals the first answer (the others are
-    # parked at 0xFFFF, which no candidate exceeds): 32 counting passes
-    # over uint16 data in all, every array and group in the same loop.
-    levels = [_halvings(v.shape[0]) for v in values]
-    parked = [v if w is None else jnp.where(w, v, jnp.uint32(_UINT32_MAX))
-              for v, w in zip(values, where)]
-    high = [(v >> 16).astype(jnp.uint16) for v in parked]
-    counts = [counts[g] for g in range(num_groups)]
-    zero = [jnp.zeros((), jnp.int32)] * num_groups
-    top, below = _search16(high, levels, zero, counts, groups)
-    low = [jnp.where(h == top[g], (v & 0xFFFF).astype(jnp.uint16),
-                     jnp.uint16(0xFFFF))
-           for v, h, g in zip(parked, high, groups)]
-    bottom, _ = _search16(low, levels, below, counts, groups)
-    top, bottom = jnp.stack(top), jnp.stack(bottom)
-    return (top.astype(jnp.uint32) << 16) | bottom.astype(jnp.uint32)
-
-
-def _park(values: Sequence[Array], where: Sequence[Array | None]
-          ) -> list[Array]:
-    # Non-candidates hold 0xFFFFFFFF, which no threshold exceeds.
-    return [v if w is None else jnp.where(w, v, jnp.uint32(_UINT32_MAX))
-            for v, w in zip(values, where)]
-
-
 _LANES = 128
 """Width of the rows of the layout :func:`select_random` searches."""
 
@@ -439,7 +354,8 @@ class _RowLayout(NamedTuple):
     counter: np.ndarray      # uint32[rows]: draw counter of each row's lane 0
     valid: np.ndarray        # int32[rows]: real (unpadded) entries per row
     group: np.ndarray        # int32[rows]: group of each row
-    one_hot: np.ndarray      # float32[rows, G]: row-to-group incidence
+    one_hot: np.ndarray      # [rows, G] row-to-group incidence (float32
+                             # while sums stay exact, else int32)
 
 
 def _row_layout(sizes: Sequence[int], groups: Sequence[int],
@@ -454,10 +370,14 @@ def _row_layout(sizes: Sequence[int], groups: Sequence[int],
         row_groups += [group] * rows
         offset += size
     row_groups = np.asarray(row_groups, np.int32)
+    # Group sums are a [rows] x [rows, G] product: float32 (the fast path)
+    # is exact while a group holds fewer than 2**24 entries.
+    largest = np.bincount(row_groups, minlength=num_groups).max(initial=0)
+    dtype = np.float32 if largest * _LANES < 2**24 else np.int32
     return _RowLayout(
         first_row, np.asarray(counter, np.uint32),
         np.asarray(valid, np.int32), row_groups,
-        (row_groups[:, None] == np.arange(num_groups)).astype(np.float32))
+        (row_groups[:, None] == np.arange(num_groups)).astype(dtype))
 
 
 def _count_rows(mask: Array) -> Array:
@@ -476,15 +396,14 @@ def _search16_rows(halves: Array, layout: _RowLayout, base: Array,
     # Per group, the largest c in [0, 2**16) with base + #{h < c} <= count,
     # bit by bit from the top, and that number #{h < c}. Each of the 16
     # passes compares the whole layout with its rows' candidates, counts
-    # per row, and sums rows into groups with one small product (exact in
-    # float32 below 2**24 entries per group).
+    # per row, and sums rows into groups with one small product.
     def step(index, state):
         prefix, below = state
         candidate = prefix | jnp.left_shift(jnp.int32(1), 15 - index)
         row_candidate = candidate[layout.group].astype(jnp.uint16)
         per_row = _count_rows(halves < row_candidate[:, None])
-        totals = (per_row.astype(jnp.float32) @ layout.one_hot).astype(
-            jnp.int32)
+        totals = (per_row.astype(layout.one_hot.dtype)
+                  @ layout.one_hot).astype(jnp.int32)
         accept = base + totals <= counts
         return (jnp.where(accept, candidate, prefix),
                 jnp.where(accept, totals, below))
@@ -493,31 +412,25 @@ def _search16_rows(halves: Array, layout: _RowLayout, base: Array,
     return lax.fori_loop(0, 16, step, (zeros, zeros))
 
 
-def _select_below_rank(seeds: Array, sizes: Sequence[int],
-                       where: Sequence[Array | None], counts: Array,
-                       groups: Sequence[int], num_groups: int
-                       ) -> list[Array]:
-    # The entries holding each group's `count` smallest draws, every array
-    # and group in one row layout: the draws are made in it directly, and
-    # the threshold below which exactly `count` draws of a group lie is
-    # found by 16 passes over the draws' high halves, then 16 over the low
-    # halves of the entries whose high half is the answer (the others
-    # parked at 0xFFFF, which no candidate exceeds). One loop over one
-    # array, whatever the number of arrays and groups: a handful of
-    # kernels to compile.
-    layout = _row_layout(sizes, groups, num_groups)
-    lane = lax.iota(jnp.uint32, _LANES)
-    values = _permute(layout.counter[:, None] + lane[None, :], seeds)
-    candidate = lane[None, :].astype(jnp.int32) < layout.valid[:, None]
-    if any(w is not None for w in where):
-        pieces = []
-        for size, w in zip(sizes, where):
-            rows = -(-size // _LANES)
-            w = jnp.ones((size,), jnp.bool_) if w is None else w
-            pieces.append(jnp.pad(w, (0, rows * _LANES - size)))
-        candidate = candidate & jnp.concatenate(pieces).reshape(-1, _LANES)
-    values = jnp.where(candidate, values, jnp.uint32(_UINT32_MAX))
+def _to_rows(arrays: Sequence[Array], fill) -> Array:
+    # The flat arrays in the row layout, each padded with `fill` to whole
+    # rows: [rows, _LANES].
+    pieces = []
+    for array in arrays:
+        padded = -(-array.shape[0] // _LANES) * _LANES
+        pieces.append(jnp.pad(array, (0, padded - array.shape[0]),
+                              constant_values=np.asarray(fill,
+                                                         array.dtype)))
+    return jnp.concatenate(pieces).reshape(-1, _LANES)
 
+
+def _rows_threshold(values: Array, layout: _RowLayout, counts: Array
+                    ) -> Array:
+    # Per group, the largest t with #{v < t} <= count over uint32 values in
+    # the row layout (non-candidates and padding parked at 0xFFFFFFFF,
+    # which no threshold exceeds). 16 passes over the high halves, then 16
+    # over the low halves of the entries whose high half is the answer
+    # (the others parked at 0xFFFF, which no candidate exceeds).
     high = (values >> 16).astype(jnp.uint16)
     top, below = _search16_rows(high, layout, jnp.zeros_like(counts),
                                 counts)
@@ -525,11 +438,46 @@ def _select_below_rank(seeds: Array, sizes: Sequence[int],
     low = jnp.where(in_bucket, (values & 0xFFFF).astype(jnp.uint16),
                     jnp.uint16(0xFFFF))
     bottom, _ = _search16_rows(low, layout, below, counts)
-    threshold = (top.astype(jnp.uint32) << 16) | bottom.astype(jnp.uint32)
+    return (top.astype(jnp.uint32) << 16) | bottom.astype(jnp.uint32)
+
+
+def _threshold(values: Sequence[Array], counts: Array,
+               where: Sequence[Array | None], groups: Sequence[int],
+               num_groups: int) -> Array:
+    # Per group, the largest t with #{v < t} <= count (values may repeat),
+    # every array and group in one row layout.
+    layout = _row_layout([v.shape[0] for v in values], groups, num_groups)
+    return _rows_threshold(
+        _to_rows(_park(values, where), _UINT32_MAX), layout, counts)
+
+
+def _park(values: Sequence[Array], where: Sequence[Array | None]
+          ) -> list[Array]:
+    # Non-candidates hold 0xFFFFFFFF, which no threshold exceeds.
+    return [v if w is None else jnp.where(w, v, jnp.uint32(_UINT32_MAX))
+            for v, w in zip(values, where)]
+
+
+def _select_below_rank(seeds: Array, sizes: Sequence[int],
+                       where: Sequence[Array | None], counts: Array,
+                       eligible: Array, groups: Sequence[int],
+                       num_groups: int) -> list[Array]:
+    # The entries holding each group's `count` smallest draws. The draws
+    # are made in the row layout directly; one threshold search serves
+    # every array and group: a handful of kernels to compile.
+    layout = _row_layout(sizes, groups, num_groups)
+    lane = lax.iota(jnp.uint32, _LANES)
+    values = _permute(layout.counter[:, None] + lane[None, :], seeds)
+    candidate = lane[None, :].astype(jnp.int32) < layout.valid[:, None]
+    if any(w is not None for w in where):
+        candidate = candidate & _to_rows(
+            [jnp.ones((size,), jnp.bool_) if w is None else w
+             for size, w in zip(sizes, where)], False)
+    values = jnp.where(candidate, values, jnp.uint32(_UINT32_MAX))
+    threshold = _rows_threshold(values, layout, counts)
     # With distinct draws exactly `count` lie below the threshold, except
     # when every candidate is wanted and the top draw is 2**32 - 1.
-    everything = counts >= (_count_rows(candidate).astype(jnp.float32)
-                            @ layout.one_hot).astype(jnp.int32)
+    everything = counts >= eligible
     chosen = (values < threshold[layout.group][:, None]) | (
         everything[layout.group][:, None] & candidate)
     chosen = chosen.reshape(-1)
@@ -635,9 +583,10 @@ def select_random(key: PRNGKey, sizes: Sequence[int], counts: Array, *,
     if not sizes:
         return []
     counts = jnp.broadcast_to(jnp.asarray(counts, jnp.int32), (num_groups,))
-    counts = jnp.minimum(counts, eligible_counts(shapes, where, groups))
+    eligible = eligible_counts(shapes, where, groups)
     return _select_below_rank(stream_seeds(key, SELECT_STREAM), sizes, where,
-                              counts, groups, num_groups)
+                              jnp.minimum(counts, eligible), eligible,
+                              groups, num_groups)
 
 
 def select_bernoulli(draws: Sequence[Array], rate: Array, *,
