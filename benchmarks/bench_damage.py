@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> str:
         "halves, 16 over the low halves of the threshold's bucket), every "
         "leaf at once in one layout of 128-entry rows (see "
         "`recovjax/damage/select.py`); targeted selection (largest first) "
-        "still searches leaf by leaf, and small leaves by one sort. "
+        "runs the same search over the magnitudes, ranks leaves of at most "
+        "1,024 entries by one sort, and breaks ties by position. "
         "Timings on a shared machine are noisy; the minimum is the better "
         "estimate of the intrinsic cost.",
     ]
