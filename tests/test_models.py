@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from recovjax.models import get_model, model_names
-from recovjax.models.layers import (conv2d, extract_patches, max_pool_2x2,
-                                    reference_conv2d)
+from recovjax.models.layers import (conv2d, conv_relu_pool, extract_patches,
+                                    flatten_batch_minor, max_pool_2x2,
+                                    reference_conv2d, to_batch_minor)
 
 from conftest import tree_equal
 
@@ -137,3 +138,91 @@ def test_max_pool():
     odd = jnp.arange(35.0).reshape(1, 5, 7, 1)  # floor: last row/column out
     np.testing.assert_array_equal(max_pool_2x2(odd)[0, :, :, 0],
                                   [[8.0, 10.0, 12.0], [22.0, 24.0, 26.0]])
+
+
+def _nhwc_block(x, kernel, bias):
+    return max_pool_2x2(jax.nn.relu(reference_conv2d(x, kernel, bias)))
+
+
+def _from_batch_minor(y):
+    parts, channels, height, quarter, batch = y.shape
+    return y.transpose(4, 2, 3, 0, 1).reshape(batch, height, quarter * parts,
+                                              channels)
+
+
+@pytest.mark.parametrize("shape, kernel_shape, tile", [
+    ((3, 12, 12, 6), (5, 5, 6, 16), 4),   # LeNet-5's conv2
+    ((2, 28, 28, 1), (5, 5, 1, 6), 4),    # LeNet-5's conv1
+    ((2, 11, 10, 3), (3, 3, 3, 4), 4),    # odd output rows, padded tiles
+    ((2, 9, 13, 2), (3, 2, 2, 5), 2),
+    ((2, 9, 13, 2), (3, 2, 2, 5), 6),
+    ((1, 6, 7, 2), (5, 5, 2, 3), 4),      # a single pooled output
+])
+def test_conv_relu_pool_matches_the_nhwc_composition(shape, kernel_shape,
+                                                      tile):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    x[:, :shape[1] // 2] = 0.0            # flat background: pooling ties
+    x = jnp.asarray(x)
+    kernel = jnp.asarray(rng.standard_normal(kernel_shape), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(kernel_shape[-1]), jnp.float32)
+
+    def ours(x, kernel, bias):
+        return _from_batch_minor(conv_relu_pool(to_batch_minor(x), kernel,
+                                                bias, tile))
+
+    expected = _nhwc_block(x, kernel, bias)
+    np.testing.assert_allclose(ours(x, kernel, bias), expected, atol=1e-4)
+    weights = jnp.asarray(rng.standard_normal(expected.shape), jnp.float32)
+    grads = jax.grad(lambda *a: jnp.sum(ours(*a) * weights), (0, 1, 2))(
+        x, kernel, bias)
+    reference = jax.grad(lambda *a: jnp.sum(_nhwc_block(*a) * weights),
+                         (0, 1, 2))(x, kernel, bias)
+    for got, want in zip(grads, reference):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("tile, kernel_size", [(4, 5), (4, 4), (6, 3)])
+def test_conv_relu_pool_chains_in_the_interleaved_layout(tile, kernel_size):
+    # The second block reads the first's column-interleaved output as it is,
+    # including when its slab span is not a multiple of the interleave.
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((2, 30, 30, 1)), jnp.float32)
+    k1 = jnp.asarray(rng.standard_normal((kernel_size, kernel_size, 1, 3)),
+                     jnp.float32)
+    k2 = jnp.asarray(rng.standard_normal((kernel_size, kernel_size, 3, 4)),
+                     jnp.float32)
+    b1, b2 = jnp.full((3,), 0.1), jnp.full((4,), -0.1)
+    first = conv_relu_pool(to_batch_minor(x), k1, b1, tile)
+    got = _from_batch_minor(conv_relu_pool(first, k2, b2, tile))
+    want = _nhwc_block(_nhwc_block(x, k1, b1), k2, b2)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+    flat = flatten_batch_minor(conv_relu_pool(first, k2, b2, tile))
+    np.testing.assert_allclose(flat.T, want.reshape(2, -1), rtol=1e-4,
+                               atol=1e-3)
+
+
+def test_conv_relu_pool_rejects_bad_input():
+    x = jnp.zeros((1, 2, 8, 8, 1))
+    with pytest.raises(ValueError, match="tile must be a positive even"):
+        conv_relu_pool(x, jnp.zeros((3, 3, 2, 4)), jnp.zeros(4), tile=3)
+    with pytest.raises(ValueError, match="expects 3 input channels"):
+        conv_relu_pool(x, jnp.zeros((3, 3, 3, 4)), jnp.zeros(4))
+    with pytest.raises(ValueError, match="too small"):
+        conv_relu_pool(x, jnp.zeros((8, 8, 2, 4)), jnp.zeros(4))
+
+
+def test_lenet5_equals_the_nhwc_network():
+    # Same parameters, same logits as the plain [N, H, W, C] LeNet-5.
+    model = get_model("lenet5")
+    x = jnp.asarray(np.random.default_rng(2).random((5, 28, 28, 1)),
+                    jnp.float32)
+    params = model.init(jax.random.key(3), x)
+    h = _nhwc_block(x, params["conv1"]["kernel"], params["conv1"]["bias"])
+    h = _nhwc_block(h, params["conv2"]["kernel"], params["conv2"]["bias"])
+    h = h.reshape(5, -1)
+    for name in ("fc1", "fc2"):
+        h = jax.nn.relu(h @ params[name]["kernel"] + params[name]["bias"])
+    want = h @ params["fc3"]["kernel"] + params["fc3"]["bias"]
+    np.testing.assert_allclose(model.apply(params, x), want, rtol=1e-5,
+                               atol=1e-5)

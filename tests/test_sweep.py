@@ -362,8 +362,19 @@ def test_four_forced_devices_equal_one(trained_lenet, test_split, baseline,
     four = read_csv(tmp_path / "four.csv")
     assert four.device_kind.endswith("x4")
     assert baseline.plan.num_devices == 1
-    assert four.rows and four == ResultsTable(
-        rows=baseline.table.select(stage="damaged"), **four.metadata())
+    one = baseline.table.select(stage="damaged")
+    assert four.rows and len(four.rows) == len(one)
+    # Counts (accuracy) are exact; a loss may differ in its last bits,
+    # because XLA compiles the batch-minor GEMMs' blocking and the loss
+    # reduction separately for each device count.
+    for got, want in zip(four.rows, one):
+        assert {k: v for k, v in got.items() if k != "value"} == {
+            k: v for k, v in want.items() if k != "value"}
+        if got["metric"] == "accuracy":
+            assert got["value"] == want["value"]
+        else:
+            np.testing.assert_allclose(got["value"], want["value"],
+                                       rtol=1e-5)
 
 
 def test_compilation_cache_setting(tmp_path, monkeypatch):

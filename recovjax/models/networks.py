@@ -13,22 +13,32 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from recovjax._types import Array
-from recovjax.models.layers import Conv, max_pool_2x2
+from recovjax.models.layers import (Conv, ConvReluPool, DenseBatchMinor,
+                                    flatten_batch_minor, max_pool_2x2,
+                                    to_batch_minor)
 
 
 class LeNet5(nn.Module):
-    """The seed's LeNet-5: conv 6@5x5 - pool - conv 16@5x5 - pool - 120 - 84 - 10."""
+    """The seed's LeNet-5: conv 6@5x5 - pool - conv 16@5x5 - pool - 120 - 84 - 10.
+
+    Computed batch-minor (``[P, C, H, W / P, N]``, then ``[features, N]``): see
+    :func:`recovjax.models.layers.conv_relu_pool` for why. Parameters and
+    their initial values are those of the plain ``[N, H, W, C]`` network
+    (``Conv`` kernels in HWIO, ``Dense`` kernels ``[in, out]`` over the
+    ``(h, w, c)``-flattened features), so checkpoints do not depend on the
+    layout.
+    """
 
     num_classes: int = 10
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        x = max_pool_2x2(nn.relu(Conv(6, (5, 5), name="conv1")(x)))
-        x = max_pool_2x2(nn.relu(Conv(16, (5, 5), name="conv2")(x)))
-        x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(120, name="fc1")(x))
-        x = nn.relu(nn.Dense(84, name="fc2")(x))
-        return nn.Dense(self.num_classes, name="fc3")(x)
+        x = ConvReluPool(6, (5, 5), name="conv1")(to_batch_minor(x))
+        x = ConvReluPool(16, (5, 5), name="conv2")(x)
+        x = flatten_batch_minor(x)
+        x = nn.relu(DenseBatchMinor(120, name="fc1")(x))
+        x = nn.relu(DenseBatchMinor(84, name="fc2")(x))
+        return DenseBatchMinor(self.num_classes, name="fc3")(x).T
 
 
 class MLP(nn.Module):
