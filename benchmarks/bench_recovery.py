@@ -116,7 +116,9 @@ def formulations() -> dict[str, Callable]:
     """Ways of computing LeNet-5; the first is the library's own model."""
     from recovjax.models import get_model
     return {
-        "registry lenet5 (banded GEMM, tiles of 4)": get_model("lenet5").apply,
+        "registry lenet5 (batch-minor banded GEMM, tiles of 4)":
+            get_model("lenet5").apply,
+        "NHWC banded GEMM, tiles of 4, pairwise pooling": make_banded(4),
         "banded GEMM, tiles of 4, reshape pooling": make_lenet(
             _banded(4), _reshape_pool),
         "im2col, reshape pooling": make_lenet(_im2col, _reshape_pool),

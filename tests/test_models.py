@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from recovjax.models import get_model, model_names
-from recovjax.models.layers import (conv2d, conv_relu_pool, extract_patches,
+from recovjax.models.layers import (conv2d, conv_relu_pool,
+                                    conv_relu_pool_stack, extract_patches,
                                     flatten_batch_minor, max_pool_2x2,
                                     reference_conv2d, to_batch_minor)
 
@@ -226,3 +227,36 @@ def test_lenet5_equals_the_nhwc_network():
     want = h @ params["fc3"]["kernel"] + params["fc3"]["bias"]
     np.testing.assert_allclose(model.apply(params, x), want, rtol=1e-5,
                                atol=1e-5)
+
+
+def test_conv_relu_pool_stack_evaluates_nhwc_and_differentiates_batch_minor():
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.random((3, 28, 28, 1)), jnp.float32)
+    layers = ((jnp.asarray(rng.standard_normal((5, 5, 1, 6)), jnp.float32),
+               jnp.full((6,), 0.05)),
+              (jnp.asarray(rng.standard_normal((5, 5, 6, 16)), jnp.float32),
+               jnp.full((16,), -0.05)))
+
+    def nhwc(x, layers):
+        for kernel, bias in layers:
+            x = _nhwc_block(x, kernel, bias)
+        return x.reshape(x.shape[0], -1)
+
+    # Evaluation is the NHWC program itself (bit for bit).
+    np.testing.assert_array_equal(
+        conv_relu_pool_stack(x, layers),
+        jax.jit(lambda x, layers: nhwc_banded(x, layers))(x, layers))
+    weights = jnp.asarray(rng.standard_normal((3, 256)), jnp.float32)
+    loss = lambda f: lambda x, layers: jnp.sum(f(x, layers) * weights)
+    value, grads = jax.value_and_grad(loss(conv_relu_pool_stack), (0, 1))(
+        x, layers)
+    want_value, want = jax.value_and_grad(loss(nhwc), (0, 1))(x, layers)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
+
+
+def nhwc_banded(x, layers):
+    for kernel, bias in layers:
+        x = max_pool_2x2(jax.nn.relu(conv2d(x, kernel, bias)))
+    return x.reshape(x.shape[0], -1)

@@ -13,32 +13,28 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from recovjax._types import Array
-from recovjax.models.layers import (Conv, ConvReluPool, DenseBatchMinor,
-                                    flatten_batch_minor, max_pool_2x2,
-                                    to_batch_minor)
+from recovjax.models.layers import (Conv, ConvParams, conv_relu_pool_stack,
+                                    max_pool_2x2)
 
 
 class LeNet5(nn.Module):
     """The seed's LeNet-5: conv 6@5x5 - pool - conv 16@5x5 - pool - 120 - 84 - 10.
 
-    Computed batch-minor (``[P, C, H, W / P, N]``, then ``[features, N]``): see
-    :func:`recovjax.models.layers.conv_relu_pool` for why. Parameters and
-    their initial values are those of the plain ``[N, H, W, C]`` network
-    (``Conv`` kernels in HWIO, ``Dense`` kernels ``[in, out]`` over the
-    ``(h, w, c)``-flattened features), so checkpoints do not depend on the
-    layout.
+    The two convolution blocks are :func:`~recovjax.models.layers.
+    conv_relu_pool_stack`: evaluated in the ``[N, H, W, C]`` layout and
+    differentiated in the batch-minor one, whichever is faster for each.
     """
 
     num_classes: int = 10
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        x = ConvReluPool(6, (5, 5), name="conv1")(to_batch_minor(x))
-        x = ConvReluPool(16, (5, 5), name="conv2")(x)
-        x = flatten_batch_minor(x)
-        x = nn.relu(DenseBatchMinor(120, name="fc1")(x))
-        x = nn.relu(DenseBatchMinor(84, name="fc2")(x))
-        return DenseBatchMinor(self.num_classes, name="fc3")(x).T
+        conv1 = ConvParams(6, (5, 5), name="conv1")(x.shape[-1])
+        conv2 = ConvParams(16, (5, 5), name="conv2")(6)
+        x = conv_relu_pool_stack(x, (conv1, conv2))
+        x = nn.relu(nn.Dense(120, name="fc1")(x))
+        x = nn.relu(nn.Dense(84, name="fc2")(x))
+        return nn.Dense(self.num_classes, name="fc3")(x)
 
 
 class MLP(nn.Module):
