@@ -453,14 +453,26 @@ def estimate_model_bytes(apply, params: Params, images) -> int:
     param_bytes = sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
                       for leaf in jax.tree.leaves(params))
     jaxpr = jax.make_jaxpr(apply)(params, images)
-    activation_bytes = 0
+    return 3 * param_bytes + _intermediate_bytes(jaxpr.jaxpr)
+
+
+def _intermediate_bytes(jaxpr) -> int:
+    """Bytes of every equation's outputs, nested calls (custom_vjp, jit,
+    scan bodies) included."""
+    total = 0
     for equation in jaxpr.eqns:
         for var in equation.outvars:
             aval = var.aval
             if hasattr(aval, "shape") and hasattr(aval, "dtype"):
-                activation_bytes += int(np.prod(aval.shape)) * (
+                total += int(np.prod(aval.shape)) * (
                     np.dtype(aval.dtype).itemsize)
-    return 3 * param_bytes + activation_bytes
+        for value in equation.params.values():
+            for inner in value if isinstance(value, (tuple, list)) else (
+                    value,):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    total += _intermediate_bytes(inner)
+    return total
 
 
 def plan_sweep(model_bytes: int, num_points: int, *, num_devices: int = 1,
