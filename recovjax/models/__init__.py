@@ -1,11 +1,15 @@
 """Models: Flax networks exposed as pure ``init``/``apply`` pairs."""
 
-from recovjax.models.layers import conv2d, extract_patches, max_pool_2x2
+from recovjax.models.layers import (conv2d, conv_relu_pool,
+                                    conv_relu_pool_stack, extract_patches,
+                                    max_pool_2x2)
 from recovjax.models.registry import Model, get_model, model_names
 
 __all__ = [
     "Model",
     "conv2d",
+    "conv_relu_pool",
+    "conv_relu_pool_stack",
     "extract_patches",
     "get_model",
     "max_pool_2x2",

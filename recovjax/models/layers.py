@@ -18,6 +18,15 @@ default tile of 4 is what they kept.
 Pooling is two pairwise maxima over wide contiguous vectors
 (:func:`max_pool_2x2`), which XLA:CPU runs about 3x faster than a
 reshape-and-reduce over a 6-channel minor axis, forward and backward.
+
+Training has a second layout. :func:`conv_relu_pool` computes a
+convolution-ReLU-pooling block *batch-minor*: the same banded GEMM,
+transposed, so that pooling, the ReLU and their gradients (the
+column-to-image sums of the next block's input gradient included) run over
+vectors thousands of elements long. :func:`conv_relu_pool_stack` evaluates
+a stack of such blocks in the ``[N, H, W, C]`` layout, which compiles
+fastest, and differentiates it in the batch-minor one, which trains
+fastest; LeNet-5 uses it.
 """
 
 from __future__ import annotations
