@@ -203,7 +203,7 @@ def conv_relu_pool(x: Array, kernel: Array, bias: Array,
     if pooled_h < 1 or pooled_w < 1:
         raise ValueError(f"input of {height}x{width} is too small for a "
                          f"{kh}x{kw} convolution and 2x2 pooling")
-    tile = min(tile, 2 * pooled_w + (2 * pooled_w) % 2)
+    tile = min(tile, 2 * pooled_w)
     count = -(-(2 * pooled_w) // tile)
     span = tile + kw - 1
     step = tile // parts if tile % parts == 0 else None
