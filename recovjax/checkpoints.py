@@ -3,16 +3,21 @@
 A recovjax checkpoint is an Orbax ``CheckpointManager`` directory with two
 items per step: ``params`` (a ``StandardSave`` pytree) and ``metadata`` (JSON:
 model, dataset, seed, optimiser, accuracy, library versions and a SHA-256 of
-every parameter leaf). Restoring checks the on-disk tree against the model's
-expected structure before reading any array and checks every leaf against
-its recorded digest after, so a checkpoint of another model or a corrupted
-one is reported, never silently used.
+every parameter leaf). Next to the step, ``recovjax_files.json`` records the
+size and SHA-256 of every file Orbax wrote. Restoring checks their sizes
+first (a truncated array file would otherwise fail deep inside Orbax's
+reader threads), then the on-disk tree against the model's expected
+structure before reading any array, and every leaf against its recorded
+digest after, so a checkpoint of another model or a corrupted one is
+reported, never silently used.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -24,10 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from recovjax._io import atomic_write
 from recovjax._types import Params
 
 PARAMS_ITEM = "params"
 METADATA_ITEM = "metadata"
+FILES_MANIFEST = "recovjax_files.json"
+"""Sizes and SHA-256 of a checkpoint's files, at the checkpoint's root."""
+_FILES_FORMAT = "recovjax-checkpoint-files"
 
 
 class CheckpointError(Exception):
@@ -94,17 +103,124 @@ def structure_differences(expected: Params, found: Params) -> list[str]:
     return lines
 
 
+class _DropReadOnlyNotice(logging.Filter):
+    """Drops Orbax's "Given directory is read only" notice, nothing else."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and record.msg.startswith(
+            "Given directory is read only"))
+
+
+@contextlib.contextmanager
+def _without_read_only_notice():
+    # Orbax logs the notice (through absl) every time a read-only manager
+    # is made, i.e. on every restore: it says nothing the caller did not
+    # ask for. One filter instance per call, so that concurrent callers do
+    # not remove each other's.
+    logger = logging.getLogger("absl")
+    notice = _DropReadOnlyNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 def _manager(directory: pathlib.Path, *, read_only: bool
              ) -> ocp.CheckpointManager:
-    return ocp.CheckpointManager(
-        directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=None, create=not read_only, read_only=read_only,
-            # Read-only managers save nothing; saying so up front spares
-            # Orbax's warning that it changed the option.
-            save_interval_steps=0 if read_only else 1),
-        item_handlers={PARAMS_ITEM: ocp.StandardCheckpointHandler(),
-                       METADATA_ITEM: ocp.JsonCheckpointHandler()})
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=None, create=not read_only, read_only=read_only,
+        # Read-only managers save nothing; saying so up front spares
+        # Orbax's warning that it changed the option.
+        save_interval_steps=0 if read_only else 1)
+    handlers = {PARAMS_ITEM: ocp.StandardCheckpointHandler(),
+                METADATA_ITEM: ocp.JsonCheckpointHandler()}
+    if not read_only:
+        return ocp.CheckpointManager(directory, options=options,
+                                     item_handlers=handlers)
+    with _without_read_only_notice():
+        return ocp.CheckpointManager(directory, options=options,
+                                     item_handlers=handlers)
+
+
+def _file_digest(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def record_files(directory: os.PathLike[str] | str) -> pathlib.Path:
+    """Write a checkpoint's file list (sizes and SHA-256), atomically.
+
+    :func:`save_checkpoint` does this for every checkpoint it writes; call
+    it for a checkpoint saved before such lists existed, once its leaves
+    have verified.
+
+    Args:
+        directory: the checkpoint directory.
+
+    Returns:
+        The path of ``recovjax_files.json``.
+    """
+    directory = pathlib.Path(directory).expanduser().absolute()
+    files = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.name != FILES_MANIFEST:
+            files[path.relative_to(directory).as_posix()] = {
+                "bytes": path.stat().st_size, "sha256": _file_digest(path)}
+    return atomic_write(directory / FILES_MANIFEST, json.dumps(
+        {"format": _FILES_FORMAT, "version": 1, "files": files},
+        sort_keys=True, indent=1) + "\n")
+
+
+def file_problems(directory: os.PathLike[str] | str, *,
+                  contents: bool = False) -> list[str]:
+    """Files of a checkpoint that are missing, truncated or changed.
+
+    Compares every file listed in the checkpoint's ``recovjax_files.json``
+    with its recorded size (and, with ``contents``, its SHA-256), without
+    starting Orbax. Checkpoints saved before the list existed have nothing
+    to compare and give ``[]``.
+
+    Args:
+        directory: the checkpoint directory.
+        contents: also hash every file (reads the whole checkpoint; the
+            sizes alone cost one ``stat`` per file).
+
+    Returns:
+        One line per bad file (e.g. ``"0/params/manifest.ocdbt: 100 of 379
+        bytes (truncated)"``); empty when every listed file is intact.
+    """
+    directory = pathlib.Path(directory).expanduser().absolute()
+    manifest = directory / FILES_MANIFEST
+    if not manifest.is_file():
+        return []
+    try:
+        document = json.loads(manifest.read_bytes().decode("utf-8"))
+        files = document["files"]
+        if document.get("format") != _FILES_FORMAT or not isinstance(
+                files, dict):
+            raise ValueError("not a file list")
+        listed = {str(name): (int(entry["bytes"]), str(entry["sha256"]))
+                  for name, entry in files.items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        return [f"{FILES_MANIFEST}: unreadable file list ({error})"]
+    problems = []
+    for name, (size, digest) in sorted(listed.items()):
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+            continue
+        found = path.stat().st_size
+        if found != size:
+            what = "truncated" if found < size else "too long"
+            problems.append(f"{name}: {found} of {size} bytes ({what})")
+        elif contents and _file_digest(path) != digest:
+            problems.append(f"{name}: contents differ from the recorded "
+                            "SHA-256")
+    return problems
 
 
 def save_checkpoint(directory: os.PathLike[str] | str, params: Params,
@@ -151,6 +267,7 @@ def save_checkpoint(directory: os.PathLike[str] | str, params: Params,
                METADATA_ITEM: ocp.args.JsonSave(record)}))
         manager.wait_until_finished()
         manager.close()
+        record_files(staging)
         if directory.exists():
             retired = directory.with_name(
                 f".{directory.name}.{uuid.uuid4().hex}.old")
@@ -163,6 +280,29 @@ def save_checkpoint(directory: os.PathLike[str] | str, params: Params,
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return directory
+
+
+def verify_files(directory: os.PathLike[str] | str, *,
+                 contents: bool = False) -> None:
+    """Raise unless every file in the checkpoint's file list is intact.
+
+    Args:
+        directory: the checkpoint directory.
+        contents: also compare every file's SHA-256 (see
+            :func:`file_problems`).
+
+    Raises:
+        CheckpointNotFoundError: no checkpoint directory at ``directory``.
+        CheckpointCorruptedError: a listed file is missing, has another size
+            or (with ``contents``) other bytes; the message names each.
+    """
+    checked = pathlib.Path(directory).expanduser().absolute()
+    if not checked.is_dir():
+        raise CheckpointNotFoundError(checked, "no checkpoint directory here")
+    problems = file_problems(checked, contents=contents)
+    if problems:
+        raise CheckpointCorruptedError(
+            checked, "files differ from those saved: " + "; ".join(problems))
 
 
 def _open(directory: os.PathLike[str] | str
@@ -230,7 +370,9 @@ def restore_checkpoint(directory: os.PathLike[str] | str,
         directory: checkpoint directory written by :func:`save_checkpoint`.
         abstract_params: the expected tree (``jax.ShapeDtypeStruct`` or
             array leaves), e.g. ``model.abstract_params(sample)``.
-        verify: check every leaf against its recorded SHA-256.
+        verify: check every file's size against the checkpoint's file
+            list (before Orbax reads anything) and every leaf against its
+            recorded SHA-256 (after).
 
     Returns:
         ``(params, metadata)``.
@@ -239,11 +381,18 @@ def restore_checkpoint(directory: os.PathLike[str] | str,
         CheckpointNotFoundError: no checkpoint at ``directory``.
         CheckpointMismatchError: the stored tree differs from
             ``abstract_params`` (the message lists leaf paths and shapes).
-        CheckpointCorruptedError: truncated files or failed verification.
+        CheckpointCorruptedError: truncated, missing or changed files (the
+            message names them) or failed verification (it names the
+            leaves).
     """
     expected = jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype),
         abstract_params)
+    if verify:
+        # Sizes only: a truncated or missing file would otherwise fail in
+        # Orbax's reader threads; changed contents are the leaf digests' job,
+        # so the files are not read twice.
+        verify_files(directory)
     found = stored_structure(directory)
     differences = structure_differences(expected, found)
     metadata = read_metadata(directory)

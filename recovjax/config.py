@@ -5,28 +5,54 @@ the schema (an unknown key is an error that suggests the closest valid
 one), every value's type and range, and names the key and the file in each
 message. ``--set a.b=value`` overrides are applied before validation, so they
 are checked the same way.
+
+YAML anchors and aliases (``&name`` / ``*name``) are refused: an alias
+expands to a copy of its anchor wherever the config is walked or written,
+so a few nested aliases (an "alias bomb") grow to gigabytes. Duplicate keys
+in one mapping are refused too (YAML would silently keep the last one).
+Names that become file names (``name``, labels) must be plain file names.
+Checks against the registries (operator names, options, the model's
+parameter leaves) live in :func:`recovjax.validation.check_config`.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
 import pathlib
+import re
 import types
 import typing
+from collections import abc
 from typing import Any, Literal, Mapping, Sequence
 
 import yaml
+
+from recovjax._checks import MAX_SEED
+
+from recovjax.recovery.registry import OPTIMIZER_NAMES
 
 
 class ConfigError(ValueError):
     """A config problem; the message names the file and the key."""
 
 
+SEED_MAX = MAX_SEED - 1
+"""Largest accepted seed: the library's seed range (``recovjax._checks``)."""
+
+COUNT_MAX = 2**20
+"""Largest batch size or seed count: a sanity bound, far above any real
+run, so a typo (a few extra zeros) is an error rather than an attempt to
+allocate petabytes."""
+
+
 def _field(default=dataclasses.MISSING, *, low=None, high=None,
-           low_open=False, help: str = "", factory=dataclasses.MISSING):
-    metadata = {"low": low, "high": high, "low_open": low_open, "help": help}
+           low_open=False, help: str = "", factory=dataclasses.MISSING,
+           file_name: bool = False):
+    metadata = {"low": low, "high": high, "low_open": low_open, "help": help,
+                "file_name": file_name}
     if factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -41,24 +67,26 @@ class DamageConfig:
                                        help="amounts to sweep")
     options: dict[str, Any] = _field(factory=dict,
                                      help="operator options, e.g. scope")
-    label: str | None = _field(None, help="name in results (default: kind)")
+    label: str | None = _field(None, help="name in results (default: kind)",
+                               file_name=True)
 
 
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
     """Seeds and chunking of the damage sweep."""
 
-    seeds: int = _field(5, low=1, help="seeds per (kind, ratio)")
+    seeds: int = _field(5, low=1, high=COUNT_MAX,
+                        help="seeds per (kind, ratio)")
     chunk_size: int | None = _field(None, low=1,
                                     help="models per compiled call")
-    memory_budget_mb: float = _field(512.0, low=1.0)
+    memory_budget_mb: float = _field(512.0, low=1.0, high=1e9)
 
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateConfig:
     """Evaluation data."""
 
-    batch_size: int = _field(100, low=1)
+    batch_size: int = _field(100, low=1, high=COUNT_MAX)
     test_examples: int | None = _field(None, low=1,
                                        help="use the first N test images")
 
@@ -67,7 +95,8 @@ class EvaluateConfig:
 class OptimizerConfig:
     """An optax optimiser."""
 
-    name: Literal["sgd", "adam", "adamw"] = _field("sgd")
+    name: Literal[OPTIMIZER_NAMES] = _field(
+        "sgd", help="optax optimiser (recovery.registry.OPTIMIZER_NAMES)")
     learning_rate: float = _field(1e-3, low=0.0, low_open=True)
     momentum: float | None = _field(0.9, low=0.0, high=1.0)
 
@@ -91,7 +120,8 @@ class StrategyConfig:
     """One recovery strategy; a plain string in YAML means ``{name: ...}``."""
 
     name: str = _field("finetune", help="registry name; 'a+b' composes")
-    label: str | None = _field(None, help="name in results (default: name)")
+    label: str | None = _field(None, help="name in results (default: name)",
+                               file_name=True)
     options: dict[str, Any] = _field(factory=dict,
                                      help="strategy options")
     data: RecoveryDataConfig | None = _field(
@@ -106,7 +136,7 @@ class RecoveryConfig:
     models_per_call: int = _field(32, low=1,
                                   help="damaged models recovered per call")
     optimizer: OptimizerConfig = _field(factory=OptimizerConfig)
-    batch_size: int = _field(100, low=1)
+    batch_size: int = _field(100, low=1, high=COUNT_MAX)
     epochs: int | None = _field(2, low=1)
     steps: int | None = _field(None, low=1,
                                help="fixed step budget (overrides epochs)")
@@ -126,12 +156,14 @@ class ReportConfig:
 class ExperimentConfig:
     """A whole experiment: what to damage, how to recover, what to report."""
 
-    name: str = _field("experiment")
+    name: str = _field("experiment", file_name=True,
+                       help="default run directory: runs/<name>")
     model: str = _field("lenet5")
     dataset: str = _field("mnist5k")
     data_dir: str | None = _field(None)
-    pretrain_seed: int = _field(0, low=0)
-    seed: int = _field(0, low=0, help="root seed of damage and recovery")
+    pretrain_seed: int = _field(0, low=0, high=SEED_MAX)
+    seed: int = _field(0, low=0, high=SEED_MAX,
+                       help="root seed of damage and recovery")
     damage: tuple[DamageConfig, ...] = _field(
         factory=lambda: (DamageConfig(),))
     sweep: SweepConfig = _field(factory=SweepConfig)
@@ -140,21 +172,83 @@ class ExperimentConfig:
     report: ReportConfig = _field(factory=ReportConfig)
 
 
-def _type_name(annotation) -> str:
+def _is_sequence(origin) -> bool:
+    return origin in (tuple, list) or (
+        isinstance(origin, type) and issubclass(origin, abc.Sequence)
+        and not issubclass(origin, (str, bytes)))
+
+
+def _is_mapping(origin) -> bool:
+    return isinstance(origin, type) and issubclass(origin, abc.Mapping)
+
+
+def _in_yaml(annotation) -> bool:
+    """Whether a YAML value can have this type (not a Python-only class)."""
+    origin = typing.get_origin(annotation) or annotation
+    return (annotation in (None, type(None), bool, int, float, str)
+            or origin is Literal or _is_sequence(origin)
+            or _is_mapping(origin) or dataclasses.is_dataclass(annotation)
+            or origin in (typing.Union, types.UnionType))
+
+
+def describe_type(annotation) -> str:
+    """A type annotation in words, for error messages (``"an integer"``).
+
+    Union members no YAML value can be (Python classes, forward
+    references) are left out, so an option typed ``str | re.Pattern``
+    reads "a string".
+    """
     origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
     if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+        return "one of " + ", ".join(repr(a) for a in args)
     if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
-    if origin in (tuple, list):
-        return f"a list of {_type_name(typing.get_args(annotation)[0])}"
-    if origin is dict:
+        shown = [a for a in args if _in_yaml(a)] or list(args)
+        return " or ".join(describe_type(a) for a in shown)
+    if _is_sequence(origin):
+        if len(args) == 1 or (len(args) == 2 and args[1] is Ellipsis):
+            inner = describe_type(args[0])
+            return (f"a list of ({inner})" if " or " in inner
+                    else f"a list of {inner}")
+        if args:
+            return "a list [" + ", ".join(describe_type(a) for a in args) \
+                + "]"
+        return "a list"
+    if _is_mapping(origin) or _is_mapping(annotation):
+        if len(args) == 2:
+            return (f"a mapping of {describe_type(args[0])} to "
+                    f"{describe_type(args[1])}")
         return "a mapping"
     if dataclasses.is_dataclass(annotation):
         return "a mapping"
-    return {type(None): "null", bool: "a boolean", int: "an integer",
-            float: "a number", str: "a string"}.get(
+    if isinstance(annotation, typing.ForwardRef):
+        return annotation.__forward_arg__
+    return {type(None): "null", None: "null", bool: "a boolean",
+            int: "an integer", float: "a number", str: "a string"}.get(
                 annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def check_file_name(value: str) -> str | None:
+    """Why ``value`` cannot be used as a file name, or ``None`` if it can."""
+    if not value or value in (".", ".."):
+        return "must be a non-empty file name (not '.' or '..')"
+    bad = sorted({c for c in value if c in "/\\" or ord(c) < 32
+                  or ord(c) == 127})
+    if bad:
+        return (f"is used as a file name and must not contain "
+                f"{', '.join(repr(c) for c in bad)}")
+    return None
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _key_path(prefix: str, key: Any) -> str:
+    """``prefix.key``, or ``prefix['odd key']`` for keys that are not plain
+    names (empty, spaces, numbers), so messages always show the key."""
+    if isinstance(key, str) and _PLAIN_KEY.fullmatch(key):
+        return f"{prefix}.{key}" if prefix else key
+    return f"{prefix}[{key!r}]"
 
 
 class _Loader:
@@ -172,7 +266,7 @@ class _Loader:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         values = {}
         for key, value in raw.items():
-            path = f"{prefix}.{key}" if prefix else str(key)
+            path = _key_path(prefix, key)
             if key not in fields:
                 close = difflib.get_close_matches(str(key), list(fields), n=1)
                 hint = (f"; did you mean {close[0]!r}?" if close else
@@ -201,14 +295,14 @@ class _Loader:
                     errors.append(error)
             if len(errors) == 1:
                 raise errors[0]
-            raise self.fail(path, f"expected {_type_name(annotation)}, "
+            raise self.fail(path, f"expected {describe_type(annotation)}, "
                                   f"got {value!r}")
         if origin is Literal:
             if value not in args:
                 close = difflib.get_close_matches(str(value),
                                                   [str(a) for a in args], n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise self.fail(path, f"expected {_type_name(annotation)}, "
+                raise self.fail(path, f"expected {describe_type(annotation)}, "
                                       f"got {value!r}{hint}")
             return value
         if dataclasses.is_dataclass(annotation):
@@ -223,6 +317,10 @@ class _Loader:
         if origin is dict:
             if not isinstance(value, Mapping):
                 raise self.fail(path, f"expected a mapping, got {value!r}")
+            for key in value:
+                if not isinstance(key, str) or not key.isidentifier():
+                    raise self.fail(_key_path(path, key), "option names "
+                                    f"must be identifiers, got {key!r}")
             return dict(value)
         if annotation is float:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -236,6 +334,10 @@ class _Loader:
         elif annotation is str:
             if not isinstance(value, str):
                 raise self.fail(path, f"expected a string, got {value!r}")
+            problem = (check_file_name(value) if metadata.get("file_name")
+                       else None)
+            if problem:
+                raise self.fail(path, f"{problem}, got {value!r}")
         elif annotation is bool:
             if not isinstance(value, bool):
                 raise self.fail(path, f"expected true or false, got {value!r}")
@@ -250,6 +352,79 @@ class _Loader:
         return value
 
 
+class _Refused(Exception):
+    """YAML this loader refuses, at a line of the text."""
+
+    def __init__(self, line: int, message: str):
+        super().__init__(message)
+        self.line = line
+        self.message = message
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without anchors, aliases or duplicate keys."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            raise _Refused(event.start_mark.line + 1,
+                           f"YAML alias '*{event.anchor}' refused: aliases "
+                           "can expand exponentially (an alias bomb); write "
+                           "the value out instead")
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            raise _Refused(event.start_mark.line + 1,
+                           f"YAML anchor '&{anchor}' refused: configs may "
+                           "not use anchors or aliases (they can expand "
+                           "exponentially); write the values out instead")
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                key = (key_node.tag, key_node.value)
+                if key in seen:
+                    raise _Refused(key_node.start_mark.line + 1,
+                                   f"key {key_node.value!r} appears twice in "
+                                   "one mapping")
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse config YAML safely: no tags beyond YAML's own, no aliases.
+
+    Args:
+        text: the YAML text.
+        source: what to call it in messages (a file name).
+
+    Returns:
+        The parsed value (plain dicts, lists and scalars).
+
+    Raises:
+        ConfigError: for invalid YAML, python tags, anchors, aliases or
+            duplicate keys; the message names ``source`` and the line.
+    """
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except _Refused as error:
+        raise ConfigError(f"{source}: line {error.line}: "
+                          f"{error.message}") from None
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        what = "; ".join(part for part in (error.context, error.problem)
+                         if part) or str(error)
+        raise ConfigError(f"{source}: {where}not valid YAML ({what})"
+                          ) from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: not valid YAML ({error})") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not valid YAML (nested too deeply)"
+                          ) from None
+
+
 def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
     """Apply ``key.sub=value`` overrides (values parsed as YAML) to ``raw``.
 
@@ -258,21 +433,18 @@ def apply_overrides(raw: dict, overrides: Sequence[str]) -> dict:
     Raises:
         ConfigError: for a malformed override.
     """
-    raw = yaml.safe_load(yaml.safe_dump(raw)) if raw else {}
+    raw = copy.deepcopy(raw) if raw else {}
     for override in overrides:
         key, sep, text = override.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {override!r}: expected KEY=VALUE")
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise ConfigError(f"--set {override!r}: bad value ({error})")
+        value = parse_yaml(text, f"--set {override!r}")
         node = raw
         parts = key.strip().split(".")
         for index, part in enumerate(parts):
             last = index == len(parts) - 1
             if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
+                if not part.isdecimal() or int(part) >= len(node):
                     raise ConfigError(f"--set {override!r}: {part!r} is not "
                                       f"an index of a list of {len(node)}")
                 part = int(part)
@@ -310,21 +482,31 @@ def load_config(path: str | os.PathLike[str] | None = None,
         The validated :class:`ExperimentConfig`.
 
     Raises:
-        ConfigError: missing or unreadable file, bad YAML, unknown key (with
-            the closest valid key), wrong type or out-of-range value; the
-            message names the file and the key.
+        ConfigError: missing or unreadable file, bad YAML (anchors and
+            aliases included), unknown key (with the closest valid key),
+            wrong type or out-of-range value; the message names the file and
+            the key (or the line).
     """
     source = "<defaults>"
     raw: Any = {}
     if path is not None:
         file = pathlib.Path(path)
         source = str(file)
+        if file.is_dir():
+            raise ConfigError(f"{source}: is a directory, not a config file")
         if not file.is_file():
             raise ConfigError(f"{source}: config file not found")
         try:
-            raw = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{source}: not valid YAML ({error})") from error
+            text = file.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{source}: not UTF-8 text (byte "
+                              f"{error.start})") from None
+        except OSError as error:
+            raise ConfigError(f"{source}: cannot be read "
+                              f"({error.strerror or error})") from None
+        raw = parse_yaml(text, source)
+        if raw is None:
+            raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping")
     if overrides:
@@ -348,6 +530,13 @@ def to_dict(config) -> Any:
     return config
 
 
+class _PlainDumper(yaml.SafeDumper):
+    """Writes repeated values out in full: saved configs load strictly."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
 def dump_config(config: ExperimentConfig) -> str:
-    """The resolved config as YAML text (stable key order)."""
-    return yaml.safe_dump(to_dict(config), sort_keys=False)
+    """The resolved config as YAML text (stable key order, no aliases)."""
+    return yaml.dump(to_dict(config), Dumper=_PlainDumper, sort_keys=False)

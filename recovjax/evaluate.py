@@ -22,6 +22,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from recovjax import _checks
 from recovjax._types import ApplyFn, Array, Batches, Params
 
 MetricFn = Callable[[Array, Array, Array], Any]
@@ -96,6 +97,25 @@ def _check(batches: Batches, num_classes: int) -> None:
     if batches.images.shape[:2] != batches.labels.shape:
         raise ValueError(f"images {batches.images.shape} do not match labels "
                          f"{batches.labels.shape} in their first two axes")
+    _checks.warn_unnormalized(batches.images, "batches.images")
+
+
+def _check_concrete(apply: ApplyFn, params: Params, batches: Batches,
+                    num_classes: int) -> None:
+    # Host checks, so only of concrete batches (never inside a program).
+    # The logit width comes first, as the likelier cause of bad labels; in
+    # a program it is checked, at no extra trace, where the logits are made.
+    if _checks.any_traced(batches.labels, batches.mask):
+        return
+    _checks.check_logit_width(apply, params, _batch_struct(batches),
+                              num_classes)
+    _checks.check_labels(batches.labels, num_classes, "batches.labels",
+                         where=batches.mask)
+
+
+def _batch_struct(batches: Batches) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(batches.images.shape[1:],
+                                batches.images.dtype)
 
 
 def evaluate(apply: ApplyFn, params: Params, batches: Batches,
@@ -127,10 +147,25 @@ def evaluate(apply: ApplyFn, params: Params, batches: Batches,
         :class:`Metrics` of scalars (``per_class_accuracy`` is
         ``[num_classes]``).
 
+    Labels must lie in ``[0, num_classes)`` and the model must give
+    ``num_classes`` logits. The logit width is checked from static shapes
+    while tracing, always. The label range is checked on the
+    host when ``batches`` is concrete (an eager call, or batches closed over
+    by a jitted function); batches passed *into* a compiled program are
+    tracers and are not checked there, so check them once before (the
+    sweep and the recovery strategies do). There, an example whose label
+    lies outside the range belongs to no class: it is left out of
+    ``count`` and ``accuracy``, and it makes the loss NaN. Integer images
+    (``uint8`` pixels) raise a :class:`UserWarning`: normalise them with
+    :func:`recovjax.data.normalize`.
+
     Raises:
-        ValueError: for a non-positive ``num_classes`` or batches whose
-            shapes disagree.
-        TypeError: if ``batches`` is not a :class:`~recovjax.Batches`.
+        ValueError: for a non-positive ``num_classes``, batches whose
+            shapes disagree, concrete labels outside ``[0, num_classes)``
+            (``"batches.labels: ..."``) or a model whose logits are not
+            ``num_classes`` wide (``"num_classes: ..."``).
+        TypeError: if ``batches`` is not a :class:`~recovjax.Batches`, or
+            its labels are not integers.
 
     Example::
 
@@ -139,11 +174,20 @@ def evaluate(apply: ApplyFn, params: Params, batches: Batches,
             params)
     """
     _check(batches, num_classes)
+    _check_concrete(apply, params, batches, num_classes)
+    return _evaluate(apply, params, batches, num_classes, metric_fn)
+
+
+def _evaluate(apply: ApplyFn, params: Params, batches: Batches,
+              num_classes: int, metric_fn: MetricFn | None) -> Metrics:
+    """:func:`evaluate` after its checks."""
 
     def accumulate(totals, batch):
         images, labels, mask = batch
         valid = mask > 0
         logits = apply(params, images)
+        # The logit width is static: checked while tracing, at no cost.
+        _checks.check_logits_shape(logits.shape, num_classes)
         # where, not multiply: padding must not turn a finite total into NaN.
         hit = valid & (jnp.argmax(logits, axis=-1) == labels)
         loss = jnp.where(valid, cross_entropy(logits, labels), 0.0)
@@ -164,9 +208,12 @@ def evaluate(apply: ApplyFn, params: Params, batches: Batches,
     custom = None
     if metric_fn is not None:
         shapes = jax.eval_shape(
-            lambda: metric_fn(
-                apply(params, batches.images[0]), batches.labels[0],
-                batches.mask[0] > 0))
+            lambda images, labels, mask: metric_fn(
+                apply(params, images), labels, mask > 0),
+            _batch_struct(batches),
+            jax.ShapeDtypeStruct(batches.labels.shape[1:],
+                                 batches.labels.dtype),
+            jax.ShapeDtypeStruct(batches.mask.shape[1:], batches.mask.dtype))
         custom = jax.tree.map(
             lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype,
                                                            jnp.float32)),
@@ -218,8 +265,9 @@ def evaluate_stack(apply: ApplyFn, stacked_params: Params, batches: Batches,
         ``M``.
 
     Raises:
-        ValueError: if the leaves disagree on the model axis, or
-            ``vmap_size`` is not positive.
+        ValueError: if the leaves disagree on the model axis,
+            ``vmap_size`` is not positive, or for the checks of
+            :func:`evaluate` (label range, logit width).
     """
     sizes = {leaf.shape[0] if leaf.ndim else None
              for leaf in jax.tree.leaves(stacked_params)}
@@ -232,10 +280,12 @@ def evaluate_stack(apply: ApplyFn, stacked_params: Params, batches: Batches,
         raise ValueError(f"vmap_size must be a positive int or None, got "
                          f"{vmap_size!r}")
     _check(batches, num_classes)
+    _check_concrete(apply, jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype),
+        stacked_params), batches, num_classes)
 
     def one(params: Params) -> Metrics:
-        return evaluate(apply, params, batches, num_classes,
-                        metric_fn=metric_fn)
+        return _evaluate(apply, params, batches, num_classes, metric_fn)
 
     if vmap_size is None:
         return jax.vmap(one)(stacked_params)

@@ -40,16 +40,16 @@ from recovjax.pretrain import load_pretrained
 from recovjax.recovery import get_strategy, make_task
 from recovjax.recovery.measure import (peak_memory, recovery_records,
                                        train_step_cost)
-from recovjax.recovery.registry import make_optimizer, strategy_options
+from recovjax.recovery.registry import make_optimizer
 from recovjax.results import ResultsTable, metrics_rows
-from recovjax.rundir import RunDirectory, environment
+from recovjax.rundir import RunDirectory, check_run_directory, environment
 from recovjax.sweep import iter_sweep, point_keys
+from recovjax.validation import (check_config, strategy_arguments,
+                                 strategy_label, strategy_spec)
 
 RECOVERY_STREAM = 0x5EC0
 """``fold_in`` tag of a point's recovery key (data order, re-init)."""
 
-_TRAINING_OPTIONS = ("optimizer", "learning_rate", "momentum", "batch_size",
-                     "epochs", "steps", "eval_every")
 
 
 @dataclasses.dataclass
@@ -60,113 +60,18 @@ class Progress:
     update: Callable[[str], None] = lambda message: None
 
 
-def _label(strategy: str | config_lib.StrategyConfig) -> str:
-    if isinstance(strategy, str):
-        return strategy
-    return strategy.label or strategy.name
-
-
-def _strategy_spec(strategy) -> config_lib.StrategyConfig:
-    if isinstance(strategy, str):
-        return config_lib.StrategyConfig(name=strategy)
-    return strategy
-
-
 def _subset(split: Split, count: int | None) -> Split:
     if count is None or count >= len(split):
         return split
     return Split(split.images[:count], split.labels[:count])
 
 
-def check_config(config: config_lib.ExperimentConfig,
-                 source: str | os.PathLike[str] | None = None) -> None:
-    """Check names and options against the registries, before any work.
-
-    Raises:
-        ConfigError: naming the key (and ``source``, the config file) of an
-            unknown damage or strategy, a bad option, a fraction above 1 or a
-            duplicate label.
-    """
-    try:
-        _check_registries(config)
-    except config_lib.ConfigError as error:
-        if source is None:
-            raise
-        raise config_lib.ConfigError(f"{source}: {error}") from None
-
-
-def _check_registries(config: config_lib.ExperimentConfig) -> None:
-    labels = set()
-    for index, damage in enumerate(config.damage):
-        where = f"damage[{index}]"
-        try:
-            spec = damage_spec(damage.kind)
-        except ValueError as error:
-            raise config_lib.ConfigError(f"{where}.kind: {error}") from None
-        if spec.kind == "data":
-            raise config_lib.ConfigError(
-                f"{where}.kind: {damage.kind!r} damages data, not the model; "
-                "put it under recovery.data.damage (or a strategy's data)")
-        if spec.amount_is_fraction and any(r > 1 for r in damage.ratios):
-            raise config_lib.ConfigError(
-                f"{where}.ratios: {spec.amount_name}s of {damage.kind!r} are "
-                f"fractions in [0, 1], got {list(damage.ratios)}")
-        label = damage.label or damage.kind
-        if label in labels:
-            raise config_lib.ConfigError(
-                f"{where}: damage label {label!r} is used twice; set label")
-        labels.add(label)
-        try:
-            get_damage(damage.kind, **damage.options)
-        except (TypeError, ValueError) as error:
-            raise config_lib.ConfigError(f"{where}.options: {error}") from None
-    if config.recovery is None:
-        return
-    seen = set()
-    for index, strategy in enumerate(config.recovery.strategies):
-        spec = _strategy_spec(strategy)
-        where = f"recovery.strategies[{index}]"
-        try:
-            strategy_options(spec.name)
-        except ValueError as error:
-            raise config_lib.ConfigError(f"{where}: {error}") from None
-        if _label(strategy) in seen:
-            raise config_lib.ConfigError(
-                f"{where}: strategy label {_label(strategy)!r} is used twice")
-        seen.add(_label(strategy))
-        data = spec.data or config.recovery.data
-        if data.damage is not None:
-            try:
-                data_spec = damage_spec(data.damage)
-            except ValueError as error:
-                raise config_lib.ConfigError(
-                    f"{where}.data.damage: {error}") from None
-            if data_spec.kind != "data":
-                raise config_lib.ConfigError(
-                    f"{where}.data.damage: {data.damage!r} is not a data "
-                    "damage")
-
-
 def _build_strategy(spec: config_lib.StrategyConfig,
                     recovery: config_lib.RecoveryConfig, structural: bool):
     """The configured strategy; training keeps removed units removed when
     the damage is structural (unless the strategy rebuilds them)."""
-    accepted = strategy_options(spec.name)
-    optimizer = recovery.optimizer
-    budget = {"optimizer": optimizer.name,
-              "learning_rate": optimizer.learning_rate,
-              "momentum": optimizer.momentum or 0.0,
-              "batch_size": recovery.batch_size,
-              "eval_every": recovery.eval_every}
-    if recovery.steps is not None:
-        budget["steps"] = recovery.steps
-    else:
-        budget["epochs"] = recovery.epochs
-    if structural:
-        budget["structural"] = True
-    options = {k: v for k, v in budget.items() if k in accepted}
-    options.update(spec.options)
-    return get_strategy(spec.name, **options)
+    return get_strategy(spec.name,
+                        **strategy_arguments(spec, recovery, structural))
 
 
 class Experiment:
@@ -280,9 +185,17 @@ def _recovery_rows(outcome, points, count, *, label, strategy, clean,
 def run_experiment(config: config_lib.ExperimentConfig,
                    run_dir: os.PathLike[str] | str, *, force: bool = False,
                    zoo_dir=None, progress: bool = True,
-                   on_progress: Callable[[str, int, int], None] | None = None
+                   on_progress: Callable[[str, int, int], None] | None = None,
+                   source: str | os.PathLike[str] | None = None
                    ) -> ResultsTable:
     """Run an experiment into ``run_dir``, resuming finished work.
+
+    Order: the config is checked (:func:`check_config`) and the run
+    directory too (:func:`~recovjax.rundir.check_run_directory`) before
+    anything is written; then data, model and pretrained checkpoint are
+    loaded (pretraining on first use); only then is the run directory
+    claimed (``config.yaml`` written), so a run that cannot start leaves no
+    directory behind.
 
     Args:
         config: the validated experiment config.
@@ -291,7 +204,10 @@ def run_experiment(config: config_lib.ExperimentConfig,
         force: start over in a directory made with another config.
         zoo_dir: zoo of pretrained checkpoints (default cache).
         progress: show progress bars for pretraining.
-        on_progress: ``on_progress(message, done, total)`` after each unit.
+        on_progress: ``on_progress(message, done, total)`` once with
+            ``done=0`` when the checks have passed and setup (data,
+            pretrained model) begins, then after each unit.
+        source: the config file, named in config error messages.
 
     Returns:
         The tidy :class:`~recovjax.results.ResultsTable` (also written to
@@ -299,16 +215,22 @@ def run_experiment(config: config_lib.ExperimentConfig,
         ``costs.json``, plots and ``report.md``).
 
     Raises:
-        ConfigError: unknown damage or strategy names, bad options.
+        ConfigError: see :func:`check_config`.
         RunConflictError: ``run_dir`` holds another config and ``force`` is
             false.
+        RunDirectoryError: ``run_dir`` is a file, lies under a file or is not
+            writable.
     """
-    check_config(config)
-    run = RunDirectory(run_dir, config_lib.dump_config(config), force=force)
-    enable_compilation_cache()
-    experiment = Experiment(config, zoo_dir=zoo_dir, progress=progress)
+    check_config(config, source=source)
+    config_text = config_lib.dump_config(config)
+    check_run_directory(run_dir, config_text, force=force)
     units = _count_units(config)
     done = 0
+    if on_progress is not None:
+        on_progress("loading data and the pretrained model", done, units)
+    enable_compilation_cache()
+    experiment = Experiment(config, zoo_dir=zoo_dir, progress=progress)
+    run = RunDirectory(run_dir, config_text, force=force)
 
     def tick(message: str) -> None:
         nonlocal done
@@ -345,8 +267,8 @@ def run_experiment(config: config_lib.ExperimentConfig,
     if config.recovery is not None:
         size = config.recovery.models_per_call
         for strategy in config.recovery.strategies:
-            spec = _strategy_spec(strategy)
-            strategy_label = _label(strategy)
+            spec = strategy_spec(strategy)
+            tag = strategy_label(strategy)
             built: dict[bool, Callable] = {}
             task = None
             for damage in config.damage:
@@ -357,7 +279,7 @@ def run_experiment(config: config_lib.ExperimentConfig,
                           for i in range(0, len(points), size)]
                 group_size = min(size, len(points))
                 for index, group in enumerate(groups):
-                    name = f"recovered-{strategy_label}-{label}.{index}"
+                    name = f"recovered-{tag}-{label}.{index}"
                     if not run.has_part(name):
                         if structural not in built:
                             built[structural] = _build_strategy(
@@ -365,7 +287,7 @@ def run_experiment(config: config_lib.ExperimentConfig,
                         recover = built[structural]
                         if task is None:
                             task = experiment.recovery_data(
-                                strategy_label,
+                                tag,
                                 spec.data or config.recovery.data)
                         padded = _pad(group, group_size)
                         keys, damaged = experiment.damaged_stack(damage,
@@ -375,12 +297,12 @@ def run_experiment(config: config_lib.ExperimentConfig,
                         seconds = time.perf_counter() - start
                         part_rows = _recovery_rows(
                             outcome, group, len(group), label=label,
-                            strategy=strategy_label, clean=clean_accuracy,
+                            strategy=tag, clean=clean_accuracy,
                             damaged=damaged_accuracy)
                         run.write_part(name, part_rows)
                         trained = outcome.losses.shape[-1] > 0
                         costs["recovery"].append({
-                            "damage": label, "strategy": strategy_label,
+                            "damage": label, "strategy": tag,
                             "group": index, "models": len(group),
                             "seconds": round(seconds, 4),
                             "steps": int(outcome.losses.shape[-1]),
@@ -394,7 +316,7 @@ def run_experiment(config: config_lib.ExperimentConfig,
                                   json.dumps(costs["recovery"][-1],
                                              sort_keys=True))
                     rows.extend(run.read_part(name))
-                    tick(f"recovered {label} with {strategy_label}")
+                    tick(f"recovered {label} with {tag}")
 
     table = ResultsTable(
         rows=rows, config=config_lib.to_dict(config), root_seed=config.seed,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import logging
 import os
 import pathlib
 import platform
@@ -12,15 +14,18 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from tqdm.auto import tqdm
 
 from recovjax import _paths, checkpoints
+from recovjax._io import move_aside
+from recovjax._checks import check_seed
 from recovjax._types import Dataset, Params, PRNGKey
 from recovjax.data import batch_split, load_dataset, shuffled_batches
 from recovjax.evaluate import cross_entropy, evaluate
 from recovjax.models import Model, get_model
+
+logger = logging.getLogger(__name__)
 
 RECIPE_VERSION = 3
 """Bumped whenever the default recipe or the models' arithmetic changes (the
@@ -181,6 +186,8 @@ def pretrain(model: Model | str, dataset: Dataset | str, *, seed: int,
     Raises:
         FileExistsError: if ``directory`` holds a checkpoint and ``overwrite``
             is false (checked before training).
+        TypeError: if ``seed`` is not an int.
+        ValueError: if ``seed`` lies outside ``[0, 2**31)``.
     """
     if isinstance(model, str):
         model = get_model(model)
@@ -190,8 +197,7 @@ def pretrain(model: Model | str, dataset: Dataset | str, *, seed: int,
         raise ValueError(f"model {model.name!r} has {model.num_classes} "
                          f"classes but dataset {dataset.name!r} has "
                          f"{dataset.num_classes}")
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+    seed = check_seed(seed)
     recipe = recipe or DEFAULT_RECIPES.get(model.name, Recipe())
     if directory is not None and pathlib.Path(directory).exists() and (
             not overwrite):
@@ -243,19 +249,73 @@ def load_pretrained(model: str, dataset: str = "mnist5k", *, seed: int = 0,
 
     Returns:
         :class:`Pretrained` restored from the checkpoint on disk.
+
+    An entry that is there but cannot be used (truncated or changed files,
+    leaves failing their SHA-256, another model's tree) is moved aside to
+    ``<entry>.corrupt-<UTC time>`` and pretrained again with the same seed
+    (the same weights on the same machine); a warning on the
+    ``recovjax.pretrain`` logger says so in one line naming both paths.
+
+    Raises:
+        TypeError: if ``seed`` is not an int.
+        ValueError: if ``seed`` lies outside ``[0, 2**31)`` (checked before
+            anything is pretrained or cached).
     """
+    seed = check_seed(seed)
     network = get_model(model)
     path = zoo_path(model, dataset, seed, zoo_dir)
     if not path.exists():
+        _pretrain_into(network, dataset, seed, path, progress, data_dir)
+    abstract = network.abstract_params(zoo_sample(dataset, data_dir))
+    try:
+        # Zoo checkpoints are small: hashing their files too catches bit rot
+        # before Orbax's reader threads trip over it.
+        checkpoints.verify_files(path, contents=True)
+        params, metadata = checkpoints.restore_checkpoint(path, abstract)
+    except checkpoints.CheckpointError as error:
+        # A zoo entry is a cache: a damaged one is moved aside (kept for
+        # inspection, never deleted) and rebuilt; same seed, same weights.
         try:
-            pretrain(network, dataset, seed=seed, directory=path,
-                     progress=progress, data_dir=data_dir)
-        except FileExistsError:
-            pass  # Another process finished first; use its checkpoint.
-    sample = jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32)
-    if dataset not in ("mnist5k", "mnist", "fashion_mnist"):
-        sample = jnp.asarray(load_dataset(dataset, data_dir=data_dir)
-                             .test.images[:1])
-    params, metadata = checkpoints.restore_checkpoint(
-        path, network.abstract_params(sample))
+            moved = move_aside(path)
+        except FileNotFoundError:
+            pass  # Another process moved it first and is rebuilding it.
+        else:
+            logger.warning("%s", _rebuild_message(path, moved, error))
+        _pretrain_into(network, dataset, seed, path, progress, data_dir)
+        params, metadata = checkpoints.restore_checkpoint(path, abstract)
+    if not (path / checkpoints.FILES_MANIFEST).is_file():
+        # An entry saved before checkpoints listed their files: its leaves
+        # just verified, so record its files for the cheap check next time.
+        with contextlib.suppress(OSError):
+            checkpoints.record_files(path)
     return Pretrained(params=params, metadata=metadata, path=path)
+
+
+def _pretrain_into(network: Model, dataset: str, seed: int,
+                   path: pathlib.Path, progress: bool, data_dir) -> None:
+    try:
+        pretrain(network, dataset, seed=seed, directory=path,
+                 progress=progress, data_dir=data_dir)
+    except FileExistsError:
+        pass  # Another process finished first; use its checkpoint.
+
+
+def zoo_sample(dataset: str, data_dir=None) -> Any:
+    """One input of ``dataset`` (or its shape), to build a model's tree."""
+    if dataset in ("mnist5k", "mnist", "fashion_mnist"):
+        return jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32)
+    return jnp.asarray(load_dataset(dataset, data_dir=data_dir)
+                       .test.images[:1])
+
+
+def _rebuild_message(path: pathlib.Path, moved: pathlib.Path,
+                        error: Exception) -> str:
+    """The one line said when a damaged zoo entry is moved and rebuilt."""
+    reason = " ".join(str(error).split())
+    prefix = f"{path}: "
+    if reason.startswith(prefix):
+        reason = reason[len(prefix):]
+    if len(reason) > 300:
+        reason = reason[:297] + "..."
+    return (f"zoo checkpoint {path} is unusable ({reason}); moved "
+            f"it to {moved} and pretraining it again")

@@ -1,7 +1,9 @@
 """Plots and a markdown report, made from saved results without recomputing.
 
-The report reads the tidy table (``results.csv``) and the cost records
-(``costs.json``) of a run directory. Stage names follow the pipeline:
+The report reads the tidy table (``results.csv``, with its metadata sidecar
+``results.meta.json``) and the cost records (``costs.json``) of a run
+directory; a damaged file is refused with an error naming it and the line,
+never drawn. Stage names follow the pipeline:
 ``clean``, ``damaged`` and ``recovered/<strategy>``; a recovered stage has
 rows at every evaluated ``step`` of its recovery curve, and its final rows
 (largest ``step``) are the result after recovery.
@@ -10,7 +12,6 @@ rows at every evaluated ``step`` of its recovery curve, and its final rows
 from __future__ import annotations
 
 import collections
-import json
 import math
 import os
 import pathlib
@@ -18,8 +19,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from recovjax._io import atomic_write, read_json_file
 from recovjax.results import t_quantile
-from recovjax.rundir import atomic_write
 
 RECOVERED = "recovered/"
 
@@ -333,7 +334,7 @@ def _cost_table(costs: dict) -> list[str]:
     for record in costs.get("recovery", []):
         flops = record.get("flops_per_step")
         lines.append(
-            f"| {record['damage']} | {record['strategy']} | "
+            f"| {record.get('damage', '')} | {record.get('strategy', '')} | "
             f"{record.get('models', '')} | {record.get('seconds', math.nan):.2f}"
             f" | {'' if flops is None else f'{flops / 1e9:.3f}'} | "
             f"{record.get('bytes_read', 0)} | "
@@ -359,6 +360,9 @@ def write_report(run_dir: os.PathLike[str] | str, rows: list[dict] | None = None
     Raises:
         FileNotFoundError: if ``run_dir`` has no ``results.csv`` and no rows
             are given.
+        ValueError: if ``results.csv`` (see :func:`recovjax.results.read_csv`)
+            or ``costs.json`` cannot be read; the message names the file and
+            the line.
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -370,7 +374,15 @@ def write_report(run_dir: os.PathLike[str] | str, rows: list[dict] | None = None
             raise FileNotFoundError(f"{results}: no results to report on")
         rows = read_rows(results)
     costs_file = run_dir / "costs.json"
-    costs = json.loads(costs_file.read_text()) if costs_file.is_file() else {}
+    costs = {}
+    if costs_file.is_file():
+        _, costs = read_json_file(costs_file)
+        if not isinstance(costs, dict) or not isinstance(
+                costs.get("recovery", []), list) or not all(
+                isinstance(record, dict) for record in costs.get("recovery",
+                                                                 [])):
+            raise ValueError(f"{costs_file}: not a recovjax costs document "
+                             '({"recovery": [{...}, ...]})')
     curves, rows = rows, final_rows(rows)
     plots = [("Accuracy vs damage amount", plot_accuracy_vs_ratio(
                  rows, run_dir / "accuracy_vs_ratio.png")),

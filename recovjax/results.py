@@ -12,11 +12,20 @@ other stages use step 0). Metric names are ``accuracy``, ``loss``,
 metric.
 
 Alongside the rows a table records the run's ``config``, ``root_seed``, the
-library ``versions`` and the ``device_kind``. Files are written atomically
-and deterministically: the same table gives byte-identical files, and
-reading a file back gives the same table (floats are written as the
-shortest ``repr`` that round-trips; NaN and infinities as ``nan``, ``inf``,
-``-inf``).
+library ``versions`` and the ``device_kind``. ``results.csv`` holds only the
+header and the rows, so any CSV reader takes it as it is
+(``pandas.read_csv("results.csv")`` gives the seven columns with their
+types); the metadata go into the sidecar ``results.meta.json`` next to it.
+``results.json`` holds both. Files are written atomically and
+deterministically: the same table gives byte-identical files (no
+timestamps), and reading a file back gives the same table (floats are
+written as the shortest ``repr`` that round-trips; NaN and infinities as
+``nan``, ``inf``, ``-inf``).
+
+Reading checks every value, not only its type: accuracies outside
+``[0, 1]``, negative losses, counts, steps or amounts are refused with an
+error naming the file, the line and the column, so a damaged file never
+turns into a report that shows 423 % accuracy.
 """
 
 from __future__ import annotations
@@ -33,14 +42,50 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from recovjax._io import atomic_write
+from recovjax._io import atomic_write, read_json_file, read_text
 
 COLUMNS = ("damage", "ratio", "seed", "stage", "step", "metric", "value")
 """Columns of the tidy table, in file order."""
 
 FORMAT = "recovjax-results"
 FORMAT_VERSION = 1
+METADATA_FORMAT = "recovjax-results-metadata"
+"""``format`` of the CSV's sidecar (see :func:`metadata_path`)."""
 _CSV_HEADER_PREFIX = "# " + FORMAT + " "
+"""The metadata line that starts CSV files of earlier versions (still read)."""
+
+
+class ResultsFileError(ValueError):
+    """A results file that cannot be read back, with where it went wrong.
+
+    Attributes:
+        path: the file.
+        line: the 1-based line, or ``None`` when unknown.
+        column: the column name (one of :data:`COLUMNS`), or ``None``.
+        reason: the message without the location.
+    """
+
+    def __init__(self, path: os.PathLike[str] | str, message: str, *,
+                 line: int | None = None, column: str | None = None,
+                 where: str | None = None):
+        self.path = pathlib.Path(path)
+        self.line = line
+        self.column = column
+        self.reason = message
+        location = f"{self.path}:{line}" if line is not None else str(
+            self.path)
+        parts = [part for part in (
+            where, None if column is None else
+            f"column {COLUMNS.index(column) + 1} ({column})") if part]
+        super().__init__(": ".join([location] + (
+            [", ".join(parts)] if parts else []) + [message]))
+
+
+def metadata_path(csv_path: os.PathLike[str] | str) -> pathlib.Path:
+    """The CSV's metadata sidecar: ``x.csv`` -> ``x.meta.json`` next to it."""
+    csv_path = pathlib.Path(csv_path)
+    stem = csv_path.stem if csv_path.suffix == ".csv" else csv_path.name
+    return csv_path.with_name(stem + ".meta.json")
 
 
 # --------------------------------------------------------------------------
@@ -261,11 +306,8 @@ class ResultsTable:
     # ---------------------------------------------------------------- text
 
     def to_csv_text(self) -> str:
-        """The CSV file's text (see :meth:`to_csv`)."""
+        """The CSV file's text: header and rows (see :meth:`to_csv`)."""
         out = io.StringIO()
-        out.write(_CSV_HEADER_PREFIX + json.dumps(
-            {"version": FORMAT_VERSION, **_json_safe(self.metadata())},
-            sort_keys=True, allow_nan=False) + "\n")
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(COLUMNS)
         for row in self.rows:
@@ -273,6 +315,14 @@ class ResultsTable:
                              row["seed"], row["stage"], row["step"],
                              row["metric"], _encode_float(row["value"])])
         return out.getvalue()
+
+    def to_metadata_text(self) -> str:
+        """The CSV's sidecar text (see :meth:`to_csv`)."""
+        document = {"format": METADATA_FORMAT, "version": FORMAT_VERSION,
+                    **_json_safe(self.metadata()),
+                    "columns": list(COLUMNS), "rows": len(self.rows)}
+        return json.dumps(document, sort_keys=True, indent=1,
+                          allow_nan=False) + "\n"
 
     def to_json_text(self) -> str:
         """The JSON file's text (see :meth:`to_json`)."""
@@ -290,18 +340,23 @@ class ResultsTable:
     # --------------------------------------------------------------- files
 
     def to_csv(self, path: os.PathLike[str] | str) -> pathlib.Path:
-        """Write the table as CSV, atomically.
+        """Write the table as plain CSV, with its metadata in a sidecar.
 
-        The first line is a ``#`` comment holding the metadata as JSON
-        (``pandas.read_csv(path, comment="#")`` skips it), then the header
-        and one line per row.
+        ``path`` gets the header and one line per row, nothing else, so
+        ``pandas.read_csv(path)`` and spreadsheets read it as it is. The
+        metadata (config, root seed, versions, device kind and the number of
+        rows) go to :func:`metadata_path` (``results.meta.json`` next to
+        ``results.csv``), written first; both writes are atomic. Reading
+        checks that the two agree on the number of rows, so a CSV replaced
+        or cut short without its sidecar is caught.
 
         Args:
-            path: the file to write (parent directories are created).
+            path: the CSV file to write (parent directories are created).
 
         Returns:
-            The path written.
+            The path of the CSV file.
         """
+        atomic_write(metadata_path(path), self.to_metadata_text())
         return atomic_write(path, self.to_csv_text())
 
     def to_json(self, path: os.PathLike[str] | str) -> pathlib.Path:
@@ -318,36 +373,143 @@ class ResultsTable:
         return atomic_write(path, self.to_json_text())
 
 
-def _float(text: Any) -> float:
-    return float(text)  # accepts "nan", "inf", "-inf" and JSON numbers.
+def _count_or_nan(value: float) -> bool:
+    # steps_to_95 and the like: a count, or NaN for "not reached".
+    return math.isnan(value) or (math.isfinite(value) and value >= 0
+                                 and value == int(value))
 
 
-def _typed(record: Sequence[Any], where: str) -> dict[str, Any]:
-    if len(record) != len(COLUMNS):
-        raise ValueError(f"{where}: expected {len(COLUMNS)} fields "
-                         f"({', '.join(COLUMNS)}), got {len(record)}")
-    damage, ratio, seed, stage, step, metric, value = record
+def _value_problem(metric: str, value: float) -> str | None:
+    """Why ``value`` cannot be a ``metric`` the library writes, or ``None``."""
+    if metric == "accuracy" or metric.startswith("class_accuracy/"):
+        # NaN: a class without test examples, or a diverged model.
+        if not (math.isnan(value) or 0.0 <= value <= 1.0):
+            return f"{metric} must be in [0, 1] (or nan), got {value!r}"
+    elif metric == "loss":
+        if not (math.isnan(value) or value >= 0.0):
+            return f"loss must be >= 0 (or nan), got {value!r}"
+    elif metric.startswith(("steps_to_", "samples_to_")):
+        if not _count_or_nan(value):
+            return (f"{metric} must be a count >= 0 (or nan for not reached)"
+                    f", got {value!r}")
+    elif metric == "diverged":
+        if value not in (0.0, 1.0):
+            return f"diverged must be 0 or 1, got {value!r}"
+    elif metric == "wall_seconds":
+        if not (math.isnan(value) or value >= 0.0):
+            return f"{metric} must be >= 0 (or nan), got {value!r}"
+    return None
+
+
+def check_row(row: Mapping[str, Any]) -> tuple[str, str] | None:
+    """Whether a typed row holds values the library can have written.
+
+    Damage amounts are finite and non-negative, seeds and steps
+    non-negative (a ``diverged`` row's step is -1 when nothing diverged),
+    accuracies in ``[0, 1]``, losses, counts and costs non-negative; NaN is
+    accepted wherever the library writes it. Other metrics (user metrics,
+    ``recovery_ratio``) may take any value.
+
+    Args:
+        row: a row as returned by :func:`make_row`.
+
+    Returns:
+        ``None`` when the row is plausible, else ``(column, problem)``.
+    """
+    if not (math.isfinite(row["ratio"]) and row["ratio"] >= 0.0):
+        return "ratio", (f"damage amount must be finite and >= 0, got "
+                         f"{row['ratio']!r}")
+    if row["seed"] < 0:
+        return "seed", f"seed must be >= 0, got {row['seed']}"
+    lowest = -1 if row["metric"] == "diverged" else 0
+    if row["step"] < lowest:
+        return "step", f"step must be >= {lowest}, got {row['step']}"
+    problem = _value_problem(row["metric"], row["value"])
+    return None if problem is None else ("value", problem)
+
+
+def _field(column: str, text: Any) -> Any:
+    if column in ("ratio", "value"):
+        if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+            raise ValueError(f"expected a number, got {text!r}")
+        try:
+            return float(text)  # accepts "nan", "inf", "-inf" and numbers.
+        except ValueError:
+            raise ValueError(f"expected a number, got {text!r}") from None
+    if column in ("seed", "step"):
+        if isinstance(text, bool) or isinstance(text, float) or not (
+                isinstance(text, (str, int))):
+            raise ValueError(f"expected an integer, got {text!r}")
+        try:
+            return int(text)
+        except ValueError:
+            raise ValueError(f"expected an integer, got {text!r}") from None
+    if not isinstance(text, str) or not text:
+        raise ValueError(f"expected a non-empty name, got {text!r}")
+    return text
+
+
+def _typed(record: Sequence[Any], path: pathlib.Path, line: int | None,
+           where: str | None = None) -> dict[str, Any]:
+    if not isinstance(record, (list, tuple)) or len(record) != len(COLUMNS):
+        count = len(record) if isinstance(record, (list, tuple)) else "no"
+        raise ResultsFileError(
+            path, f"expected {len(COLUMNS)} fields ({', '.join(COLUMNS)}), "
+            f"got {count}: {record!r}", line=line, where=where)
+    fields = {}
+    for column, text in zip(COLUMNS, record):
+        try:
+            fields[column] = _field(column, text)
+        except ValueError as error:
+            raise ResultsFileError(path, str(error), line=line,
+                                   column=column, where=where) from None
+    row = make_row(**fields)
+    problem = check_row(row)
+    if problem is not None:
+        column, message = problem
+        raise ResultsFileError(path, message, line=line, column=column,
+                               where=where)
+    return row
+
+
+def _from_metadata(rows, metadata: Mapping[str, Any], path: pathlib.Path
+                   ) -> ResultsTable:
     try:
-        return make_row(damage=str(damage), ratio=_float(ratio),
-                        seed=int(seed), stage=str(stage), step=int(step),
-                        metric=str(metric), value=_float(value))
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"{where}: bad row {list(record)!r}: {error}"
-                         ) from None
+        return ResultsTable(rows=rows, config=metadata.get("config") or {},
+                            root_seed=metadata.get("root_seed"),
+                            versions=metadata.get("versions") or {},
+                            device_kind=metadata.get("device_kind") or "")
+    except (TypeError, ValueError, AttributeError) as error:
+        raise ResultsFileError(path, f"bad metadata ({error})") from None
 
 
-def _from_metadata(rows, metadata: Mapping[str, Any]) -> ResultsTable:
-    return ResultsTable(rows=rows, config=metadata.get("config") or {},
-                        root_seed=metadata.get("root_seed"),
-                        versions=metadata.get("versions") or {},
-                        device_kind=metadata.get("device_kind") or "")
+def _read_sidecar(path: pathlib.Path) -> dict[str, Any] | None:
+    sidecar = metadata_path(path)
+    if not sidecar.is_file():
+        return None
+    _, document = read_json_file(sidecar)
+    if not isinstance(document, dict) or (
+            document.get("format") != METADATA_FORMAT):
+        raise ResultsFileError(sidecar, f"not a {METADATA_FORMAT} document")
+    if document.get("version") != FORMAT_VERSION:
+        raise ResultsFileError(sidecar, f"format version "
+                               f"{document.get('version')!r}; this recovjax "
+                               f"reads version {FORMAT_VERSION}")
+    if tuple(document.get("columns", COLUMNS)) != COLUMNS:
+        raise ResultsFileError(sidecar, f"columns must be {list(COLUMNS)}")
+    return document
 
 
 def read_csv(path: os.PathLike[str] | str) -> ResultsTable:
     """Read a table written by :meth:`ResultsTable.to_csv`.
 
-    A CSV without the metadata line (e.g. written by another tool with the
-    same columns) reads with empty metadata.
+    The metadata come from the sidecar :func:`metadata_path`
+    (``results.meta.json``) when it exists; its row count must match the
+    CSV's. A CSV without a sidecar (e.g. written by another tool with the
+    same columns) reads with empty metadata (``config={}``,
+    ``root_seed=None``, no versions). A CSV of an earlier version, whose
+    first line is ``# recovjax-results {...}``, reads with the metadata of
+    that line.
 
     Args:
         path: the CSV file.
@@ -357,21 +519,97 @@ def read_csv(path: os.PathLike[str] | str) -> ResultsTable:
 
     Raises:
         FileNotFoundError: if the file does not exist.
-        ValueError: if the header or a row does not match :data:`COLUMNS`.
+        ResultsFileError: (a ``ValueError``) if the file is not UTF-8 text,
+            the header does not match :data:`COLUMNS`, a field has the wrong
+            type or an impossible value (see :func:`check_row`), or the
+            sidecar disagrees; the message names the file, the line and the
+            column, e.g. ``results.csv:5: column 7 (value): accuracy must be
+            in [0, 1] (or nan), got 4.23``.
     """
     path = pathlib.Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    metadata: dict[str, Any] = {}
-    if lines and lines[0].startswith(_CSV_HEADER_PREFIX):
-        metadata = json.loads(lines[0][len(_CSV_HEADER_PREFIX):])
-        lines = lines[1:]
-    records = list(csv.reader(lines))
-    if not records or tuple(records[0]) != COLUMNS:
-        raise ValueError(f"{path}: header must be {','.join(COLUMNS)}, got "
-                         f"{','.join(records[0]) if records else 'nothing'}")
-    rows = [_typed(record, f"{path}:{number + 2}")
-            for number, record in enumerate(records[1:]) if record]
-    return _from_metadata(rows, metadata)
+    # Spreadsheets save UTF-8 CSV with a byte-order mark.
+    text = read_text(path).removeprefix("\ufeff")
+    metadata = _read_sidecar(path)
+    first = 1  # The line number of the header.
+    if text.startswith(_CSV_HEADER_PREFIX):
+        line, _, text = text.partition("\n")
+        first = 2
+        if metadata is None:
+            try:
+                metadata = json.loads(line[len(_CSV_HEADER_PREFIX):])
+            except json.JSONDecodeError as error:
+                raise ResultsFileError(path, f"bad metadata line ({error})",
+                                       line=1) from None
+            if not isinstance(metadata, dict):
+                raise ResultsFileError(path, "bad metadata line", line=1)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows, header, start = [], None, first
+    try:
+        for record in reader:
+            line = start
+            start = first + reader.line_num  # where the next record begins
+            if header is None:
+                header = tuple(record)
+                if header != COLUMNS:
+                    raise ResultsFileError(
+                        path, f"header must be {','.join(COLUMNS)}, got "
+                        f"{','.join(header) or 'an empty line'}", line=line)
+                continue
+            if record:
+                rows.append(_typed(record, path, line))
+    except csv.Error as error:
+        raise ResultsFileError(path, f"not CSV ({error})",
+                               line=first + reader.line_num - 1) from None
+    if header is None:
+        raise ResultsFileError(path, f"empty file; expected the header "
+                               f"{','.join(COLUMNS)}", line=first)
+    if metadata is not None and "rows" in metadata and (
+            metadata["rows"] != len(rows)):
+        raise ResultsFileError(
+            path, f"holds {len(rows)} rows but {metadata_path(path).name} "
+            f"records {metadata['rows']}: the CSV is cut short or was "
+            "replaced without its sidecar")
+    return _from_metadata(rows, metadata or {}, metadata_path(path)
+                          if metadata is not None else path)
+
+
+def _row_lines(text: str, document: Mapping[str, Any]) -> list[int] | None:
+    """The line on which each of ``document["rows"]`` starts, if findable."""
+    decoder = json.JSONDecoder()
+    rows = document["rows"]
+    for match in reversed(list(re.finditer(r'"rows"\s*:\s*\[', text))):
+        offset, lines = match.end(), []
+        counted, line = 0, 1  # newlines counted up to ``counted``
+        try:
+            for row in rows:
+                offset = _skip(text, offset, allow_comma=bool(lines))
+                value, end = decoder.raw_decode(text, offset)
+                if value != row and not _same_row(value, row):
+                    break
+                line += text.count("\n", counted, offset)
+                counted = offset
+                lines.append(line)
+                offset = end
+            else:
+                if text[_skip(text, offset, allow_comma=False)] == "]":
+                    return lines
+        except (ValueError, IndexError):
+            continue
+    return None
+
+
+def _same_row(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+def _skip(text: str, offset: int, *, allow_comma: bool) -> int:
+    while text[offset] in " \t\r\n":
+        offset += 1
+    if allow_comma and text[offset] == ",":
+        offset += 1
+        while text[offset] in " \t\r\n":
+            offset += 1
+    return offset
 
 
 def read_json(path: os.PathLike[str] | str) -> ResultsTable:
@@ -385,17 +623,33 @@ def read_json(path: os.PathLike[str] | str) -> ResultsTable:
 
     Raises:
         FileNotFoundError: if the file does not exist.
-        ValueError: if it is not a recovjax results document.
+        ResultsFileError: (a ``ValueError``) if it is not UTF-8 JSON, not a
+            recovjax results document, or a row has the wrong type or an
+            impossible value (see :func:`check_row`); the message names the
+            file, the row's line and index, and the column.
     """
     path = pathlib.Path(path)
-    document = json.loads(path.read_text(encoding="utf-8"))
+    text, document = read_json_file(path)
     if not isinstance(document, dict) or document.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} JSON document")
+        raise ResultsFileError(path, f"not a {FORMAT} JSON document")
     if tuple(document.get("columns", ())) != COLUMNS:
-        raise ValueError(f"{path}: columns must be {list(COLUMNS)}")
-    rows = [_typed(record, f"{path} row {index}")
-            for index, record in enumerate(document.get("rows", []))]
-    return _from_metadata(rows, document)
+        raise ResultsFileError(path, f"columns must be {list(COLUMNS)}")
+    records = document.get("rows", [])
+    if not isinstance(records, list):
+        raise ResultsFileError(path, "rows must be a list")
+    lines = None
+    rows = []
+    for index, record in enumerate(records):
+        try:
+            rows.append(_typed(record, path, None, where=f"rows[{index}]"))
+        except ResultsFileError as error:
+            lines = _row_lines(text, document) if lines is None else lines
+            if not lines:
+                raise
+            raise ResultsFileError(
+                path, error.reason, line=lines[index],
+                column=error.column, where=f"rows[{index}]") from None
+    return _from_metadata(rows, document, path)
 
 
 def read_table(path: os.PathLike[str] | str) -> ResultsTable:

@@ -72,6 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from recovjax import _checks
 from recovjax._types import Batches, Dataset, Damage, Params, PRNGKey, Split
 from recovjax.data import batch_split
 from recovjax.evaluate import MetricFn, Metrics, evaluate
@@ -330,13 +331,7 @@ def _root(root_key: PRNGKey | int) -> tuple[PRNGKey, int | None]:
                         f"{root_key!r}")
     if isinstance(root_key, (int, np.integer)):
         return _seed_key(int(root_key)), int(root_key)
-    dtype = getattr(root_key, "dtype", None)
-    if dtype is None or not jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-        raise TypeError("root_key must be a typed key from jax.random.key "
-                        f"or an int seed, got {type(root_key).__name__}")
-    if root_key.shape != ():
-        raise TypeError(f"root_key must be one key, got shape "
-                        f"{root_key.shape}")
+    _checks.check_key(root_key, "root_key")
     return root_key, None
 
 
@@ -406,7 +401,40 @@ def _damages(damages: Mapping[str, DamageOp] | Sequence[str] | str
         raise ValueError("no damage kinds given")
     if CLEAN in out:
         raise ValueError(f"{CLEAN!r} is reserved for the clean model's rows")
+    for name, op in list(out.items()):
+        # Every ratio is checked on the host (_ratios, _check_fractions), so
+        # an op in checked mode runs unchecked: its checkify.check could not
+        # be staged in the sweep's programs.
+        op = out[name] = getattr(op, "unchecked", op)
+        if getattr(op, "damage_kind", None) == "data":
+            raise ValueError(
+                f"damages: {name!r} is a data damage (op(key, images, labels, "
+                "amount, *, num_classes)), but a sweep damages parameters; "
+                "apply it to the recovery data instead (recovjax.recovery."
+                "make_task), or sweep a params/structure damage "
+                "(recovjax.damage.damage_names('params'))")
     return out
+
+
+def _check_fractions(kinds: Mapping[str, DamageOp], ratios: Sequence[float]
+                     ) -> None:
+    # The CLI's rule, for the Python API: a fraction-valued kind (ratio,
+    # rate) takes amounts in [0, 1]; inside the programs they are traced,
+    # and an unchecked traced fraction is clipped, not reported.
+    for name, op in kinds.items():
+        if not getattr(op, "amount_is_fraction", False):
+            continue
+        high = max(ratios)
+        if high > 1:
+            amount = getattr(op, "amount_name", "ratio")
+            raise ValueError(f"ratios: damage {name!r} takes a {amount} in "
+                             f"[0, 1] (a fraction), got {high}")
+
+
+def _check_data(model, batches: Batches) -> None:
+    # Once per sweep, on the host: the programs get the batches traced.
+    _checks.check_labels(batches.labels, model.num_classes, "data.labels",
+                         where=batches.mask)
 
 
 def _batches(data: Split | Batches | Dataset, batch_size: int) -> Batches:
@@ -652,7 +680,9 @@ def damage_point(model, params: Params, *, damage: DamageOp | str,
         Host :class:`~recovjax.evaluate.Metrics` of scalars.
 
     Raises:
-        ValueError: if ``damage`` is an op and ``damage_name`` is missing.
+        ValueError: if ``damage`` is an op and ``damage_name`` is missing,
+            for a bad ``ratio`` (a fraction above 1: ``"ratios: ..."``) or
+            labels of ``data`` outside ``[0, num_classes)``.
     """
     if isinstance(damage, str):
         damage_name = damage_name or damage
@@ -660,15 +690,18 @@ def damage_point(model, params: Params, *, damage: DamageOp | str,
     if damage_name is None:
         raise ValueError("damage_name is needed to derive the point's key "
                          "when damage is given as an op")
+    damage = getattr(damage, "unchecked", damage)  # as in sweep
     root, _ = _root(root_key)
     (ratio,) = _ratios([ratio])
+    _check_fractions({damage_name: damage}, [ratio])
+    batches = _batches(data, batch_size)
+    _check_data(model, batches)
     program = _point_program(model.apply, damage, model.num_classes,
                              metric_fn)
     keys = point_keys(root, damage_name, [ratio_index] * vmap_size,
                       [seed] * vmap_size)
     metrics = program(keys, jnp.full((vmap_size,), ratio, jnp.float32),
-                      jnp.zeros((vmap_size,), jnp.bool_), params,
-                      _batches(data, batch_size))
+                      jnp.zeros((vmap_size,), jnp.bool_), params, batches)
     return jax.tree.map(lambda x: np.asarray(x)[0], jax.device_get(metrics))
 
 
@@ -709,8 +742,10 @@ def iter_sweep(model, params: Params, *,
     root, _ = _root(root_key)
     kinds = _damages(damages)
     ratio_values = _ratios(ratios)
+    _check_fractions(kinds, ratio_values)
     seed_values = _seeds(seeds)
     batches = _batches(data, batch_size)
+    _check_data(model, batches)
     device_list = _devices(devices)
     layout = _layout(list(kinds), ratio_values, seed_values)
     num_points = len(ratio_values) * len(seed_values)
@@ -827,8 +862,13 @@ def sweep(model, params: Params, *,
         damages: damage kinds: registry names (``["zero", "noise"]``) or a
             mapping ``{name: op}`` of operators ``op(key, params, amount) ->
             Damage``; the name identifies the kind in keys and results.
+            An op in checked mode (:func:`recovjax.damage.checked`) runs
+            unchecked, as every ratio is checked here, on the host.
         ratios: damage amounts (traced: any values, one compilation per
-            count).
+            count). Finite and non-negative; at most 1 for kinds whose
+            amount is a fraction (ratios and rates: ``zero``, ``bit_flip``,
+            ... and every op built by :mod:`recovjax.damage` with
+            ``amount_is_fraction``). A custom op gets the values as given.
         seeds: number of seeds (``5`` means seeds ``0..4``) or the seed
             values.
         data: evaluation data: a :class:`~recovjax.Split`, ready
@@ -856,9 +896,14 @@ def sweep(model, params: Params, *,
         :class:`SweepResult` with the :class:`~recovjax.results.ResultsTable`.
 
     Raises:
-        TypeError: for a bad key, data or damage op.
-        ValueError: for empty or invalid ratios, seeds, kinds or sizes;
-            an unknown damage name (from the registry).
+        TypeError: for a bad key (an int is fine; a legacy ``uint32`` key
+            is not), data or damage op.
+        ValueError: for empty or invalid ratios (a fraction above 1:
+            ``"ratios: ..."``), seeds, kinds or sizes; an unknown damage
+            name (from the registry) or a data damage (``"damages:
+            ..."``); labels of ``data`` outside ``[0, num_classes)``
+            (``"data.labels: ..."``) or a model whose logits are not
+            ``model.num_classes`` wide.
 
     Example::
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import pathlib
 
 import jax
@@ -99,6 +100,56 @@ def test_truncated_checkpoint_is_reported(lenet_checkpoint):
     assert str(path) in str(error.value)
 
 
+def test_truncated_array_file_is_named_before_orbax_reads(lenet_checkpoint,
+                                                          monkeypatch):
+    model, _, path = lenet_checkpoint
+    target = max(_array_files(path), key=lambda p: p.stat().st_size)
+    size = target.stat().st_size
+    target.write_bytes(target.read_bytes()[:100])
+
+    def no_orbax(*args, **kwargs):
+        # Orbax's reader threads, failing on a truncated array file, print
+        # "RuntimeError: Event loop is closed" after the restore returns.
+        raise AssertionError("Orbax opened a checkpoint with a bad file")
+
+    monkeypatch.setattr(checkpoints, "_manager", no_orbax)
+    with pytest.raises(CheckpointCorruptedError) as error:
+        restore_checkpoint(path, model.abstract_params(SAMPLE))
+    relative = target.relative_to(path).as_posix()
+    assert str(error.value) == (
+        f"{path}: files differ from those saved: {relative}: 100 of {size} "
+        "bytes (truncated)")
+
+
+def test_changed_bytes_are_found_by_the_contents_check(lenet_checkpoint):
+    _, _, path = lenet_checkpoint
+    target = max(_array_files(path), key=lambda p: p.stat().st_size)
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    relative = target.relative_to(path).as_posix()
+    assert checkpoints.file_problems(path) == []  # sizes only: one stat each
+    assert checkpoints.file_problems(path, contents=True) == [
+        f"{relative}: contents differ from the recorded SHA-256"]
+    with pytest.raises(CheckpointCorruptedError, match=f"{relative}: "
+                       "contents differ"):
+        checkpoints.verify_files(path, contents=True)
+    with pytest.raises(CheckpointNotFoundError):
+        checkpoints.verify_files(path / "absent")
+
+
+def test_missing_file_and_bad_file_list_are_named(lenet_checkpoint):
+    model, _, path = lenet_checkpoint
+    (path / "0" / "params" / "manifest.ocdbt").unlink()
+    with pytest.raises(CheckpointCorruptedError,
+                       match="0/params/manifest.ocdbt: missing"):
+        restore_checkpoint(path, model.abstract_params(SAMPLE))
+    (path / checkpoints.FILES_MANIFEST).write_text('{"files": ')
+    with pytest.raises(CheckpointCorruptedError,
+                       match="recovjax_files.json: unreadable file list"):
+        restore_checkpoint(path, model.abstract_params(SAMPLE))
+
+
 def test_flipped_bytes_fail_verification(lenet_checkpoint):
     model, params, path = lenet_checkpoint
     # Overwrite the stored kernel of conv1 through Orbax itself, keeping the
@@ -110,11 +161,44 @@ def test_flipped_bytes_fail_verification(lenet_checkpoint):
     writer.save(path / "0" / "params", tampered, force=True)
     writer.wait_until_finished()
     writer.close()
+    # The file list sees the rewritten files first.
+    with pytest.raises(CheckpointCorruptedError,
+                       match="files differ from those saved: .*missing"):
+        restore_checkpoint(path, model.abstract_params(SAMPLE))
+    # A tamperer who also rewrites the file list is caught by the digests.
+    checkpoints.record_files(path)
     with pytest.raises(CheckpointCorruptedError, match="conv1/kernel"):
         restore_checkpoint(path, model.abstract_params(SAMPLE))
     restored, _ = restore_checkpoint(path, model.abstract_params(SAMPLE),
                                      verify=False)
     assert tree_equal(restored, tampered)
+
+
+def test_restore_logs_no_read_only_notice(lenet_checkpoint, caplog):
+    model, _, path = lenet_checkpoint
+    with caplog.at_level(logging.INFO, logger="absl"):
+        restore_checkpoint(path, model.abstract_params(SAMPLE))
+        checkpoints.read_metadata(path)
+    assert "read only" not in caplog.text
+    # The filter lives only while a read-only manager is made; other absl
+    # warnings still pass.
+    assert logging.getLogger("absl").filters == []
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="absl"):
+        with checkpoints._without_read_only_notice():
+            logging.getLogger("absl").warning("Given directory is read only")
+            logging.getLogger("absl").warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
+
+
+def test_checkpoint_files_are_world_readable(lenet_checkpoint):
+    _, _, path = lenet_checkpoint
+    import os
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for file in path.rglob("*"):
+        if file.is_file():
+            assert file.stat().st_mode & 0o777 == 0o666 & ~umask, file
 
 
 def test_save_refuses_to_overwrite(lenet_checkpoint):

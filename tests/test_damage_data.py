@@ -170,7 +170,7 @@ def test_inputs_are_not_mutated_and_keys_reproduce():
                             num_classes=10), ValueError, "ratio must be a num"),
     (lambda: drop_samples(jax.random.key(0), IMAGES, LABELS, 0.1,
                           num_classes=5), ValueError,
-     r"labels must lie in \[0, 5\)"),
+     r"labels: must lie in \[0, 5\)"),
     (lambda: drop_samples(jax.random.key(0), IMAGES, LABELS[:10], 0.1,
                           num_classes=10), ValueError,
      "same number of samples"),

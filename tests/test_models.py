@@ -13,6 +13,7 @@ from recovjax.models.layers import (conv2d, conv_relu_pool,
                                     flatten_batch_minor, max_pool_2x2,
                                     reference_conv2d, to_batch_minor)
 
+from _tolerance import assert_sums_close
 from conftest import tree_equal
 
 
@@ -92,9 +93,12 @@ def test_banded_conv_matches_lax_conv(padding, kernel_size, tile):
     x = jax.random.normal(kx, (2, 12, 11, 3))
     kernel = jax.random.normal(kk, (*kernel_size, 3, 4))
     bias = jax.random.normal(kb, (4,))
-    np.testing.assert_allclose(conv2d(x, kernel, bias, padding, tile),
-                               reference_conv2d(x, kernel, bias, padding),
-                               rtol=1e-5, atol=1e-5)
+    # One sum of kh * kw * 3 products and the bias per output.
+    assert_sums_close(conv2d(x, kernel, bias, padding, tile),
+                      reference_conv2d(x, kernel, bias, padding),
+                      terms=kernel_size[0] * kernel_size[1] * 3 + 1,
+                      magnitude=reference_conv2d(abs(x), abs(kernel),
+                                                 abs(bias), padding))
 
 
 def test_banded_conv_gradients_match_lax_conv():
@@ -108,8 +112,17 @@ def test_banded_conv_gradients_match_lax_conv():
     ours = jax.grad(lambda x, k: loss(conv2d, x, k), (0, 1))(x, kernel)
     ref = jax.grad(lambda x, k: loss(reference_conv2d, x, k), (0, 1))(
         x, kernel)
-    for a, b in zip(ours, ref):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    # The forward sum (18 terms) feeds cos (one more rounding), then the
+    # gradient sums over 3 * 10 * 10 positions (kernel) or 3 * 3 * 5 taps
+    # (input). |cos| <= 1, so the gradient of the plain sum of the
+    # convolution of |x| and |kernel| bounds its terms; the forward error
+    # reaches it scaled by at most 1 + the largest forward magnitude.
+    forward = reference_conv2d(abs(x), abs(kernel), None, "SAME")
+    magnitudes = jax.grad(lambda x, k: jnp.sum(
+        reference_conv2d(x, k, None, "SAME")), (0, 1))(abs(x), abs(kernel))
+    for a, b, magnitude in zip(ours, ref, magnitudes):
+        assert_sums_close(a, b, terms=18 + 1 + 300,
+                          magnitude=magnitude * (1 + float(forward.max())))
 
 
 def test_patches_are_im2col():
@@ -117,8 +130,9 @@ def test_patches_are_im2col():
     kernel = jax.random.normal(jax.random.key(3), (2, 3, 3, 4))
     patches = extract_patches(x, (2, 3))
     assert patches.shape == (2, 3, 3, 18)
-    np.testing.assert_allclose(patches @ kernel.reshape(18, 4),
-                               reference_conv2d(x, kernel, None), rtol=1e-5)
+    assert_sums_close(patches @ kernel.reshape(18, 4),
+                      reference_conv2d(x, kernel, None), terms=18,
+                      magnitude=patches @ abs(kernel).reshape(18, 4))
 
 
 def test_conv_rejects_bad_tile():
@@ -143,6 +157,20 @@ def test_max_pool():
 
 def _nhwc_block(x, kernel, bias):
     return max_pool_2x2(jax.nn.relu(reference_conv2d(x, kernel, bias)))
+
+
+def _magnitude_block(x, kernel, bias):
+    """An upper bound, fed absolute values, of every term's magnitude.
+
+    The block on absolute values bounds the sums of absolute values of the
+    block's terms (the ReLU is the identity there), and summing each 2x2
+    window instead of taking its maximum routes the gradient to every
+    entry of the window, so gradients of this bound the gradients' terms
+    too, whichever entry the real max pooling picks.
+    """
+    return jax.lax.reduce_window(reference_conv2d(x, kernel, bias), 0.0,
+                                 jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1),
+                                 "VALID")
 
 
 def _from_batch_minor(y):
@@ -173,14 +201,26 @@ def test_conv_relu_pool_matches_the_nhwc_composition(shape, kernel_shape,
                                                 bias, tile))
 
     expected = _nhwc_block(x, kernel, bias)
-    np.testing.assert_allclose(ours(x, kernel, bias), expected, atol=1e-4)
+    taps = kernel_shape[0] * kernel_shape[1] * kernel_shape[2] + 1
+    assert_sums_close(ours(x, kernel, bias), expected, terms=taps,
+                      magnitude=_nhwc_block(abs(x), abs(kernel), abs(bias)))
     weights = jnp.asarray(rng.standard_normal(expected.shape), jnp.float32)
     grads = jax.grad(lambda *a: jnp.sum(ours(*a) * weights), (0, 1, 2))(
         x, kernel, bias)
     reference = jax.grad(lambda *a: jnp.sum(_nhwc_block(*a) * weights),
                          (0, 1, 2))(x, kernel, bias)
-    for got, want in zip(grads, reference):
-        np.testing.assert_allclose(got, want, atol=1e-4)
+    # The longest backward sum runs over every output position (kernel and
+    # bias gradients); the input gradient sums kh * kw * out taps.
+    positions = shape[0] * (shape[1] - kernel_shape[0] + 1) * (
+        shape[2] - kernel_shape[1] + 1)
+    magnitudes = jax.grad(lambda *a: jnp.sum(
+        _magnitude_block(*a) * abs(weights)), (0, 1, 2))(
+            abs(x), abs(kernel), abs(bias))
+    for got, want, magnitude in zip(grads, reference, magnitudes):
+        assert_sums_close(got, want, magnitude=magnitude,
+                          terms=taps + max(positions, kernel_shape[0] *
+                                           kernel_shape[1] *
+                                           kernel_shape[3]))
 
 
 @pytest.mark.parametrize("tile, kernel_size", [(4, 5), (4, 4), (6, 3)])
@@ -197,10 +237,16 @@ def test_conv_relu_pool_chains_in_the_interleaved_layout(tile, kernel_size):
     first = conv_relu_pool(to_batch_minor(x), k1, b1, tile)
     got = _from_batch_minor(conv_relu_pool(first, k2, b2, tile))
     want = _nhwc_block(_nhwc_block(x, k1, b1), k2, b2)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+    # Two chained sums (kernel_size**2 * 1 and * 3 taps, plus the biases);
+    # the first's error reaches the output through |k2|, as in the chain
+    # on absolute values.
+    terms = kernel_size ** 2 * (1 + 3) + 2
+    magnitude = _nhwc_block(_nhwc_block(abs(x), abs(k1), abs(b1)), abs(k2),
+                            abs(b2))
+    assert_sums_close(got, want, terms=terms, magnitude=magnitude)
     flat = flatten_batch_minor(conv_relu_pool(first, k2, b2, tile))
-    np.testing.assert_allclose(flat.T, want.reshape(2, -1), rtol=1e-4,
-                               atol=1e-3)
+    assert_sums_close(flat.T, want.reshape(2, -1), terms=terms,
+                      magnitude=magnitude.reshape(2, -1))
 
 
 def test_conv_relu_pool_rejects_bad_input():
@@ -219,14 +265,19 @@ def test_lenet5_equals_the_nhwc_network():
     x = jnp.asarray(np.random.default_rng(2).random((5, 28, 28, 1)),
                     jnp.float32)
     params = model.init(jax.random.key(3), x)
+
     h = _nhwc_block(x, params["conv1"]["kernel"], params["conv1"]["bias"])
     h = _nhwc_block(h, params["conv2"]["kernel"], params["conv2"]["bias"])
     h = h.reshape(5, -1)
     for name in ("fc1", "fc2"):
         h = jax.nn.relu(h @ params[name]["kernel"] + params[name]["bias"])
     want = h @ params["fc3"]["kernel"] + params["fc3"]["bias"]
-    np.testing.assert_allclose(model.apply(params, x), want, rtol=1e-5,
-                               atol=1e-5)
+    # Five chained sums, each with its bias: 25, 150, 256, 120 and 84 terms,
+    # relative to the last one's absolute terms.
+    assert_sums_close(model.apply(params, x), want,
+                      terms=26 + 151 + 257 + 121 + 85,
+                      magnitude=abs(h) @ abs(params["fc3"]["kernel"]) +
+                      abs(params["fc3"]["bias"]))
 
 
 def test_conv_relu_pool_stack_evaluates_nhwc_and_differentiates_batch_minor():
@@ -251,9 +302,29 @@ def test_conv_relu_pool_stack_evaluates_nhwc_and_differentiates_batch_minor():
     value, grads = jax.value_and_grad(loss(conv_relu_pool_stack), (0, 1))(
         x, layers)
     want_value, want = jax.value_and_grad(loss(nhwc), (0, 1))(x, layers)
-    np.testing.assert_allclose(value, want_value, rtol=1e-5)
-    for got, expected in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
-        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-3)
+    # The loss chains the two convolutions (25 and 150 taps, plus bias)
+    # and the weighted sum of 3 * 256 outputs, relative to that last sum's
+    # absolute terms. (The loss, a signed sum, is far smaller than they
+    # are: rtol=1e-5 of it failed on an AVX-512 Xeon at 1.29e-5.)
+    forward = 26 + 151 + 3 * 256
+    assert_sums_close(value, want_value, terms=forward,
+                      magnitude=jnp.sum(abs(weights * nhwc(x, layers))))
+    # Backward: the longest chain is conv2's input gradient (5 * 5 * 16
+    # taps) then conv1's kernel gradient (3 * 24 * 24 positions), after
+    # the forward sums that the ReLU masks and pooling choices depend on.
+
+    def magnitude_network(x, layers):
+        for kernel, bias in layers:
+            x = _magnitude_block(x, kernel, bias)
+        return jnp.sum(abs(weights) * x.reshape(x.shape[0], -1))
+
+    magnitudes = jax.grad(magnitude_network, (0, 1))(
+        abs(x), jax.tree.map(abs, layers))
+    for got, expected, bound in zip(jax.tree.leaves(grads),
+                                    jax.tree.leaves(want),
+                                    jax.tree.leaves(magnitudes)):
+        assert_sums_close(got, expected, magnitude=bound,
+                          terms=forward + 5 * 5 * 16 + 3 * 24 * 24)
 
 
 def nhwc_banded(x, layers):

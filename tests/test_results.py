@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import tempfile
 
@@ -13,10 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recovjax.evaluate import Metrics
-from recovjax.results import (COLUMNS, ResultsTable, area_under_curve,
-                              make_row, metrics_rows, ratio_at_threshold,
-                              read_csv, read_json, read_rows, read_table,
-                              summarize, t_quantile)
+from recovjax.results import (COLUMNS, ResultsFileError, ResultsTable,
+                              area_under_curve, make_row, metadata_path,
+                              metrics_rows, ratio_at_threshold, read_csv,
+                              read_json, read_rows, read_table, summarize,
+                              t_quantile)
 
 
 def _table(values=(0.5, 0.7, 0.9), **metadata) -> ResultsTable:
@@ -36,8 +38,10 @@ SPECIALS = [math.nan, math.inf, -math.inf, -0.0, 0.0, 5e-324,
 
 
 def _special_table() -> ResultsTable:
+    # "custom" (a user metric) may take any value; library metrics are
+    # range-checked on reading.
     rows = [make_row(damage="bit_flip", ratio=r, seed=s, stage="damaged",
-                     metric="loss", value=v)
+                     metric="custom", value=v)
             for s, v in enumerate(SPECIALS) for r in (0.0, 0.05)]
     rows.append(make_row(damage="none", ratio=0.0, seed=0, stage="clean",
                          metric="accuracy", value=0.95))
@@ -111,7 +115,8 @@ def test_atomic_write_leaves_no_temporaries_and_replaces(tmp_path):
     path = tmp_path / "sub" / "results.csv"
     _table().to_csv(path)
     _table(values=(0.1, 0.2)).to_csv(path)
-    assert [p.name for p in path.parent.iterdir()] == ["results.csv"]
+    assert sorted(p.name for p in path.parent.iterdir()) == [
+        "results.csv", "results.meta.json"]
     assert len(read_csv(path)) == 2
 
 
@@ -142,6 +147,251 @@ def test_read_errors(tmp_path):
         read_json(other)
     with pytest.raises(FileNotFoundError):
         read_csv(tmp_path / "missing.csv")
+
+
+def _lines(*rows: str) -> str:
+    return ",".join(COLUMNS) + "\n" + "".join(row + "\n" for row in rows)
+
+
+GOOD = "zero,0.5,1,damaged,0,accuracy,0.5"
+
+
+def test_csv_is_plain_and_pandas_reads_it(tmp_path):
+    import pandas  # a test dependency only (the "test" extra)
+    table = _special_table()
+    path = table.to_csv(tmp_path / "results.csv")
+    assert path.read_text().splitlines()[0] == ",".join(COLUMNS)
+    frame = pandas.read_csv(path)
+    assert tuple(frame.columns) == COLUMNS and len(frame) == len(table)
+    for column in ("ratio", "value"):
+        assert frame[column].dtype == np.float64, column
+    for column in ("seed", "step"):
+        assert frame[column].dtype == np.int64, column
+    for column in ("damage", "stage", "metric"):
+        assert pandas.api.types.is_string_dtype(frame[column]), column
+    # The clean model's damage kind "none" stays a string, not a NaN.
+    assert "none" in set(frame["damage"])
+    for got, row in zip(frame.itertuples(index=False), table.rows):
+        assert (got.damage, got.seed, got.stage, got.step, got.metric) == (
+            row["damage"], row["seed"], row["stage"], row["step"],
+            row["metric"])
+        assert got.ratio == row["ratio"]
+        assert (math.isnan(got.value) if math.isnan(row["value"])
+                else got.value == row["value"])
+
+
+def test_metadata_sidecar_is_deterministic_json(tmp_path):
+    table = _special_table()
+    table.to_csv(tmp_path / "a" / "results.csv")
+    table.to_csv(tmp_path / "b" / "results.csv")
+    sidecar = metadata_path(tmp_path / "a" / "results.csv")
+    assert sidecar == tmp_path / "a" / "results.meta.json"
+    assert sidecar.read_bytes() == (tmp_path / "b" / "results.meta.json"
+                                    ).read_bytes()
+    document = json.loads(sidecar.read_text())
+    assert document["format"] == "recovjax-results-metadata"
+    assert document["rows"] == len(table)
+    assert document["root_seed"] == 3 and document["device_kind"] == "cpu x4"
+    assert document["config"] == table.config
+    assert metadata_path("out/t.csv") == pathlib.Path("out/t.meta.json")
+    assert metadata_path("table") == pathlib.Path("table.meta.json")
+
+
+def test_csv_cut_short_or_replaced_without_its_sidecar_is_refused(tmp_path):
+    path = _table().to_csv(tmp_path / "results.csv")
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]))
+    with pytest.raises(ResultsFileError) as error:
+        read_csv(path)
+    assert str(error.value) == (
+        f"{path}: holds 2 rows but results.meta.json records 3: the CSV is "
+        "cut short or was replaced without its sidecar")
+    metadata_path(path).unlink()  # Without a sidecar: empty metadata.
+    table = read_csv(path)
+    assert len(table) == 2 and table.config == {} and table.root_seed is None
+
+
+def test_damaged_sidecar_is_named(tmp_path):
+    path = _table().to_csv(tmp_path / "results.csv")
+    sidecar = metadata_path(path)
+    sidecar.write_text(sidecar.read_text()[:30])
+    with pytest.raises(ValueError, match=rf"^{sidecar}:\d+:\d+: not valid "
+                       r"JSON \("):
+        read_csv(path)
+    sidecar.write_text('{"format": "recovjax-results-metadata", "version": 1,'
+                       ' "root_seed": "seven", "rows": 3}')
+    with pytest.raises(ResultsFileError, match=f"^{sidecar}: bad metadata"):
+        read_csv(path)
+
+
+def test_csv_of_the_earlier_format_still_reads(tmp_path):
+    table = _table()
+    path = tmp_path / "old.csv"
+    header = "# recovjax-results " + json.dumps(
+        {"version": 1, **table.metadata()}, sort_keys=True)
+    path.write_text(header + "\n" + table.to_csv_text())
+    assert read_csv(path) == table
+    path.write_text(header + "\n" + _lines(GOOD, "zero,0.5,2,damaged,0,"
+                                           "accuracy,4.23"))
+    with pytest.raises(ResultsFileError, match=rf"^{path}:4: column 7"):
+        read_csv(path)
+
+
+def test_csv_errors_name_the_right_line(tmp_path):
+    path = tmp_path / "results.csv"
+    # A blank line and a quoted field over two lines still count.
+    path.write_text(_lines(GOOD, "", '"two\nlines",0.5,1,damaged,0,loss,1',
+                           "zero,0.5,x,damaged,0,loss,1"))
+    with pytest.raises(ResultsFileError) as error:
+        read_csv(path)
+    assert str(error.value) == (f"{path}:6: column 3 (seed): expected an "
+                                "integer, got 'x'")
+    assert (error.value.line, error.value.column) == (6, "seed")
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(ResultsFileError, match=rf"^{path}:1: header must be"):
+        read_csv(path)
+    path.write_text("")
+    with pytest.raises(ResultsFileError, match=rf"^{path}:1: empty file"):
+        read_csv(path)
+    path.write_text(_lines(GOOD, "zero,0.5,1," + "x" * 200_000 + ",0,loss,1"))
+    with pytest.raises(ResultsFileError, match=rf"^{path}:3: not CSV "
+                       r"\(field larger than field limit"):
+        read_csv(path)
+
+
+def test_binary_file_is_named_not_a_bare_decode_error(tmp_path):
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(256))
+    for name, reader in (("results.csv", read_csv),
+                         ("results.json", read_json)):
+        path = tmp_path / name
+        path.write_bytes(png)
+        with pytest.raises(ValueError) as error:
+            reader(path)
+        assert str(error.value) == (f"{path}:1: not UTF-8 text (byte 0x89 "
+                                    "at offset 0); is it a binary file?")
+    path.write_bytes(_lines(GOOD).encode() + b"zero,\xff\n")
+    with pytest.raises(ValueError, match=rf"^{path}:3: not UTF-8 text "
+                       r"\(byte 0xff at offset \d+\)"):
+        read_csv(path)
+
+
+@pytest.mark.parametrize("row, column, fragment", [
+    ("zero,0.5,1,damaged,0,accuracy,4.23", "value",
+     "accuracy must be in [0, 1] (or nan), got 4.23"),
+    ("zero,0.5,1,damaged,0,accuracy,-0.01", "value", "got -0.01"),
+    ("zero,0.5,1,damaged,0,class_accuracy/3,1.5", "value",
+     "class_accuracy/3 must be in [0, 1]"),
+    ("zero,0.5,1,damaged,0,accuracy,inf", "value", "got inf"),
+    ("zero,0.5,1,damaged,0,loss,-1.0", "value", "loss must be >= 0"),
+    ("zero,0.5,1,recovered/f,9,steps_to_95,2.5", "value",
+     "steps_to_95 must be a count >= 0"),
+    ("zero,0.5,1,recovered/f,9,samples_to_99,-100", "value",
+     "samples_to_99 must be a count"),
+    ("zero,0.5,1,recovered/f,-1,diverged,0.5", "value",
+     "diverged must be 0 or 1"),
+    ("zero,0.5,1,recovered/f,9,wall_seconds,-2", "value",
+     "wall_seconds must be >= 0"),
+    ("zero,0.5,-1,damaged,0,loss,1", "seed", "seed must be >= 0, got -1"),
+    ("zero,0.5,1,recovered/f,-1,accuracy,0.5", "step",
+     "step must be >= 0, got -1"),
+    ("zero,0.5,1,recovered/f,-2,diverged,0", "step",
+     "step must be >= -1, got -2"),
+    ("zero,-0.5,1,damaged,0,loss,1", "ratio",
+     "damage amount must be finite and >= 0, got -0.5"),
+    ("zero,nan,1,damaged,0,loss,1", "ratio", "got nan"),
+    ("zero,0.5,1,damaged,0,loss,x", "value", "expected a number, got 'x'"),
+])
+def test_impossible_values_are_refused_with_line_and_column(
+        tmp_path, row, column, fragment):
+    path = tmp_path / "results.csv"
+    path.write_text(_lines(GOOD, GOOD.replace(",1,", ",2,"), row))
+    with pytest.raises(ResultsFileError) as error:
+        read_csv(path)
+    message = str(error.value)
+    assert message.startswith(
+        f"{path}:4: column {COLUMNS.index(column) + 1} ({column}): ")
+    assert fragment in message
+    assert (error.value.path, error.value.line) == (path, 4)
+
+
+def test_csv_saved_by_a_spreadsheet_with_a_byte_order_mark_reads(tmp_path):
+    path = tmp_path / "results.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + _lines(GOOD).encode())
+    assert read_csv(path).rows[0]["value"] == 0.5
+
+
+def test_values_the_library_writes_are_accepted(tmp_path):
+    path = tmp_path / "results.csv"
+    path.write_text(_lines(
+        "zero,0.5,1,damaged,0,accuracy,nan",        # diverged model
+        "zero,0.5,1,damaged,0,class_accuracy/0,0.0",
+        "zero,0.5,1,damaged,0,loss,inf",
+        "zero,0.0,1,damaged,0,accuracy,1.0",
+        "zero,0.5,1,recovered/f,-1,diverged,0.0",   # never diverged
+        "zero,0.5,1,recovered/f,9,steps_to_95,nan",  # not reached
+        "zero,0.5,1,recovered/f,9,steps_to_99,200.0",
+        "zero,0.5,1,recovered/f,9,recovery_ratio,-3.5",
+        "zero,0.5,1,damaged,0,custom,-1e300"))
+    assert len(read_csv(path)) == 9
+
+
+def test_json_errors_name_line_row_and_column(tmp_path):
+    table = _table()
+    path = table.to_json(tmp_path / "results.json")
+    document = json.loads(path.read_text())
+    document["rows"][2][6] = 4.23
+    path.write_text(json.dumps(document, indent=1, sort_keys=True))
+    line = next(number for number, text in enumerate(
+        path.read_text().splitlines(), start=1) if "4.23" in text)
+    with pytest.raises(ResultsFileError) as error:
+        read_json(path)
+    # indent=1 puts each field on a line: the row's "[" is 7 lines earlier.
+    assert str(error.value) == (
+        f"{path}:{line - 7}: rows[2], column 7 (value): accuracy must be in "
+        "[0, 1] (or nan), got 4.23")
+    path.write_text(path.read_text()[:-20])
+    with pytest.raises(ValueError, match=rf"^{path}:\d+:\d+: not valid JSON"):
+        read_json(path)
+    document["rows"][2] = ["zero", 0.1, 2, "damaged", 0, "accuracy"]
+    path.write_text(json.dumps(document))  # one line: still the right one
+    with pytest.raises(ResultsFileError, match=rf"^{path}:1: rows\[2\]: "
+                       "expected 7 fields"):
+        read_json(path)
+
+
+def test_report_refuses_damaged_results(tmp_path):
+    from recovjax.report import write_report
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.csv").write_text(_lines(
+        "none,0.0,0,clean,0,accuracy,0.9",
+        "zero,0.5,0,damaged,0,accuracy,4.23"))
+    with pytest.raises(ResultsFileError, match=rf"^{run / 'results.csv'}:3: "
+                       r"column 7 \(value\): accuracy must be in \[0, 1\]"):
+        write_report(run)
+    assert not (run / "report.md").exists()
+    (run / "results.csv").write_text(_lines("none,0.0,0,clean,0,accuracy,0.9"))
+    (run / "costs.json").write_text('{"recovery": [\n{"damage": ')
+    with pytest.raises(ValueError, match=rf"^{run / 'costs.json'}:2:\d+: not "
+                       "valid JSON"):
+        write_report(run)
+    (run / "costs.json").write_text('[1, 2]')
+    with pytest.raises(ValueError, match="not a recovjax costs document"):
+        write_report(run)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_written_files_get_the_umask_mode_not_0600(tmp_path, umask):
+    from recovjax._io import atomic_write
+    previous = os.umask(umask)
+    try:
+        csv_path = _table().to_csv(tmp_path / "results.csv")
+        json_path = _table().to_json(tmp_path / "results.json")
+        other = atomic_write(tmp_path / "report.md", "text")
+    finally:
+        os.umask(previous)
+    for path in (csv_path, metadata_path(csv_path), json_path, other):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
 
 
 def test_make_row_and_select_errors():
@@ -239,7 +489,7 @@ def test_ratio_at_threshold_interpolates():
        st.lists(st.floats(0, 1), min_size=1, max_size=3, unique=True))
 def test_round_trip_property(values, grid):
     rows = [make_row(damage="k", ratio=r, seed=s, stage="damaged",
-                     metric="loss", value=v)
+                     metric="custom", value=v)
             for s, v in enumerate(values) for r in grid]
     table = ResultsTable(rows=rows, root_seed=1)
     with tempfile.TemporaryDirectory() as directory:

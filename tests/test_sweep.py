@@ -21,6 +21,8 @@ from recovjax.sweep import (ChunkResult, damage_id, damage_point,
                             estimate_model_bytes, iter_sweep, plan_sweep,
                             point_key, point_keys, sweep)
 
+from _tolerance import lenet5_loss_bound, lenet5_near_ties
+
 RATIOS = (0.0, 0.3, 0.6)
 OTHER_RATIOS = (0.1, 0.45, 0.9)
 SEEDS = 2
@@ -53,7 +55,8 @@ def _values(table, damage="zero", metric="accuracy"):
                                     stage="damaged")}
 
 
-def test_table_has_every_point_and_the_clean_model(baseline):
+def test_table_has_every_point_and_the_clean_model(baseline, trained_lenet,
+                                                   test_split):
     table = baseline.table
     points = _values(table)
     assert sorted(points) == [(r, s) for r in RATIOS for s in range(SEEDS)]
@@ -61,9 +64,12 @@ def test_table_has_every_point_and_the_clean_model(baseline):
     assert len(table.select(stage="damaged")) == 12 * len(points)
     (clean,) = table.select(stage="clean", metric="accuracy")
     assert clean["damage"] == "none"
-    # Ratio 0 damages nothing: both seeds score the clean accuracy.
-    assert points[(0.0, 0)] == points[(0.0, 1)] == pytest.approx(
-        clean["value"], abs=1e-6)
+    # Ratio 0 damages nothing: both seeds score the clean accuracy (the
+    # clean slot and the points are other lanes of the vmapped program; a
+    # prediction may differ only where two logits tie within rounding).
+    slack = lenet5_near_ties(trained_lenet, test_split.images) / 100 + 1e-6
+    assert abs(points[(0.0, 0)] - points[(0.0, 1)]) <= slack
+    assert abs(points[(0.0, 0)] - clean["value"]) <= slack
     assert points[(0.6, 0)] < points[(0.0, 0)]
     assert table.root_seed == 0
     assert table.config["ratios"] == list(RATIOS)
@@ -95,9 +101,11 @@ def test_clean_model_rides_in_a_chunk_without_a_program_of_its_own(
                                     batch_split(test_split, 50), 10))
     (accuracy,) = result.table.select(stage="clean", metric="accuracy")
     (loss,) = result.table.select(stage="clean", metric="loss")
-    assert accuracy["value"] == pytest.approx(float(alone.accuracy),
-                                              abs=1e-6)
-    assert loss["value"] == pytest.approx(float(alone.loss), rel=1e-5)
+    ties = lenet5_near_ties(trained_lenet, test_split.images)
+    assert abs(accuracy["value"] - float(alone.accuracy)) <= (
+        ties / len(test_split.labels) + 1e-6)
+    assert abs(loss["value"] - float(alone.loss)) <= lenet5_loss_bound(
+        trained_lenet, test_split.images, alone.loss)
     # 6 points + the clean slot in chunks of 3: the slot makes a third chunk.
     assert len(result.table.select(stage="clean")) == 12
     assert len(result.table.select(stage="damaged")) == 12 * 6
@@ -364,17 +372,33 @@ def test_four_forced_devices_equal_one(trained_lenet, test_split, baseline,
     assert baseline.plan.num_devices == 1
     one = baseline.table.select(stage="damaged")
     assert four.rows and len(four.rows) == len(one)
-    # Counts (accuracy) are exact; a loss may differ in its last bits,
-    # because XLA compiles the batch-minor GEMMs' blocking and the loss
-    # reduction separately for each device count.
+    # Counts (accuracy) are exact unless an example's top two logits tie
+    # within rounding (counted, almost always none); a loss may differ in
+    # its last bits, because XLA compiles the GEMMs' blocking and the loss
+    # reduction separately for each device count. The bounds are those of
+    # each point's damaged model, rebuilt from its key.
+    root = jax.random.key(0)
+    damaged = {(RATIOS[index], seed): ZERO(
+        point_key(root, "zero", index, seed), trained_lenet,
+        jnp.float32(RATIOS[index])).params
+        for index in range(len(RATIOS)) for seed in range(SEEDS)}
+    images = test_split.images
+    ties = {point: lenet5_near_ties(params, images)
+            for point, params in damaged.items()}
     for got, want in zip(four.rows, one):
         assert {k: v for k, v in got.items() if k != "value"} == {
             k: v for k, v in want.items() if k != "value"}
-        if got["metric"] == "accuracy":
-            assert got["value"] == want["value"]
-        else:
-            np.testing.assert_allclose(got["value"], want["value"],
-                                       rtol=1e-5)
+        params = damaged[want["ratio"], want["seed"]]
+        if want["metric"] == "loss":
+            assert abs(got["value"] - want["value"]) <= lenet5_loss_bound(
+                params, images, want["value"]), got
+        elif ties[want["ratio"], want["seed"]] == 0:
+            np.testing.assert_array_equal(got["value"], want["value"],
+                                          str(got))
+        else:  # Accuracies may move by the near-ties (per class: all).
+            slack = ties[want["ratio"], want["seed"]] / len(images)
+            assert abs(got["value"] - want["value"]) <= (
+                1.0 if want["metric"] != "accuracy" else slack), got
 
 
 def test_compilation_cache_setting(tmp_path, monkeypatch):

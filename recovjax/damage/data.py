@@ -14,7 +14,8 @@ its place with weight 0, and a removed class is a weight-0 class::
     damage = jax.vmap(op, in_axes=(0, None, None, 0))(keys, x, y, ratios)
 
 Concrete amounts are validated before tracing; traced fractions are clipped
-to ``[0, 1]`` (NaN reads as 0) and traced noise scales are used as given.
+to ``[0, 1]`` (NaN reads as 0) and traced noise scales are used as given,
+unless the operator is in checked mode (:func:`recovjax.damage.checked`).
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recovjax import _checks
 from recovjax._types import Array, DataDamage, PRNGKey
 from recovjax.damage import select
-from recovjax.damage.params import MODES, check_choice
+from recovjax.damage.params import MODES, _describe, check_choice
 
 DataDamageFn = Callable[..., DataDamage]
 """``op(key, images, labels, amount, *, num_classes) -> DataDamage``."""
@@ -50,23 +52,22 @@ def _check_data(images, labels, num_classes, *, min_classes: int) -> None:
     if not images_shape or images_shape[0] != labels_shape[0]:
         raise ValueError(f"images {images_shape} and labels {labels_shape} "
                          f"must have the same number of samples")
-    labels_dtype = getattr(labels, "dtype", np.asarray(labels).dtype)
+    # np.asarray only of non-arrays: labels may be tracers under jit.
+    labels_dtype = (labels.dtype if hasattr(labels, "dtype")
+                    else np.asarray(labels).dtype)
     if not jnp.issubdtype(labels_dtype, jnp.integer):
         raise TypeError(f"labels must be integers, got dtype {labels_dtype}")
-    images_dtype = getattr(images, "dtype", np.asarray(images).dtype)
+    images_dtype = (images.dtype if hasattr(images, "dtype")
+                    else np.asarray(images).dtype)
     if not jnp.issubdtype(images_dtype, jnp.floating):
         raise TypeError(f"images must be floating point, got dtype "
                         f"{images_dtype}")
-    if not isinstance(labels, jax.core.Tracer):
-        values = np.asarray(labels)
-        if values.size and (values.min() < 0 or values.max() >= num_classes):
-            raise ValueError(f"labels must lie in [0, {num_classes}), found "
-                             f"{values.min()}..{values.max()}")
+    _checks.check_labels(labels, num_classes)
 
 
 def make_data_operator(core: Callable, *, name: str, amount_name: str,
-                       fraction: bool, min_classes: int, doc: str
-                       ) -> DataDamageFn:
+                       fraction: bool, min_classes: int, doc: str,
+                       check: bool = False) -> DataDamageFn:
     """Wrap a traceable data-damage core as a validated, compiled operator.
 
     Args:
@@ -76,23 +77,36 @@ def make_data_operator(core: Callable, *, name: str, amount_name: str,
         fraction: whether the amount must lie in ``[0, 1]``.
         min_classes: the smallest ``num_classes`` that makes sense.
         doc: the operator's docstring.
+        check: the checked mode for traced amounts (see
+            :func:`recovjax.damage.checked`).
 
     Returns:
-        ``op(key, images, labels, amount, *, num_classes) -> DataDamage``.
+        ``op(key, images, labels, amount, *, num_classes) -> DataDamage``,
+        with the attributes of :func:`~recovjax.damage.params.make_operator`
+        (``damage_kind`` is ``"data"``).
     """
     compiled = jax.jit(core, static_argnames=("num_classes",))
 
     def operator(key: PRNGKey, images: Array, labels: Array,
                  amount: float | Array, *, num_classes: int) -> DataDamage:
         select.check_key(key)
+        traced = _checks.is_traced(amount)
         amount = select.check_amount(amount, name=amount_name,
                                      fraction=fraction)
+        if check and traced:
+            _checks.check_traced_amount(amount, name=amount_name,
+                                        fraction=fraction)
         _check_data(images, labels, num_classes, min_classes=min_classes)
         return compiled(key, images, labels, amount,
                         num_classes=int(num_classes))
 
     operator.__name__ = operator.__qualname__ = name
     operator.__doc__ = doc
+    _describe(operator, amount_name, fraction, "data", check,
+              lambda: make_data_operator(
+                  core, name=name, amount_name=amount_name,
+                  fraction=fraction, min_classes=min_classes, doc=doc,
+                  check=True))
     return operator
 
 

@@ -20,8 +20,12 @@ that selects entries (zero, sign flip, random values), so damage types can
 be compared entry for entry.
 
 Concrete amounts are validated before tracing (see
-:func:`recovjax.damage.select.check_amount`); traced fractions are clipped
-to ``[0, 1]`` (NaN reads as 0) and traced noise scales are used as given.
+:func:`recovjax.damage.select.check_amount`). Traced amounts cannot be
+checked on the host: unchecked, traced fractions are clipped to ``[0, 1]``
+(NaN reads as 0, so ``1.5`` damages every entry and ``NaN`` none) and
+traced noise scales are used as given; :func:`checked` (or
+``get_damage(name, check=True)``) checks them with
+:mod:`jax.experimental.checkify` instead.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from recovjax import _checks
 from recovjax._types import Array, Damage, Params, PRNGKey
 from recovjax.damage import select
 from recovjax.damage.scope import ScopeLike, leaf_paths, parse_scope
@@ -61,7 +66,7 @@ def check_choice(name: str, value, allowed: Sequence) -> None:
 
 
 def make_operator(core: Callable, *, name: str, amount_name: str,
-                  fraction: bool, doc: str) -> DamageFn:
+                  fraction: bool, doc: str, check: bool = False) -> DamageFn:
     """Wrap a traceable core as a validated, compiled operator.
 
     The returned function checks the key and a concrete amount (before any
@@ -69,28 +74,98 @@ def make_operator(core: Callable, *, name: str, amount_name: str,
     reuses one compiled program, and calls ``jax.jit(core)``. Under an outer
     ``jit``/``vmap`` the inner ``jit`` is inlined.
 
+    A traced amount cannot be checked on the host. Unchecked
+    (``check=False``), a traced fraction is clipped to ``[0, 1]`` and NaN
+    reads as 0, so ``1.5`` damages every entry and ``NaN`` none; a traced
+    scale is used as given. With ``check=True`` (see :func:`checked`) a
+    traced amount is checked by :func:`jax.experimental.checkify.check`.
+
     Args:
         core: ``core(key, params, amount) -> Damage``, traceable.
         name: the operator's ``__name__``.
         amount_name: the amount's name in error messages (``"ratio"``).
         fraction: whether the amount must lie in ``[0, 1]``.
         doc: the operator's docstring.
+        check: the checked mode for traced amounts.
 
     Returns:
-        ``op(key, params, amount) -> Damage``.
+        ``op(key, params, amount) -> Damage``, with attributes
+        ``amount_name``, ``amount_is_fraction``, ``damage_kind``
+        (``"params"``, for structural damage too) and ``check_traced``
+        (whether traced amounts are checked).
     """
     compiled = jax.jit(core)
 
     def operator(key: PRNGKey, params: Params, amount: float | Array
                  ) -> Damage:
         select.check_key(key)
+        traced = _checks.is_traced(amount)
         amount = select.check_amount(amount, name=amount_name,
                                      fraction=fraction)
+        if check and traced:
+            _checks.check_traced_amount(amount, name=amount_name,
+                                        fraction=fraction)
         return compiled(key, params, amount)
 
     operator.__name__ = operator.__qualname__ = name
     operator.__doc__ = doc
+    _describe(operator, amount_name, fraction, "params", check,
+              lambda: make_operator(core, name=name, amount_name=amount_name,
+                                    fraction=fraction, doc=doc, check=True))
     return operator
+
+
+def _describe(operator: Callable, amount_name: str, fraction: bool,
+              kind: str, check: bool, rebuild: Callable[[], Callable]
+              ) -> None:
+    # What the sweep and checked() need to know about a built operator.
+    operator.amount_name = amount_name
+    operator.amount_is_fraction = fraction
+    operator.damage_kind = kind
+    operator.check_traced = check
+    operator._checked_version = rebuild
+
+
+def checked(op: Callable) -> Callable:
+    """The checked mode of a damage operator: traced amounts are checked too.
+
+    Concrete amounts are always checked on the host. A *traced* amount
+    (inside ``jit``/``vmap``) is not: the unchecked operator clips a traced
+    fraction to ``[0, 1]`` and reads NaN as 0 (``1.5`` damages every
+    entry, ``NaN`` none) and uses a traced noise scale as given. The
+    checked operator stages a :func:`jax.experimental.checkify.check`
+    instead, so functionalise the traced call with
+    :func:`jax.experimental.checkify.checkify` and throw its error::
+
+        from jax.experimental import checkify
+        op = checked(make_zero())          # or get_damage("zero", check=True)
+        error, damage = checkify.checkify(jax.jit(op))(key, params, 1.5)
+        error.throw()  # ValueError: ratio: must be a fraction in [0, 1] ...
+
+    Args:
+        op: an operator built by this package (``make_*`` or
+            :func:`~recovjax.damage.get_damage`), of parameter, structure or
+            data damage.
+
+    Returns:
+        The same operator in checked mode (``op.check_traced`` is true;
+        ``op.unchecked`` is the operator given). Called under ``jit``
+        without ``checkify``, JAX refuses to stage the check.
+
+    Raises:
+        TypeError: if ``op`` was not built by :mod:`recovjax.damage`.
+    """
+    rebuild = getattr(op, "_checked_version", None)
+    if rebuild is None:
+        raise TypeError(f"op: checked() needs an operator built by "
+                        f"recovjax.damage (a make_* factory or get_damage), "
+                        f"got {op!r}")
+    if op.check_traced:
+        return op
+    checked_op = rebuild()
+    # The sweep checks every amount on the host and runs the unchecked op.
+    checked_op.unchecked = op
+    return checked_op
 
 
 def operator_doc(factory: Callable, settings: dict, call: str) -> str:

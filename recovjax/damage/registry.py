@@ -139,11 +139,16 @@ def damage_spec(name: str) -> DamageSpec:
     return _REGISTRY[name]
 
 
-def get_damage(name: str, **options: Any) -> Callable:
+def get_damage(name: str, *, check: bool = False, **options: Any
+               ) -> Callable:
     """Build a registered damage operator.
 
     Args:
         name: one of :func:`damage_names`.
+        check: the checked mode (:func:`~recovjax.damage.checked`): also
+            check *traced* amounts, with :mod:`jax.experimental.checkify`.
+            Unchecked, a traced fraction is clipped to ``[0, 1]`` (NaN
+            reads as 0) and a traced scale is used as given.
         **options: the factory's options (e.g. ``scope="weights"``,
             ``mode="bernoulli"``, ``bits="exponent"``).
 
@@ -162,4 +167,7 @@ def get_damage(name: str, **options: Any) -> Callable:
         >>> op = get_damage("bit_flip", bits="exponent", mode="exact")
         >>> damage = op(jax.random.key(0), params, 1e-3)
     """
-    return damage_spec(name).build(**options)
+    if not isinstance(check, bool):
+        raise TypeError(f"check: must be a bool, got {check!r}")
+    op = damage_spec(name).build(**options)
+    return params.checked(op) if check else op

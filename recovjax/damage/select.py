@@ -50,7 +50,6 @@ split and folded by the caller with ``jax.random`` as usual.
 
 from __future__ import annotations
 
-import math
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -58,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from recovjax import _checks
 from recovjax._types import Array, PRNGKey
 
 MAX_ENTRIES = 2**32
@@ -72,88 +72,24 @@ _UINT32_MAX = 0xFFFFFFFF
 
 
 def check_key(key: PRNGKey) -> PRNGKey:
-    """Check that ``key`` is a typed key from :func:`jax.random.key`.
+    """Check that ``key`` is one typed key from :func:`jax.random.key`.
 
-    Args:
-        key: the key handed to an operator (a tracer under ``jit``/``vmap``
-            is checked by its dtype only).
+    See :func:`recovjax._checks.check_key` (a tracer under ``jit``/``vmap``
+    is checked by its dtype only).
 
     Returns:
         ``key`` unchanged.
 
     Raises:
-        TypeError: for integers, raw ``uint32`` key data (``PRNGKey``) and
-            anything else that is not a typed key.
+        TypeError: for integers, raw ``uint32`` key data (``PRNGKey``),
+            key arrays and anything else that is not one typed key.
     """
-    dtype = getattr(key, "dtype", None)
-    if dtype is None or not jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
-        raise TypeError(
-            "key must be a typed key from jax.random.key(seed) (convert an "
-            f"integer seed at the boundary), got {type(key).__name__}"
-            + (f" of dtype {dtype}" if dtype is not None else ""))
-    if getattr(key, "shape", ()) != ():
-        raise TypeError(f"key must be a single key, got a key array of shape "
-                        f"{key.shape}; vmap over the keys instead")
+    _checks.check_key(key, "key")
     return key
 
 
-def check_amount(amount, *, name: str, fraction: bool) -> Array:
-    """Validate a concrete damage amount; pass a traced one through.
-
-    Concrete amounts (Python or NumPy numbers, concrete arrays) are checked
-    before any tracing: they must be finite real scalars, at least 0, and at
-    most 1 when they are fractions. Traced amounts (inside ``jit``/``vmap``)
-    cannot be checked; the kernels then clip fractions to ``[0, 1]`` and read
-    a NaN fraction as 0 (see :func:`sanitize_fraction`).
-
-    Args:
-        amount: the ratio, rate or scale handed to an operator.
-        name: the argument's name, used in error messages.
-        fraction: whether ``amount`` is a fraction in ``[0, 1]``.
-
-    Returns:
-        ``amount`` as a ``float32`` scalar array (concrete or traced), so
-        that ``0``, ``0.5`` and ``np.float64(1)`` all reuse one compiled
-        program.
-
-    Raises:
-        ValueError: if a concrete amount is not a scalar, is NaN or
-            infinite, is negative, or exceeds 1 where a fraction is meant.
-        TypeError: if the amount is not a real number (e.g. a string or a
-            complex number).
-    """
-    if isinstance(amount, jax.core.Tracer):
-        if amount.shape != ():
-            raise ValueError(f"{name} must be a scalar, got shape "
-                             f"{amount.shape}; vmap over {name} instead")
-        return amount.astype(jnp.float32)
-    if isinstance(amount, (str, bytes)) or isinstance(amount, complex):
-        raise TypeError(f"{name} must be a real number, got {amount!r}")
-    value = np.asarray(amount)
-    if value.shape != ():
-        raise ValueError(f"{name} must be a scalar, got shape {value.shape}; "
-                         f"vmap over {name} instead")
-    if not (np.issubdtype(value.dtype, np.floating)
-            or np.issubdtype(value.dtype, np.integer)
-            or value.dtype == np.bool_):
-        raise TypeError(f"{name} must be a real number, got {amount!r}")
-    number = float(value)
-    if math.isnan(number):
-        raise ValueError(f"{name} must be a number, got NaN")
-    if math.isinf(number):
-        raise ValueError(f"{name} must be finite, got {number}")
-    if number < 0:
-        raise ValueError(f"{name} must be non-negative, got {number}")
-    if fraction and number > 1:
-        raise ValueError(f"{name} is a fraction and must be in [0, 1], "
-                         f"got {number}")
-    return jnp.asarray(number, jnp.float32)
-
-
-def sanitize_fraction(fraction: Array) -> Array:
-    """Clip a (traced) fraction to ``[0, 1]``; NaN becomes 0."""
-    fraction = jnp.asarray(fraction, jnp.float32)
-    return jnp.where(jnp.isnan(fraction), 0.0, jnp.clip(fraction, 0.0, 1.0))
+check_amount = _checks.check_amount
+sanitize_fraction = _checks.sanitize_fraction
 
 
 def count_of(size: int | Array, fraction: Array) -> Array:

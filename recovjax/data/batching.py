@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recovjax._checks import check_batch_size
 from recovjax._types import Array, Batches, PRNGKey, Split
 
 
@@ -64,8 +65,13 @@ def shuffled_batches(key: PRNGKey, images: Array, labels: Array,
 
     Returns:
         :class:`~recovjax.Batches` with a float ``mask`` holding the weights.
+
+    Raises:
+        ValueError: if ``batch_size`` is not positive or exceeds ``N``.
     """
     n = labels.shape[0]
+    # Static: the padding copies come from one permutation of n examples.
+    check_batch_size(batch_size, n)
     count = -(-n // batch_size)
     pad = count * batch_size - n
     order = jax.random.permutation(key, n)

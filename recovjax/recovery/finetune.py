@@ -26,6 +26,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec
 
+from recovjax import _checks
 from recovjax._types import Array, ApplyFn, Batches, Mask, Params, PRNGKey
 from recovjax.data import num_batches, shuffled_batches
 from recovjax.evaluate import cross_entropy, evaluate
@@ -190,7 +191,9 @@ def budget_weights(key: PRNGKey, num_examples: int, fraction: Any) -> Array:
     Args:
         key: which examples are kept.
         num_examples: ``N`` (static).
-        fraction: kept fraction in ``[0, 1]``.
+        fraction: kept fraction in ``[0, 1]``. A concrete one is checked
+            by :func:`~recovjax.recovery.make_task`; a traced one is not:
+            above 1 it keeps every example, NaN keeps none.
 
     Returns:
         ``float32[N]`` of ones (kept) and zeros (dropped).
@@ -209,6 +212,86 @@ def total_steps(num_examples: int, batch_size: int, *, steps: int | None,
     if steps is not None:
         return steps
     return epochs * num_batches(num_examples, batch_size)
+
+
+def _check_inputs(key: Any, images: Any, labels: Any, weights: Any, *,
+                  batched: bool = False) -> int:
+    """Static checks of a fine-tune's key and data; the number of keys."""
+    count = _checks.check_key(key, "keys" if batched else "key",
+                              batched=batched)
+    _checks.check_lengths("recovery data", images=images, labels=labels,
+                          weights=weights)
+    _checks.warn_unnormalized(images)
+    return count
+
+
+def check_recovery_data(images: Any, labels: Any, weights: Any,
+                        num_classes: int, *, class_labels: bool = True
+                        ) -> None:
+    """Check recovery data once, on the host, before anything compiles.
+
+    Args:
+        images: ``[N, ...]`` images.
+        labels: ``int32[N]`` labels (or ``[N, C]`` teacher logits when
+            ``class_labels`` is false).
+        weights: ``float32[N]`` per-example weights, or ``None``.
+        num_classes: number of classes.
+        class_labels: whether ``labels`` are class indices (range-checked
+            when concrete).
+
+    Raises:
+        ValueError: if the arrays disagree on ``N`` or a concrete label
+            lies outside ``[0, num_classes)``.
+        TypeError: for class labels that are not integers.
+    """
+    _checks.check_lengths("recovery data", images=images, labels=labels,
+                          weights=weights)
+    _checks.warn_unnormalized(images)
+    if class_labels:
+        _checks.check_labels(labels, num_classes)
+
+
+def check_logits(apply: ApplyFn, params: Params, images: Any,
+                 num_classes: int, *, stacked: bool = False) -> None:
+    """Check that the model gives ``num_classes`` logits (shapes only).
+
+    Args:
+        apply: ``apply(params, x) -> logits``.
+        params: one model's parameters, or a stack when ``stacked``.
+        images: ``[N, ...]`` inputs (only their shape and dtype are used).
+        num_classes: the number of classes claimed.
+        stacked: ``params`` carry a leading model axis.
+
+    Raises:
+        ValueError: if the logits' width differs (``"num_classes: ..."``).
+    """
+    if stacked:
+        params = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
+            jnp.shape(leaf)[1:], jnp.result_type(leaf)), params)
+    images_dtype = (images.dtype if hasattr(images, "dtype")
+                    else np.asarray(images).dtype)
+    sample = jax.ShapeDtypeStruct((1,) + tuple(np.shape(images)[1:]),
+                                  images_dtype)
+    _checks.check_logit_width(apply, params, sample, num_classes)
+
+
+def check_eval_batches(eval_batches: Batches | None, num_classes: int
+                       ) -> None:
+    """Check the labels of concrete evaluation batches (``None`` passes).
+
+    Raises:
+        TypeError: if ``eval_batches`` is not a :class:`~recovjax.Batches`.
+        ValueError: for a label of a real (unmasked) example outside
+            ``[0, num_classes)``.
+    """
+    if eval_batches is None:
+        return
+    if not isinstance(eval_batches, Batches):
+        raise TypeError("eval_batches: must be a recovjax Batches (see "
+                        "recovjax.data.batch_split) or None, got "
+                        f"{type(eval_batches).__name__}")
+    _checks.check_labels(eval_batches.labels, num_classes,
+                         "eval_batches.labels", where=eval_batches.mask)
 
 
 def _check_positive(name: str, value: Any, allow_none: bool = True) -> None:
@@ -266,6 +349,15 @@ def make_finetune(apply: ApplyFn,
         - ``frozen``: boolean pytree of entries held at zero throughout
           (removed units stay removed), or ``None``.
 
+        ``recover`` checks what is static while it is traced: the key's
+        dtype (``TypeError`` for an int or a legacy ``uint32`` key), the
+        data's lengths, ``batch_size <= N`` and the logit width against
+        ``num_classes`` (``ValueError``); it warns on integer images. The
+        label *range* is a host check and is left to the entry points
+        (:func:`finetune`, :func:`check_recovery_data`,
+        :func:`~recovjax.recovery.make_task`): traced labels outside
+        ``[0, num_classes)`` give NaN losses (``diverged``).
+
     Raises:
         ValueError: for an unknown mode or loss, both ``steps`` and
             ``epochs``, or non-positive sizes.
@@ -295,7 +387,10 @@ def make_finetune(apply: ApplyFn,
         return cross_entropy(logits, targets)
 
     def objective(params, images, targets, weights):
-        losses = per_example(apply(params, images), targets)
+        logits = apply(params, images)
+        # Static, so checked while tracing at no cost (no extra trace).
+        _checks.check_logits_shape(logits.shape, num_classes)
+        losses = per_example(logits, targets)
         # where, not multiply: a dropped example's NaN must not poison the sum.
         total = jnp.sum(jnp.where(weights > 0, losses * weights, 0.0))
         return total / jnp.maximum(weights.sum(), 1e-12)
@@ -304,7 +399,13 @@ def make_finetune(apply: ApplyFn,
                 images: Array, labels: Array, weights: Array,
                 eval_batches: Batches | None = None,
                 frozen: Mask | None = None) -> FinetuneResult:
+        # Static checks only (dtypes and shapes, free while tracing); value
+        # checks of the labels belong to the entry points, on the host.
+        _check_inputs(key, images, labels, weights)
         n = labels.shape[0]
+        _checks.check_batch_size(batch_size, n)
+        if loss == "cross_entropy":
+            _checks.check_labels(labels, num_classes)
         per_epoch = num_batches(n, batch_size)
         slots = total_steps(n, batch_size, steps=steps, epochs=epochs)
         indices, batch_weights = data_stream(
@@ -513,7 +614,9 @@ def stack_recover(recover: Callable[..., FinetuneResult], *,
 
     def prepare(args):
         args = _canonical(args)
-        size = jax.tree.leaves(args[0])[0].shape[0]
+        size = _checks.check_key(args[0], "keys", batched=True)
+        for index in mapped[1:]:
+            _check_model_axis(args[index], size, _STACKED_NAMES[index])
         padded = -(-size // unit) * unit
         if padded != size:
             pad = lambda tree: jax.tree.map(
@@ -532,6 +635,23 @@ def stack_recover(recover: Callable[..., FinetuneResult], *,
 
     run.lower = lambda *args: compiled.lower(*prepare(args)[0])
     return run
+
+
+_STACKED_NAMES = {1: "params", 2: "mask", 4: "labels", 5: "weights",
+                  7: "frozen"}
+
+
+def _check_model_axis(tree: Any, size: int, name: str) -> None:
+    # Static: every leaf of a stacked argument leads with the model axis.
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        shape = tuple(jnp.shape(leaf))
+        if not shape or shape[0] != size:
+            raise ValueError(
+                f"{name}: expected a stack with a leading model axis of "
+                f"{size} (one entry per key), got leaf "
+                f"{jax.tree_util.keystr(path) or name} of shape {shape}; "
+                f"stack one model with jax.tree.map(lambda x: x[None], "
+                f"{name})")
 
 
 def _canonical(args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -601,8 +721,20 @@ def finetune(key: PRNGKey, apply: ApplyFn, params: Params, images: Array,
         :class:`FinetuneResult` (leading model axis when ``stacked``).
 
     Raises:
-        ValueError: see :func:`make_finetune` and :func:`trainable_mask`.
+        TypeError: for a key that is not a typed key (``"key: ..."``; an
+            int or a legacy ``uint32`` key from ``jax.random.PRNGKey``),
+            or non-integer labels.
+        ValueError: labels outside ``[0, num_classes)`` (``"labels:
+            ..."``), images, labels and weights of different lengths, a
+            ``batch_size`` larger than the data, a model whose logits are
+            not ``num_classes`` wide, params not stacked along the keys
+            when ``stacked``; see also :func:`make_finetune` and
+            :func:`trainable_mask`.
     """
+    _checks.check_key(key, "key", batched=stacked)
+    check_logits(apply, params, images, num_classes, stacked=stacked)
+    check_recovery_data(images, labels, sample_weights, num_classes)
+    check_eval_batches(eval_batches, num_classes)
     if mode != "all" and mask is None:
         raise ValueError(f"mode {mode!r} needs the damage mask, got None")
     recover = make_finetune(apply, optimizer, batch_size=batch_size,

@@ -19,9 +19,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from recovjax import _checks
 from recovjax._types import (Array, ApplyFn, Batches, InitFn, Mask, Params,
                              PRNGKey)
 from recovjax.recovery.finetune import (DEFAULT_BATCH_SIZE, FinetuneResult,
+                                        check_eval_batches,
+                                        check_recovery_data,
                                         make_finetune, stack_recover)
 from recovjax.recovery.restore import RestoreResult, restore_entries
 
@@ -70,6 +73,7 @@ def make_rebuild(init: InitFn, sample: Array, apply: ApplyFn,
     def recover(key: PRNGKey, params: Params, mask: Mask, images: Array,
                 labels: Array, weights: Array,
                 eval_batches: Batches | None = None) -> FinetuneResult:
+        _checks.check_key(key, "key")
         init_key, order_key = jax.random.split(key)
         rebuilt = reinitialize(init_key, init, sample, params, mask)
         return finetune(order_key, rebuilt, None, images, labels, weights,
@@ -110,7 +114,16 @@ def rebuild_reinit(key: PRNGKey, init: InitFn, apply: ApplyFn,
 
     Returns:
         :class:`~recovjax.recovery.FinetuneResult`.
+
+    Raises:
+        TypeError: for a key that is not a typed key (``"key: ..."``).
+        ValueError: labels outside ``[0, num_classes)``, data of
+            different lengths, and the checks of
+            :func:`~recovjax.recovery.finetune`.
     """
+    _checks.check_key(key, "key", batched=stacked)
+    check_recovery_data(images, labels, sample_weights, num_classes)
+    check_eval_batches(eval_batches, num_classes)
     images = jnp.asarray(images)
     recover = make_rebuild(init, images[:1], apply, optimizer,
                            batch_size=batch_size, steps=steps, epochs=epochs,

@@ -6,6 +6,13 @@ Every strategy has one signature and works on a stack of damaged models
     strategy = get_strategy("restore_leaves+finetune", steps=200)
     outcome = strategy(keys, damage, task)
 
+``keys`` is a 1-D array of typed keys, one per model
+(``jax.random.split(jax.random.key(seed), M)``). Every strategy checks
+its arguments before it runs: keys that are not typed keys (``TypeError``
+"keys: ..."), a damage that is not stacked along the keys (``ValueError``
+"damage.params: ..."); the task's data are checked once, when the
+:class:`RecoveryTask` is built.
+
 ``damage`` is a stacked :class:`~recovjax.Damage`; ``task`` a
 :class:`RecoveryTask` holding the model, the recovery data, the test batches
 and the pretrained checkpoint. Fine-tuning strategies compile one vmapped
@@ -32,13 +39,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from recovjax import _checks
 from recovjax._types import (Array, ApplyFn, Batches, Damage, InitFn, Params,
                              PRNGKey, Split)
 from recovjax.evaluate import evaluate
 from recovjax.recovery import restore as restore_lib
 from recovjax.recovery.distill import make_distill, teacher_logits
 from recovjax.recovery.finetune import (DEFAULT_BATCH_SIZE, Curve,
-                                        budget_weights, make_finetune,
+                                        budget_weights, check_eval_batches,
+                                        check_recovery_data, make_finetune,
                                         stack_recover)
 from recovjax.recovery.rebuild import make_rebuild
 
@@ -70,6 +79,38 @@ class RecoveryTask:
     checkpoint: os.PathLike[str] | str | None = None
     teacher: Params | None = None
 
+    def __post_init__(self) -> None:
+        # Checked once here, on the host, so that no strategy call (and no
+        # compiled program) needs to: a label out of range would otherwise
+        # surface only as NaN losses and diverged=True.
+        sample = jax.ShapeDtypeStruct((1,) + tuple(self.images.shape[1:]),
+                                      self.images.dtype)
+        shapes = jax.eval_shape(
+            lambda x: self.init(jax.random.key(0), x), sample)
+        _checks.check_logit_width(self.apply, shapes, sample,
+                                  self.num_classes)
+        check_recovery_data(self.images, self.labels, self.weights,
+                            self.num_classes)
+        check_eval_batches(self.eval_batches, self.num_classes)
+        # One model's parameter shapes, for the strategies' stack checks.
+        object.__setattr__(self, "_model_shapes", shapes)
+
+
+def _check_call(keys: PRNGKey, damage: Damage, task: RecoveryTask) -> int:
+    """Check a strategy's arguments (statically); the number of models."""
+    count = _checks.check_key(keys, "keys", batched=True)
+    if not isinstance(damage, Damage):
+        raise TypeError(f"damage: must be a recovjax Damage (stacked "
+                        f"params and mask), got {type(damage).__name__}")
+    if not isinstance(task, RecoveryTask):
+        raise TypeError(f"task: must be a RecoveryTask (see make_task), got "
+                        f"{type(task).__name__}")
+    _checks.check_stacked(damage.params, task._model_shapes, count,
+                          "damage.params", stack_hint="damage")
+    _checks.check_stacked(damage.mask, task._model_shapes, count,
+                          "damage.mask", stack_hint="damage")
+    return count
+
 
 def make_task(model: Any, train: Split | Any, *,
               checkpoint: os.PathLike[str] | str | None = None,
@@ -97,11 +138,18 @@ def make_task(model: Any, train: Split | Any, *,
 
     Raises:
         ValueError: a budget that is not ``(key, fraction)`` or whose
-            fraction lies outside ``[0, 1]``.
+            fraction lies outside ``[0, 1]``; labels outside ``[0,
+            model.num_classes)``, data of different lengths, or a model
+            whose logits are not ``num_classes`` wide (the checks of
+            :class:`RecoveryTask`, which runs them on construction).
+        TypeError: a budget key that is not a typed key.
     """
+    weights = getattr(train, "weights", None)
+    # The data are checked by RecoveryTask; the lengths are needed first.
+    _checks.check_lengths("recovery data", images=train.images,
+                          labels=train.labels, weights=weights)
     images = jnp.asarray(train.images)
     labels = jnp.asarray(train.labels)
-    weights = getattr(train, "weights", None)
     weights = (jnp.ones(labels.shape[:1], jnp.float32) if weights is None
                else jnp.asarray(weights, jnp.float32))
     if budget is not None:
@@ -109,6 +157,7 @@ def make_task(model: Any, train: Split | Any, *,
             raise ValueError("budget must be a (key, fraction) pair, got "
                              f"{budget!r}")
         key, fraction = budget
+        _checks.check_key(key, "budget key")
         if not 0.0 <= float(fraction) <= 1.0:
             raise ValueError(f"budget fraction must be in [0, 1], got "
                              f"{fraction}")
@@ -192,16 +241,22 @@ def _need_checkpoint(task: RecoveryTask, name: str):
     return task.checkpoint
 
 
+OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
+"""Optimiser names :func:`make_optimizer` builds; configs accept exactly these."""
+
+
 def make_optimizer(optimizer: str | optax.GradientTransformation,
                    learning_rate: float, momentum: float | None
                    ) -> optax.GradientTransformation:
     """The optax optimiser a training strategy is configured with.
 
     Args:
-        optimizer: ``"sgd"``, ``"adam"``, or an optax transformation (returned
-            as is).
+        optimizer: one of :data:`OPTIMIZER_NAMES` (``"sgd"``, ``"adam"``,
+            ``"adamw"`` with optax's default weight decay), or an optax
+            transformation (returned as is).
         learning_rate: step size.
-        momentum: SGD momentum (``None`` or 0 for plain SGD).
+        momentum: SGD momentum (``None`` or 0 for plain SGD); the Adam
+            variants ignore it.
 
     Raises:
         ValueError: for an unknown optimiser name.
@@ -212,8 +267,11 @@ def make_optimizer(optimizer: str | optax.GradientTransformation,
         return optax.sgd(learning_rate, momentum=momentum or None)
     if optimizer == "adam":
         return optax.adam(learning_rate)
-    raise ValueError(f"unknown optimizer {optimizer!r}; valid: sgd, adam, or "
-                     "an optax GradientTransformation")
+    if optimizer == "adamw":
+        return optax.adamw(learning_rate)
+    raise ValueError(f"unknown optimizer {optimizer!r}; valid: "
+                     f"{', '.join(OPTIMIZER_NAMES)}, or an optax "
+                     "GradientTransformation")
 
 
 def _training_strategy(name: str, build: Callable[[RecoveryTask], Callable],
@@ -224,6 +282,7 @@ def _training_strategy(name: str, build: Callable[[RecoveryTask], Callable],
 
     def strategy(keys: PRNGKey, damage: Damage, task: RecoveryTask
                  ) -> RecoveryOutcome:
+        _check_call(keys, damage, task)
         start = time.perf_counter()
         cache_key = (task.apply, task.init, task.num_classes)
         if cache_key not in compiled:
@@ -346,7 +405,7 @@ def _restore_full_factory() -> Strategy:
     """Replace every model by the checkpoint's parameters."""
 
     def strategy(keys, damage, task):
-        del keys
+        _check_call(keys, damage, task)
         start = time.perf_counter()
         shapes = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
             leaf.shape[1:], leaf.dtype), damage.params)
@@ -366,7 +425,7 @@ def _restore_leaves_factory(*, leaves: list[str] | tuple[str, ...] | None
     """Restore the named leaves (default: every leaf the mask touches)."""
 
     def strategy(keys, damage, task):
-        del keys
+        _check_call(keys, damage, task)
         start = time.perf_counter()
         names = (restore_lib.damaged_leaf_paths(damage.mask) if leaves is None
                  else list(leaves))
@@ -386,7 +445,7 @@ def _restore_entries_factory(name: str = "restore_entries") -> Callable:
         """Restore exactly the masked entries from the checkpoint."""
 
         def strategy(keys, damage, task):
-            del keys
+            _check_call(keys, damage, task)
             start = time.perf_counter()
             result = restore_lib.restore_entries(
                 _need_checkpoint(task, name), damage.params, damage.mask,
@@ -405,7 +464,7 @@ def _detect_restore_factory(*, block_size: int = 1) -> Strategy:
     """Find damaged blocks by comparison with the checkpoint; no mask used."""
 
     def strategy(keys, damage, task):
-        del keys
+        _check_call(keys, damage, task)
         start = time.perf_counter()
         directory = _need_checkpoint(task, "detect_restore")
         restored, leaves, total = [], set(), 0
@@ -440,6 +499,18 @@ _FACTORIES: dict[str, Callable[..., Strategy]] = {
 def strategy_names() -> tuple[str, ...]:
     """Names accepted by :func:`get_strategy` (and joinable with ``+``)."""
     return tuple(_FACTORIES)
+
+
+def strategy_factory(name: str) -> Callable[..., Strategy]:
+    """The factory behind the strategy ``name`` (one stage, no ``+``).
+
+    Raises:
+        ValueError: an unknown name (the message lists valid names).
+    """
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown recovery strategy {name!r}; valid names: "
+                         f"{', '.join(strategy_names())}")
+    return _FACTORIES[name]
 
 
 def strategy_options(name: str) -> frozenset[str]:
@@ -477,6 +548,7 @@ def compose(*strategies: Strategy) -> Strategy:
 
     def composed(keys: PRNGKey, damage: Damage, task: RecoveryTask
                  ) -> RecoveryOutcome:
+        _check_call(keys, damage, task)
         outcomes = []
         params = damage.params
         for index, strategy in enumerate(strategies):

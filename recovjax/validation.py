@@ -1,0 +1,375 @@
+"""Checks of a loaded experiment config, before any work is done.
+
+:func:`check_config` finds what a run would otherwise find wrong only after
+some work: names against the registries, option names and types, option
+values (each operator and strategy is built as the run builds it), scopes
+and structural damage against the model's abstract parameters, and data
+damage against the dataset's classes. The CLI calls it before it claims a
+run directory, so a config that fails leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import math
+import os
+import types
+import typing
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from recovjax import config as config_lib
+from recovjax.data.loading import dataset_features
+from recovjax.damage import damage_spec, get_damage
+from recovjax.damage.scope import select_leaves
+from recovjax.models import get_model
+from recovjax.recovery import get_strategy
+from recovjax.recovery.registry import (OPTIMIZER_NAMES, strategy_factory,
+                                        strategy_options)
+
+
+def strategy_label(strategy: str | config_lib.StrategyConfig) -> str:
+    """The name a strategy's results are recorded under."""
+    if isinstance(strategy, str):
+        return strategy
+    return strategy.label or strategy.name
+
+
+def strategy_spec(strategy: str | config_lib.StrategyConfig
+                  ) -> config_lib.StrategyConfig:
+    """A strategy entry of a config as a :class:`StrategyConfig`."""
+    if isinstance(strategy, str):
+        return config_lib.StrategyConfig(name=strategy)
+    return strategy
+
+
+def check_config(config: config_lib.ExperimentConfig,
+                 source: str | os.PathLike[str] | None = None) -> None:
+    """Check a loaded config against the registries, the model and the data.
+
+    What a run would otherwise find wrong only after some work is found
+    here, without loading data or training: model and dataset names (and
+    whether a catalogue dataset is prepared), damage and strategy names,
+    their option names and types, option values (each operator and
+    strategy is built as the run builds it), each model damage traced on
+    the model's abstract parameters (so a scope, layer chain or block
+    pattern that matches nothing in the model is reported now), and each
+    data damage run once on a few dummy examples (so class mappings are
+    checked against the dataset's classes).
+
+    Args:
+        config: a config from :func:`recovjax.config.load_config`.
+        source: the config file, named in messages.
+
+    Raises:
+        ConfigError: naming the key (and ``source``) of the first problem.
+    """
+    try:
+        _check(config)
+    except config_lib.ConfigError as error:
+        if source is None:
+            raise
+        raise config_lib.ConfigError(f"{source}: {error}") from None
+
+
+_USER_ERRORS = (ValueError, TypeError, KeyError, IndexError)
+"""What building or tracing an operator raises for options that do not fit."""
+
+
+def _fail(where: str, error: BaseException | str) -> config_lib.ConfigError:
+    text = str(error) if not isinstance(error, KeyError) else (
+        f"missing key {error}")
+    return config_lib.ConfigError(f"{where}: {text}")
+
+
+def _check(config: config_lib.ExperimentConfig) -> None:
+    try:
+        get_model(config.model)
+    except ValueError as error:
+        raise _fail("model", error) from None
+    try:
+        shape, num_classes = dataset_features(config.dataset,
+                                              data_dir=config.data_dir)
+    except (ValueError, OSError) as error:
+        raise _fail("dataset", error) from None
+    except Exception as error:  # e.g. a truncated dataset_info.json
+        raise _fail("dataset", f"{config.dataset!r}: cannot read its "
+                    f"prepared description ({type(error).__name__}: "
+                    f"{error})") from None
+    model = get_model(config.model, num_classes)
+    try:
+        abstract = model.abstract_params(
+            jax.ShapeDtypeStruct((1, *shape), jnp.float32))
+    except _USER_ERRORS as error:
+        raise _fail("model", f"{config.model!r} does not take "
+                    f"{config.dataset!r} images of shape {shape}: "
+                    f"{error}") from None
+    labels: set[str] = set()
+    for index, damage in enumerate(config.damage):
+        _check_damage(f"damage[{index}]", damage, abstract, config.model)
+        label = damage.label or damage.kind
+        if label in labels:
+            raise config_lib.ConfigError(
+                f"damage[{index}]: damage label {label!r} is used twice; "
+                "set label")
+        labels.add(label)
+    if config.recovery is None:
+        return
+    recovery = config.recovery
+    structural = sorted({damage_spec(d.kind).kind == "structure"
+                         for d in config.damage})
+    images = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+    checked: set[str] = set()
+    _check_data(recovery.data, "recovery.data", images, num_classes, checked)
+    seen = set()
+    for index, strategy in enumerate(recovery.strategies):
+        spec = strategy_spec(strategy)
+        where = f"recovery.strategies[{index}]"
+        _check_strategy(where, spec, recovery, structural)
+        if strategy_label(strategy) in seen:
+            raise config_lib.ConfigError(
+                f"{where}: strategy label {strategy_label(strategy)!r} is used twice")
+        seen.add(strategy_label(strategy))
+        if spec.data is not None:
+            _check_data(spec.data, f"{where}.data", images, num_classes,
+                        checked)
+
+
+def _check_damage(where: str, damage: config_lib.DamageConfig, abstract,
+                  model: str) -> None:
+    try:
+        spec = damage_spec(damage.kind)
+    except ValueError as error:
+        raise _fail(f"{where}.kind", error) from None
+    if spec.kind == "data":
+        raise config_lib.ConfigError(
+            f"{where}.kind: {damage.kind!r} damages data, not the model; "
+            "put it under recovery.data.damage (or a strategy's data)")
+    if spec.amount_is_fraction and any(r > 1 for r in damage.ratios):
+        raise config_lib.ConfigError(
+            f"{where}.ratios: {spec.amount_name}s of {damage.kind!r} are "
+            f"fractions in [0, 1], got {list(damage.ratios)}")
+    _check_option_names(f"{where}.options", f"damage {damage.kind!r}",
+                        spec.options, damage.options)
+    _check_option_types(f"{where}.options", [spec.factory], damage.options)
+    try:
+        op = get_damage(damage.kind, **damage.options)
+    except _USER_ERRORS as error:
+        raise _fail(f"{where}.options", error) from None
+    if "scope" in spec.options:
+        scope = damage.options.get(
+            "scope", inspect.signature(spec.factory).parameters[
+                "scope"].default)
+        try:
+            select_leaves(abstract, scope)
+        except _USER_ERRORS as error:
+            raise _fail(f"{where}.options.scope", f"{error} (model "
+                        f"{model!r})") from None
+    amount = jax.ShapeDtypeStruct((), jnp.float32)
+    try:
+        jax.eval_shape(lambda params, ratio: op(jax.random.key(0), params,
+                                                ratio), abstract, amount)
+    except _USER_ERRORS as error:
+        options = f" with options {damage.options}" if damage.options else ""
+        raise _fail(where, f"damage {damage.kind!r}{options} does not "
+                    f"apply to model {model!r}: {error}") from None
+
+
+def _check_data(data: config_lib.RecoveryDataConfig, where: str,
+                images: jax.ShapeDtypeStruct, num_classes: int,
+                checked: set[str]) -> None:
+    if data.damage is None:
+        if data.options:
+            raise config_lib.ConfigError(
+                f"{where}.options: set without {where}.damage")
+        return
+    try:
+        spec = damage_spec(data.damage)
+    except ValueError as error:
+        raise _fail(f"{where}.damage", error) from None
+    if spec.kind != "data":
+        raise config_lib.ConfigError(
+            f"{where}.damage: {data.damage!r} is not a data damage (it "
+            "damages the model; put it under damage)")
+    if spec.amount_is_fraction and data.amount > 1:
+        raise config_lib.ConfigError(
+            f"{where}.amount: {spec.amount_name}s of {data.damage!r} are "
+            f"fractions in [0, 1], got {data.amount}")
+    _check_option_names(f"{where}.options", f"damage {data.damage!r}",
+                        spec.options, data.options)
+    _check_option_types(f"{where}.options", [spec.factory], data.options)
+    key = repr((data.damage, sorted(data.options.items(), key=str)))
+    if key in checked:
+        return
+    checked.add(key)
+    try:
+        op = get_damage(data.damage, **data.options)
+        # Data damage runs eagerly on host data; a few dummy examples (every
+        # class present) check the options against the number of classes.
+        count = 2 * num_classes
+        op(jax.random.key(0), jnp.zeros((count, *images.shape[1:]),
+                                        jnp.float32),
+           jnp.arange(count, dtype=jnp.int32) % num_classes,
+           min(data.amount, 1.0), num_classes=num_classes)
+    except _USER_ERRORS as error:
+        raise _fail(f"{where}.options", error) from None
+
+
+_COUNTS = ("batch_size", "steps", "epochs", "eval_every", "block_size")
+_POSITIVE = ("learning_rate", "temperature")
+
+
+def _check_strategy(where: str, spec: config_lib.StrategyConfig,
+                    recovery: config_lib.RecoveryConfig,
+                    structural: Sequence[bool]) -> None:
+    try:
+        accepted = strategy_options(spec.name)
+    except ValueError as error:
+        raise _fail(where, error) from None
+    _check_option_names(f"{where}.options", f"strategy {spec.name!r}",
+                        sorted(accepted), spec.options)
+    optimizer = spec.options.get("optimizer")
+    if isinstance(optimizer, str) and optimizer not in OPTIMIZER_NAMES:
+        raise config_lib.ConfigError(
+            f"{where}.options.optimizer: expected one of "
+            f"{', '.join(repr(n) for n in OPTIMIZER_NAMES)}, got "
+            f"{optimizer!r}")
+    parts = [part.strip() for part in spec.name.split("+")]
+    _check_option_types(f"{where}.options",
+                        [strategy_factory(part) for part in parts],
+                        spec.options)
+    for flag in structural:
+        options = strategy_arguments(spec, recovery, flag)
+        for name, value in options.items():
+            key = f"{where}.options.{name}"
+            if name in _COUNTS and value is not None and value < 1:
+                raise config_lib.ConfigError(f"{key}: must be >= 1, got "
+                                             f"{value!r}")
+            if name in _POSITIVE and not (math.isfinite(value)
+                                          and value > 0):
+                raise config_lib.ConfigError(f"{key}: must be a finite "
+                                             f"number > 0, got {value!r}")
+            if name == "momentum" and not 0 <= value <= 1:
+                raise config_lib.ConfigError(f"{key}: must lie in [0, 1], "
+                                             f"got {value!r}")
+        if options.get("steps") is not None and (
+                options.get("epochs") is not None):
+            raise config_lib.ConfigError(
+                f"{where}.options: give steps or epochs, not both")
+        try:
+            get_strategy(spec.name, **options)
+        except _USER_ERRORS as error:
+            damage = " (with structural damage)" if flag else ""
+            raise _fail(where, f"{error}{damage}") from None
+
+
+def _check_option_names(where: str, owner: str, valid: Sequence[str],
+                        options: Mapping[str, Any]) -> None:
+    for name in options:
+        if name not in valid:
+            close = difflib.get_close_matches(str(name), list(valid), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise config_lib.ConfigError(
+                f"{where}.{name}: {owner} has no option {name!r}; {hint}"
+                f"valid options: {', '.join(valid) or 'none'}")
+
+
+def _option_hints(factory: Callable) -> dict[str, Any]:
+    """Resolved annotations of a factory's options; unresolvable ones are
+    left out (their values are checked by the factory itself)."""
+    try:
+        return typing.get_type_hints(factory)
+    except Exception:  # an annotation that names an unimported module
+        hints = {}
+        for name, parameter in inspect.signature(factory).parameters.items():
+            annotation = parameter.annotation
+            if isinstance(annotation, str):
+                try:  # library source text, never config input
+                    annotation = eval(annotation,  # noqa: S307
+                                      factory.__globals__)
+                except Exception:
+                    continue
+            if annotation is not inspect.Parameter.empty:
+                hints[name] = annotation
+        return hints
+
+
+def _check_option_types(where: str, factories: Sequence[Callable],
+                        options: Mapping[str, Any]) -> None:
+    for factory in factories:
+        hints = _option_hints(factory)
+        for name, value in options.items():
+            if name in hints and not _matches(value, hints[name]):
+                raise config_lib.ConfigError(
+                    f"{where}.{name}: expected "
+                    f"{config_lib.describe_type(hints[name])}, got "
+                    f"{value!r}")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits a type hint (unknown hints match)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any or isinstance(hint, (typing.ForwardRef, str)):
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return any(type(value) is type(arg) and value == arg for arg in args)
+    if hint is type(None) or hint is None:
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return (isinstance(value, (int, float))
+                and not isinstance(value, bool))
+    if hint is str:
+        return isinstance(value, str)
+    container = origin if isinstance(origin, type) else hint
+    if isinstance(container, type) and issubclass(container, Mapping):
+        if not isinstance(value, Mapping):
+            return False
+        if len(args) == 2:
+            return all(_matches(k, args[0]) and _matches(v, args[1])
+                       for k, v in value.items())
+        return True
+    if isinstance(container, type) and issubclass(container, Sequence):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if container is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(
+                _matches(v, a) for v, a in zip(value, args))
+        return not args or all(_matches(v, args[0]) for v in value)
+    if isinstance(container, type):
+        return isinstance(value, container)
+    return True
+
+
+def strategy_arguments(spec: config_lib.StrategyConfig,
+                        recovery: config_lib.RecoveryConfig,
+                        structural: bool) -> dict[str, Any]:
+    """The options a strategy is built with: the recovery budget (what the
+    strategy accepts of it), then the strategy's own options over it; a
+    strategy's own ``steps`` or ``epochs`` replaces the budget's length."""
+    accepted = strategy_options(spec.name)
+    optimizer = recovery.optimizer
+    budget = {"optimizer": optimizer.name,
+              "learning_rate": optimizer.learning_rate,
+              "momentum": optimizer.momentum or 0.0,
+              "batch_size": recovery.batch_size,
+              "eval_every": recovery.eval_every}
+    if not {"steps", "epochs"} & set(spec.options):
+        if recovery.steps is not None:
+            budget["steps"] = recovery.steps
+        else:
+            budget["epochs"] = recovery.epochs
+    if structural:
+        budget["structural"] = True
+    options = {k: v for k, v in budget.items() if k in accepted}
+    options.update(spec.options)
+    return options
