@@ -27,7 +27,7 @@ import os
 import pathlib
 import sys
 import time
-from typing import Callable, Sequence, TextIO
+from typing import Callable, Sequence
 
 EXIT_OK = 0
 EXIT_INTERNAL_ERROR = 1
@@ -49,54 +49,9 @@ def _quiet_logs() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
 
 
-def _interactive(stream: TextIO) -> bool:
-    """Whether ``stream`` is a terminal (progress bars) or a log (lines)."""
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
 def _say(args: argparse.Namespace, message: str) -> None:
     if not args.quiet:
         print(message, flush=True)
-
-
-class _Progress:
-    """``on_progress`` of :func:`~recovjax.experiment.run_experiment`.
-
-    On a terminal: a tqdm bar, created at the first report, which comes
-    after the checks (so errors found before any work stay one clean line).
-    Elsewhere: one plain line per report, no carriage returns.
-    """
-
-    def __init__(self, name: str, *, quiet: bool, stream: TextIO):
-        self.name = name
-        self.quiet = quiet
-        self.stream = stream
-        self.interactive = _interactive(stream)
-        self.start = time.perf_counter()
-        self.bar = None
-
-    def __call__(self, message: str, done: int, total: int) -> None:
-        if self.quiet:
-            return
-        if not self.interactive:
-            seconds = time.perf_counter() - self.start
-            print(f"{self.name}: [{done}/{total}] {message} "
-                  f"({seconds:.1f} s)", file=self.stream, flush=True)
-            return
-        if self.bar is None:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=total, desc=self.name, unit="unit",
-                            leave=True, dynamic_ncols=True, file=self.stream)
-        self.bar.total = total
-        self.bar.set_postfix_str(message, refresh=False)
-        self.bar.update(done - self.bar.n)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _load(args: argparse.Namespace, default: str | None = None):
@@ -113,12 +68,14 @@ def _load(args: argparse.Namespace, default: str | None = None):
 def _run(args: argparse.Namespace, config) -> int:
     from recovjax.experiment import run_experiment
     run_dir = pathlib.Path(args.run_dir or pathlib.Path("runs") / config.name)
-    progress = _Progress(config.name, quiet=args.quiet, stream=sys.stderr)
+    from recovjax._progress import Progress
+    # Units of work take seconds: in a log, a line for each of them.
+    progress = Progress(config.name, enabled=not args.quiet, interval=0)
     start = time.perf_counter()
     try:
         table = run_experiment(
             config, run_dir, force=args.force,
-            progress=not args.quiet and progress.interactive,
+            progress=not args.quiet,
             on_progress=progress, source=getattr(args, "source", None))
     finally:
         progress.close()
@@ -212,7 +169,7 @@ def _command_pretrain(args: argparse.Namespace) -> int:
     dataset_features(args.dataset, data_dir=args.data_dir)
     if args.out:
         check_writable_directory(args.out)
-    progress = not args.quiet and _interactive(sys.stderr)
+    progress = not args.quiet
     start = time.perf_counter()
     if args.out:
         result = pretrain(args.model, args.dataset, seed=args.seed,
@@ -319,8 +276,7 @@ def _command_zoo(args: argparse.Namespace) -> int:
             print(f"{path}: {problem}", flush=True)
     else:
         problems = zoo.repair_zoo(args.zoo_dir, data_dir=args.data_dir,
-                                  progress=not args.quiet and _interactive(
-                                      sys.stderr))
+                                  progress=not args.quiet)
         for path, problem, moved, rebuilt in problems:
             print(f"{path}: {problem}; moved to {moved}"
                   + ("; pretrained again" if rebuilt else
@@ -510,7 +466,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "(see experiments/)", file=sys.stderr)
         return EXIT_USER_ERROR
     _quiet_logs()
-    if not _interactive(sys.stderr):
+    from recovjax._progress import is_terminal
+    if not is_terminal(sys.stderr):
         # Logs get plain lines, not TFDS's redrawn bars.
         import tensorflow_datasets as tfds
         tfds.disable_progress_bar()

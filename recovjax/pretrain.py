@@ -15,11 +15,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
-from tqdm.auto import tqdm
 
 from recovjax import _paths, checkpoints
-from recovjax._io import move_aside
 from recovjax._checks import check_seed
+from recovjax._io import move_aside
+from recovjax._progress import Progress
 from recovjax._types import Dataset, Params, PRNGKey
 from recovjax.data import batch_split, load_dataset, shuffled_batches
 from recovjax.evaluate import cross_entropy, evaluate
@@ -137,15 +137,15 @@ def train(key: PRNGKey, model: Model, dataset: Dataset, recipe: Recipe, *,
     epoch = _make_epoch(model, float(recipe.learning_rate),
                         int(recipe.batch_size))
     losses = []
-    bar = tqdm(range(recipe.epochs), desc=f"pretrain {model.name}",
-               unit="epoch", disable=not progress, leave=False)
-    for index in bar:
+    report = Progress(f"pretrain {model.name}", unit="epoch",
+                      enabled=progress, leave=False)
+    for index in range(recipe.epochs):
         params, opt_state, loss = epoch(
             params, opt_state, jax.random.fold_in(order_key, index),
             images, labels)
         losses.append(float(loss))
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-    bar.close()
+        report(f"loss={losses[-1]:.4f}", index + 1, recipe.epochs)
+    report.close()
     return params, losses
 
 

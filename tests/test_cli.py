@@ -480,14 +480,14 @@ def test_progress_in_a_log_is_plain_lines(corrected):
 def test_progress_on_a_terminal_is_one_bar():
     import io
 
-    from recovjax.cli import _Progress
+    from recovjax._progress import Progress
 
     class Terminal(io.StringIO):
         def isatty(self):
             return True
 
     for stream, interactive in ((Terminal(), True), (io.StringIO(), False)):
-        progress = _Progress("run", quiet=False, stream=stream)
+        progress = Progress("run", enabled=True, stream=stream, interval=0)
         for done in range(1, 201):
             progress(f"unit {done}", done, 200)
         progress.close()
@@ -497,7 +497,26 @@ def test_progress_on_a_terminal_is_one_bar():
         else:
             assert "\r" not in text and len(text.splitlines()) == 200
     quiet = io.StringIO()
-    progress = _Progress("run", quiet=True, stream=quiet)
+    progress = Progress("run", enabled=False, stream=quiet)
     progress("unit", 1, 1)
     progress.close()
     assert quiet.getvalue() == ""
+
+
+def test_progress_in_a_log_prints_a_line_now_and_then(monkeypatch):
+    import io
+
+    from recovjax import _progress
+
+    clock = iter(float(t) for t in range(1000))
+    monkeypatch.setattr(_progress.time, "perf_counter", lambda: next(clock))
+    log = io.StringIO()
+    progress = _progress.Progress("pretrain", stream=log, interval=10)
+    for done in range(1, 101):
+        progress(f"loss={done}", done, 100)
+    lines = log.getvalue().splitlines()
+    # One line per 10 s of a 1 s-per-report clock, and always the last one.
+    assert "\r" not in log.getvalue()
+    assert 9 <= len(lines) <= 11
+    assert lines[0].startswith("pretrain: [1/100] loss=1 ")
+    assert lines[-1].startswith("pretrain: [100/100] loss=100 ")

@@ -192,7 +192,7 @@ def test_unreadable_config_files(tmp_path):
      r"recovery.strategies\[0\].label: is used as a file name"),
     ("damage:\n  - {kind: zero, options: {1: 2}}\n",
      r"damage\[0\].options\[1\]: option names must be identifiers"),
-    ("seed: 4294967296\n", r"seed: must be <= 4294967295"),
+    ("seed: 2147483648\n", r"seed: must be <= 2147483647"),
     ("sweep: {memory_budget_mb: 1.0e+300}\n",
      r"sweep.memory_budget_mb: must be <= "),
     ("0\n", r"the top level must be a mapping"),
