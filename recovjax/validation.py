@@ -148,13 +148,8 @@ def _check_damage(where: str, damage: config_lib.DamageConfig, abstract,
         raise config_lib.ConfigError(
             f"{where}.kind: {damage.kind!r} damages data, not the model; "
             "put it under recovery.data.damage (or a strategy's data)")
-    if spec.amount_is_fraction and any(r > 1 for r in damage.ratios):
-        raise config_lib.ConfigError(
-            f"{where}.ratios: {spec.amount_name}s of {damage.kind!r} are "
-            f"fractions in [0, 1], got {list(damage.ratios)}")
-    _check_option_names(f"{where}.options", f"damage {damage.kind!r}",
-                        spec.options, damage.options)
-    _check_option_types(f"{where}.options", [spec.factory], damage.options)
+    _check_amounts_and_options(f"{where}.ratios", spec, list(damage.ratios),
+                               f"{where}.options", damage.options)
     try:
         op = get_damage(damage.kind, **damage.options)
     except _USER_ERRORS as error:
@@ -178,6 +173,21 @@ def _check_damage(where: str, damage: config_lib.DamageConfig, abstract,
                     f"apply to model {model!r}: {error}") from None
 
 
+def _check_amounts_and_options(amount_key: str, spec, amounts: Any,
+                               options_key: str,
+                               options: Mapping[str, Any]) -> None:
+    """A damage entry's amounts (a list, or one) and its option names and
+    types, against the operator's registry entry ``spec``."""
+    values = amounts if isinstance(amounts, list) else [amounts]
+    if spec.amount_is_fraction and any(value > 1 for value in values):
+        raise config_lib.ConfigError(
+            f"{amount_key}: {spec.amount_name}s of {spec.name!r} are "
+            f"fractions in [0, 1], got {amounts}")
+    _check_option_names(options_key, f"damage {spec.name!r}", spec.options,
+                        options)
+    _check_option_types(options_key, [spec.factory], options)
+
+
 def _check_data(data: config_lib.RecoveryDataConfig, where: str,
                 images: jax.ShapeDtypeStruct, num_classes: int,
                 checked: set[str]) -> None:
@@ -194,13 +204,8 @@ def _check_data(data: config_lib.RecoveryDataConfig, where: str,
         raise config_lib.ConfigError(
             f"{where}.damage: {data.damage!r} is not a data damage (it "
             "damages the model; put it under damage)")
-    if spec.amount_is_fraction and data.amount > 1:
-        raise config_lib.ConfigError(
-            f"{where}.amount: {spec.amount_name}s of {data.damage!r} are "
-            f"fractions in [0, 1], got {data.amount}")
-    _check_option_names(f"{where}.options", f"damage {data.damage!r}",
-                        spec.options, data.options)
-    _check_option_types(f"{where}.options", [spec.factory], data.options)
+    _check_amounts_and_options(f"{where}.amount", spec, data.amount,
+                               f"{where}.options", data.options)
     key = repr((data.damage, sorted(data.options.items(), key=str)))
     if key in checked:
         return
