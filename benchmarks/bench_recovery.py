@@ -117,7 +117,7 @@ def formulations() -> dict[str, Callable]:
     from recovjax.models import get_model
     return {
         "registry lenet5 (batch-minor banded GEMM, tiles of 4)":
-            get_model("lenet5").apply,
+            get_model("lenet5").forward,
         "NHWC banded GEMM, tiles of 4, pairwise pooling": make_banded(4),
         "banded GEMM, tiles of 4, reshape pooling": make_lenet(
             _banded(4), _reshape_pool),

@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> str:
     from recovjax._compile_cache import disable_compilation_cache
     from recovjax.damage import get_damage
     from recovjax.data import batch_split, load_dataset
-    from recovjax.models import Model, get_model
+    from recovjax.models import from_apply, get_model
     from recovjax.pretrain import load_pretrained, library_versions
 
     sys.path.insert(0, str(HERE))
@@ -288,10 +288,13 @@ def main(argv: list[str] | None = None) -> str:
 
         return lambda: program(keys, amounts, params, batches)
 
-    lax_model = Model(name="lenet5-laxconv", init=model.init,
-                      apply=lax_conv_lenet, num_classes=10)
-    im2col_model = Model(name="lenet5-im2col", init=model.init,
-                         apply=im2col_lenet, num_classes=10)
+    # The same network and leaf roles, other convolution formulations.
+    lax_model = from_apply(lax_conv_lenet, params, sample=model.sample,
+                           init=model.init, info=model.infos,
+                           name="lenet5-laxconv")
+    im2col_model = from_apply(im2col_lenet, params, sample=model.sample,
+                              init=model.init, info=model.infos,
+                              name="lenet5-im2col")
     big = 1 << 40  # Let vmap_size through unchanged for the trials.
     trials = [
         ("naive jit(vmap) of all 100, lax.conv, batch 1000", naive_vmap()),
@@ -357,7 +360,8 @@ def main(argv: list[str] | None = None) -> str:
     torch_one_thread = time.perf_counter() - start
     torch.set_num_threads(threads)
     plan = result.plan
-    flops = model_flops(model.apply, params, jnp.asarray(test.images)) * count
+    flops = model_flops(model.forward, params,
+                        jnp.asarray(test.images)) * count
     peak = matmul_gflops()
 
     # ---- whole processes.

@@ -17,14 +17,20 @@ from recovjax.checkpoints import (CheckpointCorruptedError, CheckpointError,
                                   CheckpointNotFoundError, restore_checkpoint,
                                   save_checkpoint)
 from recovjax.config import ConfigError, ExperimentConfig, load_config
-from recovjax.damage import damage_names, get_damage
-from recovjax.data import batch_split, dataset_names, load_dataset
+from recovjax.damage import damage_names, get_damage, register_damage
+from recovjax.data import (batch_split, dataset_names, load_arrays,
+                           load_dataset, register_dataset)
 from recovjax.evaluate import Metrics, evaluate, evaluate_stack
 from recovjax.experiment import run_experiment
-from recovjax.models import Model, get_model, model_names
+from recovjax.language import load_pretrained_lm, pretrain_lm
+from recovjax.models import (LeafInfo, Model, from_apply, from_equinox,
+                             from_linen, from_nnx, get_model, model_names,
+                             register_model)
+from recovjax.models.saving import load_weights, save_pretrained
 from recovjax.pretrain import Pretrained, load_pretrained
 from recovjax.recovery import (RecoveryTask, finetune, get_strategy,
-                               make_task, recovery_ratio, strategy_names)
+                               make_task, recovery_ratio, register_strategy,
+                               strategy_names)
 from recovjax.results import ResultsTable, read_csv, read_json, summarize
 from recovjax.sweep import SweepResult, damage_point, sweep
 
@@ -41,6 +47,7 @@ __all__ = [
     "DataDamage",
     "Dataset",
     "ExperimentConfig",
+    "LeafInfo",
     "Metrics",
     "Model",
     "PRNGKey",
@@ -57,20 +64,33 @@ __all__ = [
     "evaluate",
     "evaluate_stack",
     "finetune",
+    "from_apply",
+    "from_equinox",
+    "from_linen",
+    "from_nnx",
     "get_damage",
     "get_model",
     "get_strategy",
+    "load_arrays",
     "load_config",
     "load_dataset",
     "load_pretrained",
+    "load_pretrained_lm",
+    "load_weights",
     "make_task",
     "model_names",
+    "pretrain_lm",
     "read_csv",
     "read_json",
     "recovery_ratio",
+    "register_damage",
+    "register_dataset",
+    "register_model",
+    "register_strategy",
     "restore_checkpoint",
     "run_experiment",
     "save_checkpoint",
+    "save_pretrained",
     "strategy_names",
     "summarize",
     "sweep",

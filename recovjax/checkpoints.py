@@ -34,6 +34,8 @@ from recovjax._types import Params
 
 PARAMS_ITEM = "params"
 METADATA_ITEM = "metadata"
+STATE_ITEM = "state"
+"""The optional item holding a model's state (batch statistics)."""
 FILES_MANIFEST = "recovjax_files.json"
 """Sizes and SHA-256 of a checkpoint's files, at the checkpoint's root."""
 _FILES_FORMAT = "recovjax-checkpoint-files"
@@ -134,6 +136,7 @@ def _manager(directory: pathlib.Path, *, read_only: bool
         # Orbax's warning that it changed the option.
         save_interval_steps=0 if read_only else 1)
     handlers = {PARAMS_ITEM: ocp.StandardCheckpointHandler(),
+                STATE_ITEM: ocp.StandardCheckpointHandler(),
                 METADATA_ITEM: ocp.JsonCheckpointHandler()}
     if not read_only:
         return ocp.CheckpointManager(directory, options=options,
@@ -225,7 +228,8 @@ def file_problems(directory: os.PathLike[str] | str, *,
 
 def save_checkpoint(directory: os.PathLike[str] | str, params: Params,
                     metadata: dict[str, Any], *, step: int = 0,
-                    overwrite: bool = False) -> pathlib.Path:
+                    overwrite: bool = False, state: Any = None
+                    ) -> pathlib.Path:
     """Save parameters and metadata as an Orbax checkpoint, atomically.
 
     The checkpoint is written into a temporary sibling directory and renamed
@@ -239,6 +243,9 @@ def save_checkpoint(directory: os.PathLike[str] | str, params: Params,
             ``digests`` entry with per-leaf SHA-256 is added.
         step: the step number recorded by the manager (e.g. epochs trained).
         overwrite: replace an existing checkpoint at ``directory``.
+        state: a model's state (batch statistics) to keep beside the
+            parameters, with its own ``state_digests``; ``None`` or an
+            empty tree keeps none (see :func:`restore_state`).
 
     Returns:
         The checkpoint directory.
@@ -255,6 +262,11 @@ def save_checkpoint(directory: os.PathLike[str] | str, params: Params,
     staging = directory.with_name(f".{directory.name}.{uuid.uuid4().hex}.tmp")
     params = jax.device_get(params)
     record = dict(metadata, digests=leaf_digests(params))
+    items = {PARAMS_ITEM: ocp.args.StandardSave(params)}
+    if state is not None and jax.tree.leaves(state):
+        state = jax.device_get(state)
+        record["state_digests"] = leaf_digests(state)
+        items[STATE_ITEM] = ocp.args.StandardSave(state)
     try:  # Fail before touching the disk, not in Orbax's writer thread.
         json.dumps(record, allow_nan=True)
     except TypeError as error:
@@ -263,8 +275,7 @@ def save_checkpoint(directory: os.PathLike[str] | str, params: Params,
     try:
         manager = _manager(staging, read_only=False)
         manager.save(step, args=ocp.args.Composite(
-            **{PARAMS_ITEM: ocp.args.StandardSave(params),
-               METADATA_ITEM: ocp.args.JsonSave(record)}))
+            **items, **{METADATA_ITEM: ocp.args.JsonSave(record)}))
         manager.wait_until_finished()
         manager.close()
         record_files(staging)
@@ -423,3 +434,64 @@ def restore_checkpoint(directory: os.PathLike[str] | str,
     params = jax.tree.map(lambda leaf, spec: jnp.asarray(leaf, spec.dtype),
                           params, expected)
     return params, metadata
+
+
+def restore_state(directory: os.PathLike[str] | str, abstract_state: Any
+                  ) -> Any:
+    """Restore the state saved beside a checkpoint's parameters.
+
+    Args:
+        directory: checkpoint directory written by :func:`save_checkpoint`
+            with ``state``.
+        abstract_state: the expected tree (shape structs or arrays); an
+            empty tree restores nothing and returns it.
+
+    Returns:
+        The state, verified against its recorded SHA-256.
+
+    Raises:
+        CheckpointNotFoundError: no checkpoint at ``directory``.
+        CheckpointMismatchError: the checkpoint holds no state, or another
+            structure (the message lists the differences).
+        CheckpointCorruptedError: unreadable or changed state.
+    """
+    if not jax.tree.leaves(abstract_state):
+        return abstract_state
+    expected = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype),
+        abstract_state)
+    metadata = read_metadata(directory)
+    recorded = metadata.get("state_digests")
+    directory, manager, step = _open(directory)
+    try:
+        if recorded is None:
+            raise CheckpointMismatchError(
+                directory, "the checkpoint holds no model state (batch "
+                "statistics), but the model has some")
+        stored = manager.item_metadata(step)[STATE_ITEM]
+        stored = jax.tree.map(
+            lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype),
+            getattr(stored, "tree", stored))
+        differences = structure_differences(expected, stored)
+        if differences:
+            raise CheckpointMismatchError(
+                directory, "the stored state does not match the model's:\n  "
+                + "\n  ".join(differences))
+        restored = manager.restore(step, args=ocp.args.Composite(
+            **{STATE_ITEM: ocp.args.StandardRestore(expected)}))
+        state = jax.tree.map(np.asarray, restored[STATE_ITEM])
+    except CheckpointError:
+        raise
+    except Exception as error:
+        raise CheckpointCorruptedError(
+            directory, f"cannot read the model state ({error})") from error
+    finally:
+        manager.close()
+    bad = sorted(name for name, digest in leaf_digests(state).items()
+                 if recorded.get(name) != digest)
+    if bad:
+        raise CheckpointCorruptedError(
+            directory, "state contents differ from their recorded SHA-256: "
+            + ", ".join(bad))
+    return jax.tree.map(lambda leaf, spec: jnp.asarray(leaf, spec.dtype),
+                        state, expected)

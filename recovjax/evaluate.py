@@ -136,7 +136,8 @@ def evaluate(apply: ApplyFn, params: Params, batches: Batches,
     cannot turn a total into NaN.
 
     Args:
-        apply: ``apply(params, x) -> logits``.
+        apply: ``apply(params, x) -> logits``, such as ``model.forward``
+            (not the four-argument ``model.apply``).
         params: the model's parameters.
         batches: fixed-shape batches with a padding mask (a float mask of
             weights counts entries above zero).
@@ -170,7 +171,7 @@ def evaluate(apply: ApplyFn, params: Params, batches: Batches,
     Example::
 
         batches = batch_split(dataset.test, 500)
-        metrics = jax.jit(lambda p: evaluate(model.apply, p, batches, 10))(
+        metrics = jax.jit(lambda p: evaluate(model.forward, p, batches, 10))(
             params)
     """
     _check(batches, num_classes)
@@ -251,7 +252,8 @@ def evaluate_stack(apply: ApplyFn, stacked_params: Params, batches: Batches,
     ``benchmarks/bench_sweep.py``. Traceable; call it inside ``jit``.
 
     Args:
-        apply: ``apply(params, x) -> logits`` of one model.
+        apply: ``apply(params, x) -> logits`` of one model, such as
+            ``model.forward``.
         stacked_params: parameters whose every leaf has a leading model axis
             of the same length ``M``.
         batches: fixed-shape batches with a padding mask (shared by all

@@ -18,6 +18,7 @@ compared on the same data order. Data damage of the recovery data uses
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -81,7 +82,8 @@ class Experiment:
                  zoo_dir=None, progress: bool = True):
         self.config = config
         self.data = load_dataset(config.dataset, data_dir=config.data_dir)
-        self.model = get_model(config.model, self.data.num_classes)
+        self.model = get_model(config.model, self.data.num_classes,
+                               sample=self.data.test.images[:1])
         self.pretrained = load_pretrained(
             config.model, config.dataset, seed=config.pretrain_seed,
             zoo_dir=zoo_dir, data_dir=config.data_dir, progress=progress)
@@ -102,12 +104,12 @@ class Experiment:
             shape = (recovery.batch_size,
                      *self.data.train.images.shape[1:])
             self._step_flops = float(train_step_cost(
-                self.model.apply, self.params, shape, optimizer).flops)
+                self.model.forward, self.params, shape, optimizer).flops)
         return None if math.isnan(self._step_flops) else self._step_flops
 
     def clean_rows(self) -> list[dict]:
         metrics = jax.jit(evaluate, static_argnums=(0, 3))(
-            self.model.apply, self.params, self.batches,
+            self.model.forward, self.params, self.batches,
             self.model.num_classes)
         return metrics_rows(jax.device_get(metrics), damage="none", ratio=0.0,
                             seed=0, stage="clean")
@@ -152,7 +154,8 @@ class Experiment:
         keys = point_keys(self.root, label, [index for index, _, _ in points],
                           [seed for _, _, seed in points])
         ratios = jnp.asarray([ratio for _, ratio, _ in points], jnp.float32)
-        stacked = jax.jit(jax.vmap(op, in_axes=(0, None, 0)))(
+        damage_op = functools.partial(op, info=self.model.info)
+        stacked = jax.jit(jax.vmap(damage_op, in_axes=(0, None, 0)))(
             keys, self.params, ratios)
         recovery_keys = jax.vmap(
             lambda key: jax.random.fold_in(key, RECOVERY_STREAM))(keys)

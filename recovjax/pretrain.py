@@ -93,7 +93,7 @@ def _make_epoch(model: Model, learning_rate: float, batch_size: int):
     optimizer = optax.adam(learning_rate)
 
     def loss_fn(params, images, labels, weights):
-        losses = cross_entropy(model.apply(params, images), labels)
+        losses = cross_entropy(model.forward(params, images), labels)
         return jnp.sum(losses * weights) / jnp.maximum(weights.sum(), 1.0)
 
     def step(carry, batch):
@@ -159,7 +159,7 @@ def test_accuracy(model: Model, params: Params, dataset: Dataset,
 
 @functools.lru_cache(maxsize=32)
 def _evaluate_program(model: Model, num_classes: int):
-    return jax.jit(functools.partial(evaluate, model.apply,
+    return jax.jit(functools.partial(evaluate, model.forward,
                                      num_classes=num_classes))
 
 
@@ -266,7 +266,8 @@ def load_pretrained(model: str, dataset: str = "mnist5k", *, seed: int = 0,
     path = zoo_path(model, dataset, seed, zoo_dir)
     if not path.exists():
         _pretrain_into(network, dataset, seed, path, progress, data_dir)
-    abstract = network.abstract_params(zoo_sample(dataset, data_dir))
+    abstract = get_model(model, sample=zoo_sample(dataset, data_dir)
+                         ).abstract_params()
     try:
         # Zoo checkpoints are small: hashing their files too catches bit rot
         # before Orbax's reader threads trip over it.

@@ -204,6 +204,36 @@ def metrics_rows(metrics, *, damage: str, ratio: float, seed: int,
     return rows
 
 
+def task_rows(metrics: Mapping[str, Any], *, damage: str, ratio: float,
+              seed: int, stage: str, step: int = 0) -> list[dict[str, Any]]:
+    """Rows for one point's task metrics (a dict, see :mod:`recovjax.tasks`).
+
+    Args:
+        metrics: ``{name: value}`` of one model: scalars give one row each,
+            vectors one row per entry (``name/<i>``).
+        damage: damage kind.
+        ratio: damage amount.
+        seed: seed index.
+        stage: stage name.
+        step: recovery step.
+
+    Returns:
+        One row per value, in name order.
+    """
+    where = dict(damage=damage, ratio=ratio, seed=seed, stage=stage,
+                 step=step)
+    rows = []
+    for name in sorted(metrics):
+        value = np.asarray(metrics[name])
+        if value.ndim == 0:
+            rows.append(make_row(metric=name, value=value.item(), **where))
+        else:
+            for index, entry in enumerate(value.reshape(-1)):
+                rows.append(make_row(metric=f"{name}/{index}",
+                                     value=entry.item(), **where))
+    return rows
+
+
 # --------------------------------------------------------------------------
 # The table.
 # --------------------------------------------------------------------------

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 import time
 import zlib
@@ -76,7 +77,9 @@ from recovjax import _checks
 from recovjax._types import Batches, Dataset, Damage, Params, PRNGKey, Split
 from recovjax.data import batch_split
 from recovjax.evaluate import MetricFn, Metrics, evaluate
-from recovjax.results import ResultsTable, metrics_rows
+from recovjax.models.adapter import check_params, require_model
+from recovjax import tasks as tasks_lib
+from recovjax.results import ResultsTable, metrics_rows, task_rows
 
 DamageOp = Callable[[PRNGKey, Params, Any], Damage]
 """``op(key, params, amount) -> Damage``: the damage contract."""
@@ -431,21 +434,75 @@ def _check_fractions(kinds: Mapping[str, DamageOp], ratios: Sequence[float]
                              f"[0, 1] (a fraction), got {high}")
 
 
-def _check_data(model, batches: Batches) -> None:
+def _task_of(model) -> tasks_lib.Task | None:
+    # None: the classification path of recovjax.evaluate (Batches).
+    task = getattr(model, "task", "classification")
+    if isinstance(task, str):
+        if task == "classification":
+            return None
+        raise ValueError(f"model.task: {task!r} is not a task; build the "
+                         f"model with task=recovjax.tasks.get_task(...)")
+    if not isinstance(task, tasks_lib.Task):
+        raise TypeError(f"model.task must be 'classification' or a "
+                        f"recovjax.tasks.Task, got {type(task).__name__}")
+    return None if task.name == "classification" else task
+
+
+def _check_data(model, batches) -> None:
     # Once per sweep, on the host: the programs get the batches traced.
+    require_model(model)
+    task = _task_of(model)
+    if task is not None:
+        tasks_lib.check_batch(task, batches, "data", stacked=True)
+        return
     _checks.check_labels(batches.labels, model.num_classes, "data.labels",
                          where=batches.mask)
 
 
-def _batches(data: Split | Batches | Dataset, batch_size: int) -> Batches:
+def _batch_inputs(model, batches) -> jax.ShapeDtypeStruct:
+    # The inputs of one batch, as the model reads them.
+    task = _task_of(model)
+    if task is None:
+        return jax.ShapeDtypeStruct(batches.images.shape[1:],
+                                    batches.images.dtype)
+    one = {key: jax.ShapeDtypeStruct(np.shape(value)[1:],
+                                     jnp.result_type(value))
+           for key, value in batches.items()}
+    return jax.eval_shape(task.inputs, one)
+
+
+def _batch_size(batches) -> int:
+    leaf = batches.labels if isinstance(batches, Batches) else next(
+        iter(batches.values()))
+    return int(np.shape(leaf)[1])
+
+
+def _num_examples(model, batches) -> int:
+    if isinstance(batches, Batches):
+        return int(np.asarray(batches.mask).astype(bool).sum())
+    mask = batches.get("mask")
+    return int(np.asarray(mask).astype(bool).sum()) if mask is not None \
+        else int(np.prod(np.shape(next(iter(batches.values())))[:2]))
+
+
+def _rows(metrics, **where) -> list[dict[str, Any]]:
+    if isinstance(metrics, Mapping):
+        return task_rows(metrics, **where)
+    return metrics_rows(metrics, **where)
+
+
+def _batches(data, batch_size: int):
+    if isinstance(data, Mapping):
+        return {key: jnp.asarray(value) for key, value in data.items()}
     if isinstance(data, Dataset):
         data = data.test
     if isinstance(data, Batches):
         return data
     if isinstance(data, Split):
         return batch_split(data, batch_size)
-    raise TypeError("data must be a Split, Batches or Dataset, got "
-                    f"{type(data).__name__}")
+    raise TypeError("data must be a Split, Batches or Dataset (or, for a "
+                    "model with another task, a dict of stacked batches), "
+                    f"got {type(data).__name__}")
 
 
 def _devices(devices) -> list:
@@ -561,21 +618,37 @@ def plan_sweep(model_bytes: int, num_points: int, *, num_devices: int = 1,
 # --------------------------------------------------------------------------
 
 
-def _group_fn(apply, op: DamageOp, num_classes: int,
-              metric_fn: MetricFn | None):
+def _accepts_info(op: Callable) -> bool:
+    # recovjax's operators take the model's leaf metadata; a user's plain
+    # ``op(key, params, amount)`` need not.
+    try:
+        parameters = inspect.signature(op).parameters
+    except (TypeError, ValueError):
+        return False
+    return "info" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def _group_fn(model, op: DamageOp, metric_fn: MetricFn | None):
     """Damage and evaluate ``k`` points under ``vmap``: the unit of work.
 
     A point whose ``clean`` flag is set evaluates the undamaged parameters
     instead (the flag is traced), so the clean model rides along in a chunk
     and needs no program of its own.
     """
+    extra = {"info": model.info} if _accepts_info(op) else {}
+    forward, task = model.forward, _task_of(model)
+    num_classes = model.num_classes if task is None else None
 
     def group(keys, ratios, clean, params, batches):
         def one(key, ratio, keep):
-            damaged = op(key, params, ratio).params
+            damaged = op(key, params, ratio, **extra).params
             chosen = jax.tree.map(lambda p, d: jnp.where(keep, p, d),
                                   params, damaged)
-            return evaluate(apply, chosen, batches, num_classes,
+            if task is not None:
+                return tasks_lib.evaluate_task(task, forward, chosen,
+                                               batches)
+            return evaluate(forward, chosen, batches, num_classes,
                             metric_fn=metric_fn)
 
         return jax.vmap(one)(keys, ratios, clean)
@@ -584,10 +657,9 @@ def _group_fn(apply, op: DamageOp, num_classes: int,
 
 
 @functools.lru_cache(maxsize=64)
-def _chunk_program(apply, op: DamageOp, num_classes: int,
-                   metric_fn: MetricFn | None, vmap_size: int,
-                   devices: tuple) -> Callable:
-    group = _group_fn(apply, op, num_classes, metric_fn)
+def _chunk_program(model, op: DamageOp, metric_fn: MetricFn | None,
+                   vmap_size: int, devices: tuple) -> Callable:
+    group = _group_fn(model, op, metric_fn)
 
     def local(keys, ratios, clean, params, batches):
         count = ratios.shape[0] // vmap_size
@@ -613,9 +685,9 @@ def _chunk_program(apply, op: DamageOp, num_classes: int,
 
 
 @functools.lru_cache(maxsize=64)
-def _point_program(apply, op: DamageOp, num_classes: int,
-                   metric_fn: MetricFn | None) -> Callable:
-    return jax.jit(_group_fn(apply, op, num_classes, metric_fn))
+def _point_program(model, op: DamageOp, metric_fn: MetricFn | None
+                   ) -> Callable:
+    return jax.jit(_group_fn(model, op, metric_fn))
 
 
 def _place(tree, sharding: NamedSharding):
@@ -696,8 +768,8 @@ def damage_point(model, params: Params, *, damage: DamageOp | str,
     _check_fractions({damage_name: damage}, [ratio])
     batches = _batches(data, batch_size)
     _check_data(model, batches)
-    program = _point_program(model.apply, damage, model.num_classes,
-                             metric_fn)
+    check_params(model, params)
+    program = _point_program(model, damage, metric_fn)
     keys = point_keys(root, damage_name, [ratio_index] * vmap_size,
                       [seed] * vmap_size)
     metrics = program(keys, jnp.full((vmap_size,), ratio, jnp.float32),
@@ -746,16 +818,16 @@ def iter_sweep(model, params: Params, *,
     seed_values = _seeds(seeds)
     batches = _batches(data, batch_size)
     _check_data(model, batches)
+    check_params(model, params)
     device_list = _devices(devices)
     layout = _layout(list(kinds), ratio_values, seed_values)
     num_points = len(ratio_values) * len(seed_values)
     clean_slots = 1 if include_clean else 0
-    model_bytes = estimate_model_bytes(
-        model.apply, params,
-        jax.ShapeDtypeStruct(batches.images.shape[1:], batches.images.dtype))
+    model_bytes = estimate_model_bytes(model.forward, params,
+                                       _batch_inputs(model, batches))
     the_plan = plan_sweep(model_bytes, num_points + clean_slots,
                           num_devices=len(device_list),
-                          batch_size=int(batches.labels.shape[1]),
+                          batch_size=_batch_size(batches),
                           chunk_size=chunk_size, vmap_size=vmap_size,
                           memory_budget_bytes=memory_budget_bytes)
     if plan is not None:
@@ -778,8 +850,7 @@ def iter_sweep(model, params: Params, *,
         padded = padded_slots(name, points, clean)
         flags = np.zeros((size,), np.bool_)
         flags[len(points):len(points) + clean] = True
-        program = _chunk_program(model.apply, kinds[name],
-                                 model.num_classes, metric_fn,
+        program = _chunk_program(model, kinds[name], metric_fn,
                                  the_plan.vmap_size, tuple(device_list))
         inputs = _place(
             (keys, np.asarray([p.ratio for p in padded], np.float32), flags),
@@ -792,12 +863,12 @@ def iter_sweep(model, params: Params, *,
         rows = []
         for index, point in enumerate(points):
             one = jax.tree.map(lambda x: x[index], host)
-            rows.extend(metrics_rows(one, damage=name, ratio=point.ratio,
+            rows.extend(_rows(one, damage=name, ratio=point.ratio,
                                      seed=point.seed, stage="damaged"))
         clean_rows = ()
         if clean:
             one = jax.tree.map(lambda x: x[len(points)], host)
-            clean_rows = tuple(metrics_rows(one, damage=CLEAN, ratio=0.0,
+            clean_rows = tuple(_rows(one, damage=CLEAN, ratio=0.0,
                                             seed=0, stage="clean"))
         return ChunkResult(name, points,
                            jax.tree.map(lambda x: x[:len(points)], host),
@@ -940,7 +1011,7 @@ def sweep(model, params: Params, *,
         "damages": list(kinds),
         "ratios": _ratios(ratios),
         "seeds": _seeds(seeds),
-        "num_examples": int(np.asarray(batches.mask).astype(bool).sum()),
+        "num_examples": _num_examples(model, batches),
         **dataclasses.asdict(the_plan),
     }
     if config:

@@ -99,17 +99,19 @@ def _check(config: config_lib.ExperimentConfig) -> None:
         raise _fail("dataset", f"{config.dataset!r}: cannot read its "
                     f"prepared description ({type(error).__name__}: "
                     f"{error})") from None
-    model = get_model(config.model, num_classes)
     try:
-        abstract = model.abstract_params(
-            jax.ShapeDtypeStruct((1, *shape), jnp.float32))
+        model = get_model(config.model, num_classes,
+                          sample=jax.ShapeDtypeStruct((1, *shape),
+                                                      jnp.float32))
+        abstract = model.abstract_params()
     except _USER_ERRORS as error:
         raise _fail("model", f"{config.model!r} does not take "
                     f"{config.dataset!r} images of shape {shape}: "
                     f"{error}") from None
     labels: set[str] = set()
     for index, damage in enumerate(config.damage):
-        _check_damage(f"damage[{index}]", damage, abstract, config.model)
+        _check_damage(f"damage[{index}]", damage, abstract, model.info,
+                      config.model)
         label = damage.label or damage.kind
         if label in labels:
             raise config_lib.ConfigError(
@@ -139,7 +141,7 @@ def _check(config: config_lib.ExperimentConfig) -> None:
 
 
 def _check_damage(where: str, damage: config_lib.DamageConfig, abstract,
-                  model: str) -> None:
+                  info, model: str) -> None:
     try:
         spec = damage_spec(damage.kind)
     except ValueError as error:
@@ -159,14 +161,15 @@ def _check_damage(where: str, damage: config_lib.DamageConfig, abstract,
             "scope", inspect.signature(spec.factory).parameters[
                 "scope"].default)
         try:
-            select_leaves(abstract, scope)
+            select_leaves(abstract, scope, info)
         except _USER_ERRORS as error:
             raise _fail(f"{where}.options.scope", f"{error} (model "
                         f"{model!r})") from None
     amount = jax.ShapeDtypeStruct((), jnp.float32)
     try:
         jax.eval_shape(lambda params, ratio: op(jax.random.key(0), params,
-                                                ratio), abstract, amount)
+                                                ratio, info=info),
+                       abstract, amount)
     except _USER_ERRORS as error:
         options = f" with options {damage.options}" if damage.options else ""
         raise _fail(where, f"damage {damage.kind!r}{options} does not "

@@ -127,7 +127,7 @@ def check_entry(path: os.PathLike[str] | str, *, data_dir=None) -> str | None:
     try:
         checkpoints.verify_files(path, contents=True)
         if dataset in _SAMPLE_FREE:
-            expected = get_model(model).abstract_params(zoo_sample(dataset))
+            expected = get_model(model, sample=zoo_sample(dataset)).abstract_params()
         else:  # Integrity only: the input shape would need the dataset.
             expected = checkpoints.stored_structure(path)
         _, metadata = checkpoints.restore_checkpoint(path, expected)

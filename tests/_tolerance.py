@@ -171,7 +171,7 @@ def lenet5_near_ties(params, images) -> int:
     """
     from recovjax.models import get_model
     logits = np.asarray(get_model(
-        "lenet5", num_classes=np.shape(params["fc3"]["bias"])[-1]).apply(
+        "lenet5", num_classes=np.shape(params["fc3"]["bias"])[-1]).forward(
             params, images), np.float64)
     top = np.sort(logits, axis=1)
     margin = top[:, -1] - top[:, -2]

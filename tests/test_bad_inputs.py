@@ -27,7 +27,7 @@ from recovjax.damage import (checked, drop_samples, flip_labels, get_damage,
                              make_gaussian_noise, make_zero)
 from recovjax.data import batch_split, normalize, shuffled_batches
 from recovjax.evaluate import evaluate, evaluate_stack
-from recovjax.models.registry import Model
+from recovjax.models import LeafInfo, from_apply
 from recovjax.pretrain import load_pretrained, pretrain
 from recovjax.recovery import budget_weights, finetune
 from recovjax.recovery.registry import RecoveryTask, get_strategy, make_task
@@ -50,8 +50,12 @@ def _apply(params, x):
     return flat @ params["dense"]["kernel"] + params["dense"]["bias"]
 
 
-TINY = Model(name="tiny-bad-inputs", init=_init, apply=_apply,
-             num_classes=10)
+SAMPLE = jax.ShapeDtypeStruct((1,) + SHAPE, jnp.float32)
+TINY = from_apply(_apply, _init(jax.random.key(0), SAMPLE), sample=SAMPLE,
+                  init=lambda key: _init(key, SAMPLE), name="tiny-bad-inputs",
+                  info={"dense/kernel": LeafInfo("kernel", in_axes=(0,),
+                                                 out_axes=(1,)),
+                        "dense/bias": LeafInfo("bias", out_axes=(0,))})
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +79,7 @@ def _with_label(labels, value):
 
 
 def _finetune(env, **overrides):
-    arguments = dict(key=jax.random.key(0), apply=TINY.apply,
+    arguments = dict(key=jax.random.key(0), apply=TINY.forward,
                      params=env.params, images=env.images,
                      labels=env.labels, steps=2, batch_size=8)
     arguments.update(overrides)
@@ -99,17 +103,17 @@ def _checked_call(op, amount, params):
 
 BAD_INPUTS = [
     # evaluate with labels 10 or -1 (was: accuracy NaN, loss NaN or inf).
-    pytest.param(lambda e: evaluate(TINY.apply, e.params, batch_split(
+    pytest.param(lambda e: evaluate(TINY.forward, e.params, batch_split(
         Split(e.images, _with_label(e.labels, 10)), 8), 10),
         ValueError,
         r"batches\.labels: must lie in \[0, 10\) .*0\.\.10 \(4 out of range\)",
         id="evaluate-label-10"),
-    pytest.param(lambda e: evaluate(TINY.apply, e.params, batch_split(
+    pytest.param(lambda e: evaluate(TINY.forward, e.params, batch_split(
         Split(e.images, _with_label(e.labels, -1)), 8), 10),
         ValueError, r"batches\.labels: must lie in \[0, 10\) .*-1\.\.9",
         id="evaluate-label-minus-1"),
     pytest.param(lambda e: evaluate_stack(
-        TINY.apply, jax.tree.map(lambda x: x[None], e.params),
+        TINY.forward, jax.tree.map(lambda x: x[None], e.params),
         batch_split(Split(e.images, _with_label(e.labels, 10)), 8), 10),
         ValueError, r"batches\.labels: must lie in \[0, 10\)",
         id="evaluate-stack-label-10"),
@@ -138,21 +142,22 @@ BAD_INPUTS = [
                  ValueError, r"images, labels: the recovery data",
                  id="make-task-40-images-10-labels"),
     # evaluate(num_classes=5) on 10 logits (was: accuracy 1.938).
-    pytest.param(lambda e: evaluate(TINY.apply, e.params, e.batches, 5),
+    pytest.param(lambda e: evaluate(TINY.forward, e.params, e.batches, 5),
                  ValueError, r"num_classes: the model gives logits of shape "
                  r"\(8, 10\) per batch, not 5 classes; pass num_classes=10",
                  id="evaluate-num-classes-5"),
-    pytest.param(lambda e: evaluate(TINY.apply, e.params, e.batches, 12),
+    pytest.param(lambda e: evaluate(TINY.forward, e.params, e.batches, 12),
                  ValueError, r"num_classes: .* not 12 classes",
                  id="evaluate-num-classes-12"),
     pytest.param(lambda e: _finetune(e, num_classes=5), ValueError,
                  r"num_classes: .* not 5 classes",
                  id="finetune-num-classes-5"),
-    pytest.param(lambda e: make_task(
-        dataclasses.replace(TINY, num_classes=5),
-        Split(e.images, e.labels % 5)),
+    # A Model's num_classes is read off its logits; a task built by hand can
+    # still claim another number.
+    pytest.param(lambda e: dataclasses.replace(
+        make_task(TINY, Split(e.images, e.labels % 5)), num_classes=5),
                  ValueError, r"num_classes: .* not 5 classes",
-                 id="make-task-num-classes-5"),
+                 id="task-num-classes-5"),
     # sweep(ratios=[1.5]) with zero (was: ran, reported ratio 1.5).
     pytest.param(lambda e: _sweep(e, ratios=[0.5, 1.5]), ValueError,
                  r"ratios: damage 'zero' takes a ratio in \[0, 1\] .*1\.5",
@@ -339,7 +344,7 @@ def test_unchecked_traced_labels_give_nan_loss_as_documented(env):
     # Inside a compiled program the labels are tracers: the range check is
     # a host check and does not run there (check once before, on the host).
     bad = batch_split(Split(env.images, _with_label(env.labels, 10)), 8)
-    metrics = jax.jit(functools.partial(evaluate, TINY.apply,
+    metrics = jax.jit(functools.partial(evaluate, TINY.forward,
                                         num_classes=10))(env.params, bad)
     # As documented: the four examples labelled 10 belong to no class, so
     # they leave count (and accuracy), and they make the loss NaN.
@@ -390,7 +395,7 @@ def test_uint8_images_warn_with_the_normalisation(env):
     pixels = np.round((env.images + 1) * 127.5).astype(np.uint8)
     with pytest.warns(UserWarning, match=r"batches\.images: got uint8 pixel "
                       r"values.*recovjax\.data\.normalize"):
-        evaluate(TINY.apply, env.params, batch_split(
+        evaluate(TINY.forward, env.params, batch_split(
             Split(pixels, env.labels), 8), 10)
     with pytest.warns(UserWarning, match=r"images: got uint8 .*\[-1, 1\]"):
         _finetune(env, images=pixels)
@@ -416,8 +421,8 @@ def test_valid_inputs_still_run(env):
     assert not padded.mask.all()
     # Padding may hold any label: only real examples are checked.
     padded = padded._replace(labels=np.where(padded.mask, padded.labels, -1))
-    assert int(evaluate(TINY.apply, env.params, padded, 10).count) == N
-    task = RecoveryTask(apply=TINY.apply, init=TINY.init, num_classes=10,
+    assert int(evaluate(TINY.forward, env.params, padded, 10).count) == N
+    task = RecoveryTask(apply=TINY.forward, init=TINY.init, num_classes=10,
                         images=jnp.asarray(env.images),
                         labels=jnp.asarray(env.labels),
                         weights=jnp.ones((N,), jnp.float32))

@@ -16,6 +16,7 @@ from recovjax.damage import (damage_names, damage_spec, get_damage,
                              make_multiplicative_noise, make_random_values,
                              make_sign_flip, make_stuck_at, make_zero)
 from recovjax.damage.params import bit_layout
+from recovjax.models.info import LeafInfo, info_tree
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
 RATIOS = st.floats(0.0, 1.0)
@@ -32,6 +33,9 @@ def _tree(dtype=np.float32):
 
 TREE = _tree()
 PATHS = ("conv/bias", "conv/kernel", "dense/bias", "dense/kernel")
+# The leaf metadata a model would carry; role scopes need it.
+INFO = info_tree(TREE, {path: LeafInfo(path.rsplit("/", 1)[-1])
+                        for path in PATHS})
 
 
 def _flat(tree):
@@ -139,7 +143,7 @@ def test_zero_smallest_magnitudes_is_magnitude_pruning():
 
 
 def test_scope_weights_leaves_biases_untouched():
-    damage = ZERO_WEIGHTS(jax.random.key(0), TREE, 0.5)
+    damage = ZERO_WEIGHTS(jax.random.key(0), TREE, 0.5, info=INFO)
     for path, before, after, mask in zip(PATHS, _flat(TREE),
                                          _flat(damage.params),
                                          _flat(damage.mask)):

@@ -149,12 +149,12 @@ def test_stack_equals_one_by_one(lenet, trained_lenet, small_mnist):
     batches = batch_split(Split(small_mnist.test.images[:70],
                                 small_mnist.test.labels[:70]), 30)
     stack = _stack(trained_lenet)
-    one = jax.jit(functools.partial(evaluate, lenet.apply, num_classes=10))
+    one = jax.jit(functools.partial(evaluate, lenet.forward, num_classes=10))
     singles = [one(jax.tree.map(lambda leaf: leaf[i], stack), batches)
                for i in range(4)]
     expected = jax.tree.map(lambda *xs: np.stack(xs), *singles)
     sequential = jax.jit(functools.partial(
-        evaluate_stack, lenet.apply, num_classes=10, vmap_size=1))(
+        evaluate_stack, lenet.forward, num_classes=10, vmap_size=1))(
             stack, batches)
     # lax.map over models of one: each step runs the single model's program
     # (same shapes, same kernels on whatever CPU), so this is bit for bit.
@@ -163,7 +163,7 @@ def test_stack_equals_one_by_one(lenet, trained_lenet, small_mnist):
     models = [jax.tree.map(lambda leaf: leaf[i], stack) for i in range(4)]
     for width in (None,):
         stacked = jax.jit(functools.partial(
-            evaluate_stack, lenet.apply, num_classes=10, vmap_size=width))(
+            evaluate_stack, lenet.forward, num_classes=10, vmap_size=width))(
                 stack, batches)
         # Counts are exact. Vectorised code may move the last bits: of the
         # loss (batched matmuls sum in another order) and of the fractions
@@ -193,7 +193,7 @@ def test_stack_with_user_metric_and_nan_model(lenet, trained_lenet,
     stack = _stack(trained_lenet, 2)
     stack = jax.tree.map(lambda leaf: leaf.at[1].set(jnp.nan), stack)
     metric = lambda logits, labels, mask: mask.sum()
-    metrics = evaluate_stack(lenet.apply, stack, batches, 10,
+    metrics = evaluate_stack(lenet.forward, stack, batches, 10,
                              metric_fn=metric, vmap_size=1)
     np.testing.assert_array_equal(metrics.custom, [1.0, 1.0])
     assert math.isfinite(float(metrics.loss[0]))

@@ -20,12 +20,26 @@ from conftest import tree_equal
 @pytest.mark.parametrize("name", ["lenet5", "mlp", "rescnn", "vit"])
 def test_output_shape_and_dtype(name):
     model = get_model(name)
+    # The definition: one object per arguments, with abstract parameters
+    # that real ones from init match in paths, shapes and dtypes.
+    assert get_model(name) is model
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct)
+               for leaf in jax.tree.leaves(model.params))
     x = jnp.zeros((3, 28, 28, 1))
     params = model.init(jax.random.key(0), x)
-    logits = model.apply(params, x)
+    assert jax.tree.map(lambda leaf: (leaf.shape, leaf.dtype), params) == (
+        jax.tree.map(lambda leaf: (leaf.shape, leaf.dtype),
+                     model.abstract_params()))
+    logits = model.forward(params, x)
     assert logits.shape == (3, 10) and logits.dtype == jnp.float32
+    # The full form returns the (unchanged, evaluation-mode) state too.
+    outputs, state = model.apply(params, model.state, x)
+    np.testing.assert_array_equal(outputs, logits)
+    assert tree_equal(state, model.state)
+    assert model.num_classes == 10
     four = get_model(name, num_classes=4)
-    assert jax.eval_shape(four.apply, four.abstract_params(x), x).shape == (
+    assert four.num_classes == 4
+    assert jax.eval_shape(four.forward, four.abstract_params(), x).shape == (
         3, 4)
 
 
@@ -274,7 +288,7 @@ def test_lenet5_equals_the_nhwc_network():
     want = h @ params["fc3"]["kernel"] + params["fc3"]["bias"]
     # Five chained sums, each with its bias: 25, 150, 256, 120 and 84 terms,
     # relative to the last one's absolute terms.
-    assert_sums_close(model.apply(params, x), want,
+    assert_sums_close(model.forward(params, x), want,
                       terms=26 + 151 + 257 + 121 + 85,
                       magnitude=abs(h) @ abs(params["fc3"]["kernel"]) +
                       abs(params["fc3"]["bias"]))

@@ -23,3 +23,16 @@ def test_readme_python_tour_runs(trained_lenet, tmp_path, monkeypatch):
     assert (tmp_path / "results.csv").is_file()
     recovered = namespace["recovered"]
     assert recovered.curve.accuracy[-1] > recovered.curve.accuracy[0]
+
+
+def test_readme_own_model_block_runs(tmp_path, monkeypatch, mnist):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    own = [block for block in blocks if "from_linen" in block]
+    assert own, "README has no block about your own model"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(own[0], str(README), "exec"), namespace)
+    assert (tmp_path / "my-net").is_dir()
+    rows = namespace["result"].table.rows
+    assert {row["damage"] for row in rows} == {"zero", "remove_neurons",
+                                               "none"}

@@ -18,7 +18,7 @@ from _tolerance import assert_sums_close
 from recovjax._types import Split
 from recovjax.damage import get_damage
 from recovjax.data import batch_split, shuffled_batches
-from recovjax.models import Model
+from recovjax.models import LeafInfo, Model, from_apply
 from recovjax.recovery import (Curve, budget_weights, data_stream, finetune,
                                make_finetune, stack_recover, trainable_mask)
 
@@ -64,7 +64,14 @@ def tiny_model() -> Model:
                              + params["hidden"]["bias"])
         return hidden @ params["out"]["kernel"] + params["out"]["bias"]
 
-    return Model(name="tiny", init=init, apply=apply, num_classes=10)
+    sample = jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32)
+    dense = {"kernel": LeafInfo("kernel", in_axes=(0,), out_axes=(1,)),
+             "bias": LeafInfo("bias", out_axes=(0,))}
+    return from_apply(apply, init(jax.random.key(0), sample), sample=sample,
+                      init=lambda key: init(key, sample), name="tiny",
+                      info={f"{layer}/{leaf}": info
+                            for layer in ("hidden", "out")
+                            for leaf, info in dense.items()})
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +99,7 @@ def programs(tiny):
 
     def apply(params, x):
         get.traces += 1
-        return tiny.apply(params, x)
+        return tiny.forward(params, x)
 
     def get(mode="all", stacked=True, frozen=False):
         if (mode, stacked, frozen) not in cache:
@@ -112,7 +119,7 @@ def tiny_trained(tiny, data):
     """The tiny model after a short Adam run (a 'pretrained' stand-in)."""
     images, labels, weights, _ = data
     params = tiny.init(jax.random.key(0), images[:1])
-    recover = jax.jit(make_finetune(tiny.apply, optax.adam(1e-3), steps=40,
+    recover = jax.jit(make_finetune(tiny.forward, optax.adam(1e-3), steps=40,
                                     batch_size=50))
     return recover(jax.random.key(1), params, None, images, labels,
                    weights).params
@@ -209,7 +216,7 @@ def test_groups_and_padding_give_the_default_numbers(tiny, damaged_stack,
             labels, weights, test)
     default = jax.device_get(programs("undamaged")(*args))
     # Groups of 2 pad the 3 models to 4; the padding must not leak out.
-    recover = make_finetune(tiny.apply, steps=9, batch_size=50, eval_every=4,
+    recover = make_finetune(tiny.forward, steps=9, batch_size=50, eval_every=4,
                             mode="undamaged")
     grouped = jax.device_get(stack_recover(recover, group_size=2)(*args))
     assert grouped.losses.shape == default.losses.shape == (3, 9)
@@ -230,7 +237,7 @@ FOUR_DEVICES = textwrap.dedent("""
     stack = lambda prefix: {
         layer: {name: data[f"{prefix}/{layer}/{name}"]
                 for name in ("kernel", "bias")} for layer in ("hidden", "out")}
-    recover = make_finetune(tiny_model().apply, steps=9, batch_size=50,
+    recover = make_finetune(tiny_model().forward, steps=9, batch_size=50,
                             eval_every=4, mode="undamaged")
     test = batch_split(Split(data["test_images"], data["test_labels"]), 50)
     result = stack_recover(recover)(
@@ -313,7 +320,7 @@ def test_curve_is_on_the_grid_and_does_not_retrace(damaged_stack, data,
 def test_epochs_and_data_budget(tiny, tiny_trained, data):
     images, labels, weights, test = data
     # Default: two epochs; 300 examples at batch 50 = 12 step slots.
-    run = jax.jit(make_finetune(tiny.apply, batch_size=50))
+    run = jax.jit(make_finetune(tiny.forward, batch_size=50))
     full = run(jax.random.key(14), tiny_trained, None, images, labels,
                weights, test)
     assert full.losses.shape == (12,)
@@ -354,17 +361,17 @@ def test_data_stream_matches_shuffled_batches_and_budget(data):
 def test_bad_arguments_raise_clear_errors(tiny, tiny_trained, data):
     images, labels, _, _ = data
     with pytest.raises(ValueError, match="unknown fine-tuning mode 'some'"):
-        make_finetune(tiny.apply, mode="some")
+        make_finetune(tiny.forward, mode="some")
     with pytest.raises(ValueError, match="steps or epochs, not both"):
-        make_finetune(tiny.apply, steps=3, epochs=1)
+        make_finetune(tiny.forward, steps=3, epochs=1)
     with pytest.raises(ValueError, match="batch_size must be a positive"):
-        make_finetune(tiny.apply, batch_size=0)
+        make_finetune(tiny.forward, batch_size=0)
     with pytest.raises(ValueError, match="unknown loss"):
-        make_finetune(tiny.apply, loss="hinge")
+        make_finetune(tiny.forward, loss="hinge")
     with pytest.raises(ValueError, match="needs the damage mask"):
-        finetune(jax.random.key(0), tiny.apply, tiny_trained, images, labels,
+        finetune(jax.random.key(0), tiny.forward, tiny_trained, images, labels,
                  steps=1, mode="damaged")
-    recover = make_finetune(tiny.apply, steps=1)
+    recover = make_finetune(tiny.forward, steps=1)
     with pytest.raises(ValueError, match="group_size must be a positive"):
         stack_recover(recover, group_size=0)
     with pytest.raises(ValueError, match="devices is empty"):

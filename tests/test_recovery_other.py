@@ -12,9 +12,11 @@ import pytest
 
 from conftest import tree_equal
 from recovjax._types import Damage, Split
-from recovjax.checkpoints import save_checkpoint
+from recovjax.checkpoints import CheckpointCorruptedError, save_checkpoint
+from recovjax.damage import get_damage
 from recovjax.data import batch_split
-from recovjax.models import Model
+from recovjax.models import LeafInfo, Model, from_apply, from_equinox
+from recovjax.models.info import paths_of
 from recovjax.recovery import (Curve, FinetuneResult, distill, distill_loss,
                                get_strategy, make_task, peak_memory,
                                rebuild_from_checkpoint, rebuild_reinit,
@@ -22,6 +24,7 @@ from recovjax.recovery import (Curve, FinetuneResult, distill, distill_loss,
                                samples_to_fraction, steps_to_fraction,
                                strategy_names, teacher_logits,
                                train_step_cost)
+from recovjax.recovery.restore import restore_entries
 
 
 def tiny_model() -> Model:
@@ -42,7 +45,14 @@ def tiny_model() -> Model:
                           + params["hidden"]["bias"])
         return hidden @ params["out"]["kernel"] + params["out"]["bias"]
 
-    return Model(name="tiny", init=init, apply=apply, num_classes=10)
+    sample = jax.ShapeDtypeStruct((1, 28, 28, 1), jnp.float32)
+    dense = {"kernel": LeafInfo("kernel", in_axes=(0,), out_axes=(1,)),
+             "bias": LeafInfo("bias", out_axes=(0,))}
+    return from_apply(apply, init(jax.random.key(0), sample), sample=sample,
+                      init=lambda key: init(key, sample), name="tiny",
+                      info={f"{layer}/{leaf}": info
+                            for layer in ("hidden", "out")
+                            for leaf, info in dense.items()})
 
 
 def remove_units(params, units=(0, 1, 2, 3)):
@@ -108,7 +118,7 @@ def test_reinitialize_takes_fresh_values_exactly_at_the_mask(tiny, pretrained):
 def test_rebuild_reinit_retrains_removed_units(tiny, pretrained, data):
     train, test = data
     damage = remove_units(pretrained)
-    result = rebuild_reinit(jax.random.key(6), tiny.init, tiny.apply,
+    result = rebuild_reinit(jax.random.key(6), tiny.init, tiny.forward,
                             damage.params, damage.mask, train.images,
                             train.labels, steps=6, batch_size=50,
                             eval_batches=test)
@@ -123,6 +133,46 @@ def test_rebuild_from_checkpoint_is_exact(checkpoint, pretrained):
     assert tree_equal(result.params, pretrained)
     assert result.restored_leaves == ("hidden/bias", "hidden/kernel",
                                       "out/kernel")
+
+
+# Restoring a framework model's checkpoint.
+
+def test_restore_entries_on_an_equinox_checkpoint(tmp_path):
+    # Equinox params are a nested dict keyed by list indices ("layers/0");
+    # a healthy checkpoint of them once read back as lists and was reported
+    # as corrupted.
+    eqx = pytest.importorskip("equinox")
+    x = jax.random.normal(jax.random.key(0), (4, 6))
+    model = from_equinox(eqx.nn.MLP(6, 3, 5, 2, key=jax.random.key(1)),
+                         sample=x)
+    params = model.params
+    assert set(params) == {"layers"}
+    assert set(params["layers"]) == {"0", "1", "2"}
+    directory = save_checkpoint(tmp_path / "eqx", params, {"model": "mlp"})
+    damage = get_damage("zero")(jax.random.key(2), params, 0.5)
+    touched = tuple(sorted(
+        path for path, leaf in zip(paths_of(params),
+                                   jax.tree.leaves(damage.mask))
+        if np.any(np.asarray(leaf))))
+    assert touched and not tree_equal(damage.params, params)
+    try:
+        result = restore_entries(directory, damage.params, damage.mask)
+    except CheckpointCorruptedError as error:
+        pytest.fail(f"a healthy checkpoint was reported corrupted: {error}")
+    assert tree_equal(result.params, params)
+    assert result.restored_leaves == touched
+    assert result.bytes_read > 0
+    # The restored tree is still the model's: it goes back into the module.
+    np.testing.assert_array_equal(model.forward(result.params, x),
+                                  model.forward(params, x))
+    # A stack of two damaged models restores the same way.
+    other = get_damage("zero")(jax.random.key(3), params, 0.2)
+    stacked = jax.tree.map(lambda a, b: np.stack([a, b]),
+                           tuple(damage), tuple(other))
+    result = restore_entries(directory, *stacked, stacked=True)
+    for index in range(2):
+        assert tree_equal(jax.tree.map(lambda leaf: leaf[index],
+                                       jax.device_get(result.params)), params)
 
 
 # Distillation.
@@ -142,15 +192,15 @@ def test_distill_moves_the_student_toward_the_teacher(tiny, pretrained,
     train, test = data
     damage = remove_units(pretrained, units=(0, 1, 2, 3, 4, 5, 6, 7))
     images = jnp.asarray(train.images)
-    targets = teacher_logits(tiny.apply, pretrained, images)
+    targets = teacher_logits(tiny.forward, pretrained, images)
     assert targets.shape == (300, 10)
-    before = float(distill_loss(tiny.apply(damage.params, images),
+    before = float(distill_loss(tiny.forward(damage.params, images),
                                 targets).mean())
-    result = distill(jax.random.key(7), tiny.apply, damage.params, pretrained,
-                     images, steps=12, batch_size=50,
+    result = distill(jax.random.key(7), tiny.forward, damage.params,
+                     pretrained, images, steps=12, batch_size=50,
                      optimizer=optax.sgd(0.05, momentum=0.9),
                      eval_batches=test)
-    after = float(distill_loss(tiny.apply(result.params, images),
+    after = float(distill_loss(tiny.forward(result.params, images),
                                targets).mean())
     assert after < before * 0.9
     assert isinstance(result, FinetuneResult)
@@ -254,7 +304,7 @@ def test_steps_and_samples_to_threshold():
 
 
 def test_cost_and_memory(tiny, pretrained):
-    cost = train_step_cost(tiny.apply, pretrained, (50, 28, 28, 1))
+    cost = train_step_cost(tiny.forward, pretrained, (50, 28, 28, 1))
     # Forward + backward of the 784x16 layer alone is ~3 * 2 * 50 * 784 * 16.
     assert cost.flops > 2 * 2 * 50 * 784 * 16
     assert cost.bytes_accessed > 0

@@ -82,22 +82,26 @@ def test_clean_model_rides_in_a_chunk_without_a_program_of_its_own(
         lenet, trained_lenet, test_split):
     from recovjax.evaluate import evaluate
     from recovjax.data import batch_split
-    from recovjax.models import Model
+    from recovjax.models import from_apply
     traces = []
 
     def apply(params, x):
         traces.append(1)  # Runs only while JAX traces.
-        return lenet.apply(params, x)
+        return lenet.forward(params, x)
 
-    counted = Model(name="counted", init=lenet.init, apply=apply,
-                    num_classes=lenet.num_classes)
+    counted = from_apply(apply, trained_lenet, sample=lenet.sample,
+                         name="counted", init=lenet.init)
+    # Building the model traces it (its dataflow) and so does reading its
+    # output width; neither belongs to the sweep.
+    assert counted.num_classes == lenet.num_classes
+    traces.clear()
     result = sweep(counted, trained_lenet, damages={"zero": ZERO},
                    ratios=RATIOS, seeds=SEEDS, data=test_split, root_key=0,
                    batch_size=50, chunk_size=3)
     # Traced for the memory estimate and for the one chunk program; not
     # for the clean model (a program of its own would trace it again).
     assert len(traces) == 2
-    alone = jax.device_get(evaluate(lenet.apply, trained_lenet,
+    alone = jax.device_get(evaluate(lenet.forward, trained_lenet,
                                     batch_split(test_split, 50), 10))
     (accuracy,) = result.table.select(stage="clean", metric="accuracy")
     (loss,) = result.table.select(stage="clean", metric="loss")
@@ -247,6 +251,32 @@ def test_streaming_yields_each_chunk(lenet, trained_lenet, test_split,
         rows=baseline.table.select(stage="damaged"))
 
 
+def test_structural_damage_gets_the_models_leaf_metadata(
+        lenet, trained_lenet, test_split):
+    # remove_neurons needs info=model.info; the sweep binds the model's.
+    from recovjax.damage import remove_neurons
+    from recovjax.data import batch_split
+    from recovjax.evaluate import evaluate
+    result = sweep(lenet, trained_lenet, damages={"neurons": remove_neurons},
+                   ratios=(0.5,), seeds=1, data=test_split, root_key=0,
+                   batch_size=50, include_clean=False)
+    (row,) = result.table.select(stage="damaged", metric="accuracy")
+    damaged = remove_neurons(point_key(jax.random.key(0), "neurons", 0, 0),
+                             trained_lenet, 0.5, info=lenet.info).params
+    # Half of every hidden layer's units are gone.
+    assert int(np.sum(np.asarray(damaged["fc1"]["bias"]) == 0)) >= 60
+    batches = batch_split(test_split, 50)
+    alone = evaluate(lenet.forward, damaged, batches, 10)
+    ties = lenet5_near_ties(damaged, test_split.images)
+    assert abs(row["value"] - float(alone.accuracy)) <= (
+        ties / len(test_split.labels) + 1e-6)
+    # ... and it is not the clean model's.
+    clean = evaluate(lenet.forward, trained_lenet, batches, 10)
+    assert abs(float(clean.accuracy) - float(alone.accuracy)) > (
+        (ties + lenet5_near_ties(trained_lenet, test_split.images))
+        / len(test_split.labels))
+
+
 def test_user_metric_rows(lenet, trained_lenet, test_split):
     def confidence(logits, labels, mask):
         top = jax.nn.softmax(logits).max(-1)
@@ -282,7 +312,7 @@ def test_memory_plan():
 
 def test_model_bytes_estimate(lenet, trained_lenet):
     images = jax.ShapeDtypeStruct((100, 28, 28, 1), jnp.float32)
-    estimate = estimate_model_bytes(lenet.apply, trained_lenet, images)
+    estimate = estimate_model_bytes(lenet.forward, trained_lenet, images)
     params = sum(leaf.nbytes for leaf in jax.tree.leaves(trained_lenet))
     # Three copies of the parameters plus at least the conv1 output.
     assert estimate > 3 * params + 100 * 24 * 24 * 6 * 4

@@ -19,8 +19,9 @@ from recovjax.damage.params import (DamageFn, add_gaussian_noise,
                                     stick_bits_at_zero, zero_largest,
                                     zero_parameters)
 from recovjax.damage.registry import (DamageSpec, damage_names, damage_spec,
-                                      get_damage)
-from recovjax.damage.scope import Scope, leaf_paths, parse_scope, select_leaves
+                                      get_damage, register_damage)
+from recovjax.damage.scope import (Scope, ScopeLike, leaf_paths, parse_scope,
+                                   select_leaves)
 from recovjax.damage.structure import (drop_blocks, find_attention,
                                        find_blocks, infer_layers,
                                        make_drop_blocks,
@@ -36,6 +37,7 @@ __all__ = [
     "DataDamage",
     "DataDamageFn",
     "Scope",
+    "ScopeLike",
     "add_gaussian_noise",
     "add_input_noise",
     "add_multiplicative_noise",
@@ -71,6 +73,7 @@ __all__ = [
     "make_zero",
     "parse_scope",
     "randomize_normal",
+    "register_damage",
     "randomize_uniform",
     "remove_classes",
     "remove_connections",

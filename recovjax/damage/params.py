@@ -3,14 +3,18 @@
 Every operator here is built by a factory that settles the static choices
 (scope, selection mode, ...) and returns a pure function::
 
-    op(key, params, amount) -> Damage(params=..., mask=...)
+    op(key, params, amount, *, info=None) -> Damage(params=..., mask=...)
 
 ``params`` is any pytree of arrays and ``amount`` (a ratio, a bit error
 rate or a noise scale) may be traced, so one compiled program damages many
-copies at once::
+copies at once. ``info`` is the model's leaf metadata (``model.info``, a
+tree of :class:`~recovjax.models.info.LeafInfo`), which role scopes such
+as ``"weights"`` need; it is static, so under ``jit``/``vmap`` bind it
+rather than pass it as an argument::
 
-    op = make_zero(scope="weights")
-    damage = jax.jit(jax.vmap(op, in_axes=(0, None, 0)))(keys, params, ratios)
+    op = functools.partial(make_zero(scope="weights"), info=model.info)
+    damage = jax.jit(jax.vmap(op, in_axes=(0, None, 0)))(keys, model.params,
+                                                        ratios)
 
 ``mask`` marks every damaged entry (``True``), with the structure of
 ``params``; leaves outside the scope are returned unchanged with an
@@ -30,7 +34,8 @@ traced noise scales are used as given; :func:`checked` (or
 
 from __future__ import annotations
 
-from typing import Callable, Literal, NamedTuple, Sequence, Union
+from typing import Any, Callable, Literal, Mapping, NamedTuple, Protocol, \
+    Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -40,10 +45,24 @@ from jax import lax
 from recovjax import _checks
 from recovjax._types import Array, Damage, Params, PRNGKey
 from recovjax.damage import select
-from recovjax.damage.scope import ScopeLike, leaf_paths, parse_scope
+from recovjax.damage.scope import Scope, ScopeLike, leaf_paths, parse_scope
+from recovjax.models.info import LeafInfo, info_by_path
 
-DamageFn = Callable[[PRNGKey, Params, "float | Array"], Damage]
-"""``op(key, params, amount) -> Damage``."""
+
+class DamageFn(Protocol):
+    """``op(key, params, amount, *, info=None) -> Damage``."""
+
+    def __call__(self, key: PRNGKey, params: Params, amount: float | Array,
+                 *, info: Any = None) -> Damage:
+        ...
+
+
+Infos = Mapping[str, LeafInfo]
+"""``{path: LeafInfo}`` for every leaf of the parameters."""
+
+DamageCore = Callable[[PRNGKey, Params, Array, "Infos | None"], Damage]
+"""``core(key, params, amount, infos) -> Damage``, what
+:func:`make_operator` wraps."""
 
 Mode = Literal["exact", "bernoulli"]
 RatioOver = Literal["leaf", "global"]
@@ -65,14 +84,22 @@ def check_choice(name: str, value, allowed: Sequence) -> None:
                          f"{value!r}")
 
 
-def make_operator(core: Callable, *, name: str, amount_name: str,
+def make_operator(core: DamageCore, *, name: str, amount_name: str,
                   fraction: bool, doc: str, check: bool = False) -> DamageFn:
     """Wrap a traceable core as a validated, compiled operator.
 
-    The returned function checks the key and a concrete amount (before any
-    tracing), converts the amount to a float32 scalar so that every value
-    reuses one compiled program, and calls ``jax.jit(core)``. Under an outer
-    ``jit``/``vmap`` the inner ``jit`` is inlined.
+    The returned ``op(key, params, amount, *, info=None)`` checks the key
+    and a concrete amount (before any tracing) and converts the amount to a
+    float32 scalar, so that every value reuses one compiled program. It
+    resolves ``info`` (the model's tree of
+    :class:`~recovjax.models.info.LeafInfo`, laid out like ``params``, or
+    ``None``) on the host into ``infos = {path: LeafInfo}`` (paths as
+    :func:`~recovjax.damage.scope.leaf_paths` writes them) and calls
+    ``core(key, params, amount, infos)`` under ``jax.jit`` with ``infos``
+    static: one program per (parameter structure, leaf metadata), whatever
+    the key and amount. Under an outer ``jit``/``vmap`` the inner ``jit`` is
+    inlined; bind ``info`` there (``functools.partial(op, info=...)``), as
+    it is not an array.
 
     A traced amount cannot be checked on the host. Unchecked
     (``check=False``), a traced fraction is clipped to ``[0, 1]`` and NaN
@@ -81,7 +108,12 @@ def make_operator(core: Callable, *, name: str, amount_name: str,
     traced amount is checked by :func:`jax.experimental.checkify.check`.
 
     Args:
-        core: ``core(key, params, amount) -> Damage``, traceable.
+        core: ``core(key, params, amount, infos) -> Damage``, traceable in
+            ``key``, ``params`` and ``amount``; ``infos`` is a fresh
+            ``dict[str, LeafInfo]`` (one entry per leaf of ``params``) or
+            ``None`` when the operator got no ``info``, and is static (the
+            core may branch on it in Python; resolve a scope with
+            ``scope.select(params, infos)``).
         name: the operator's ``__name__``.
         amount_name: the amount's name in error messages (``"ratio"``).
         fraction: whether the amount must lie in ``[0, 1]``.
@@ -89,15 +121,26 @@ def make_operator(core: Callable, *, name: str, amount_name: str,
         check: the checked mode for traced amounts.
 
     Returns:
-        ``op(key, params, amount) -> Damage``, with attributes
+        ``op(key, params, amount, *, info=None) -> Damage``, with attributes
         ``amount_name``, ``amount_is_fraction``, ``damage_kind``
         (``"params"``, for structural damage too) and ``check_traced``
-        (whether traced amounts are checked).
+        (whether traced amounts are checked). It raises
+        :class:`~recovjax.models.info.InfoError` if ``info`` does not have
+        the structure of ``params``.
     """
-    compiled = jax.jit(core)
 
-    def operator(key: PRNGKey, params: Params, amount: float | Array
+    def run_core(key: PRNGKey, params: Params, amount: Array,
+                 info_items: tuple[tuple[str, LeafInfo], ...] | None
                  ) -> Damage:
+        infos = None if info_items is None else dict(info_items)
+        return core(key, params, amount, infos)
+
+    # The metadata travels as a tuple of (path, LeafInfo): hashable, so it
+    # can be a static argument, and equal for equal metadata (no retrace).
+    compiled = jax.jit(run_core, static_argnums=3)
+
+    def operator(key: PRNGKey, params: Params, amount: float | Array, *,
+                 info: Any = None) -> Damage:
         select.check_key(key)
         traced = _checks.is_traced(amount)
         amount = select.check_amount(amount, name=amount_name,
@@ -105,7 +148,9 @@ def make_operator(core: Callable, *, name: str, amount_name: str,
         if check and traced:
             _checks.check_traced_amount(amount, name=amount_name,
                                         fraction=fraction)
-        return compiled(key, params, amount)
+        info_items = (None if info is None else
+                      tuple(info_by_path(params, info).items()))
+        return compiled(key, params, amount, info_items)
 
     operator.__name__ = operator.__qualname__ = name
     operator.__doc__ = doc
@@ -189,16 +234,12 @@ class _Leaves(NamedTuple):
     chosen: list[int]  # indices of the leaves in scope
 
 
-def _flatten(params: Params, scope) -> _Leaves:
+def _flatten(params: Params, scope: Scope, infos: Infos | None) -> _Leaves:
+    flags = scope.select(params, infos)
     leaves, treedef = jax.tree.flatten(params)
     leaves = [jnp.asarray(leaf) for leaf in leaves]
-    paths = leaf_paths(params)
-    chosen = [i for i, path in enumerate(paths) if scope.matches(path)]
-    if not chosen:
-        shown = ", ".join(paths[:20]) + (" ..." if len(paths) > 20 else "")
-        raise ValueError(f"scope {scope.describe()} matches no leaf of the "
-                         f"parameters (leaves: {shown or 'none'})")
-    return _Leaves(leaves, treedef, paths, chosen)
+    chosen = [i for i, flag in enumerate(flags) if flag]
+    return _Leaves(leaves, treedef, leaf_paths(params), chosen)
 
 
 def _require_float(flat: _Leaves, operation: str) -> None:
@@ -289,8 +330,11 @@ def make_zero(scope: ScopeLike = "all", *, mode: Mode = "exact",
     set to zero.
 
     Args:
-        scope: leaves to damage: ``"all"``, ``"weights"`` or a regex on the
-            leaf path (see :mod:`recovjax.damage.scope`).
+        scope: leaves to damage: ``"all"``, a role keyword
+            (``"weights"``, ``"biases"``, ...; needs ``info`` when called),
+            a regex on the leaf path, a predicate ``(path, leaf, info) ->
+            bool`` or a label tree of bools (see
+            :mod:`recovjax.damage.scope`).
         mode: ``"exact"`` (exact count) or ``"bernoulli"`` (each entry
             independently with probability ``ratio``: independent faults).
         ratio_over: ``"leaf"`` (each leaf loses the same fraction) or
@@ -299,24 +343,29 @@ def make_zero(scope: ScopeLike = "all", *, mode: Mode = "exact",
             attack) or ``"smallest"`` (magnitude pruning).
 
     Returns:
-        ``op(key, params, ratio) -> Damage``. The mask marks the chosen
-        entries; it equals the set of changed entries except where an entry
-        was already zero.
+        ``op(key, params, ratio, *, info=None) -> Damage``, where
+        ``info`` is the model's leaf metadata (``model.info``). The mask
+        marks the chosen entries; it equals the set of changed entries
+        except where an entry was already zero.
 
     Raises:
         ValueError: for an unknown choice or an invalid scope regex (now),
             and, when called, for a concrete ``ratio`` outside ``[0, 1]``
             or non-finite, or a scope that matches no leaf.
+        InfoError: when called with a role scope and no ``info``, or with
+            a leaf whose role is not known (naming it).
 
     Example:
         >>> op = make_zero(scope="weights")
-        >>> damage = op(jax.random.key(0), params, 0.3)
+        >>> damage = op(jax.random.key(0), model.params, 0.3,
+        ...             info=model.info)
     """
     resolved = parse_scope(scope)
     _check_selection(mode, ratio_over, target)
 
-    def zero(key: PRNGKey, params: Params, ratio: Array) -> Damage:
-        flat = _flatten(params, resolved)
+    def zero(key: PRNGKey, params: Params, ratio: Array,
+             infos: Infos | None) -> Damage:
+        flat = _flatten(params, resolved, infos)
         leaves = [flat.leaves[i] for i in flat.chosen]
         masks = select_entries(key, leaves, ratio, mode=mode,
                                ratio_over=ratio_over, target=target)
@@ -329,7 +378,7 @@ def make_zero(scope: ScopeLike = "all", *, mode: Mode = "exact",
                              make_zero, dict(scope=scope, mode=mode,
                                              ratio_over=ratio_over,
                                              target=target),
-                             "op(key, params, ratio) -> Damage"))
+                             "op(key, params, ratio, *, info=None) -> Damage"))
 
 
 def make_sign_flip(scope: ScopeLike = "all", *, mode: Mode = "exact",
@@ -344,8 +393,9 @@ def make_sign_flip(scope: ScopeLike = "all", *, mode: Mode = "exact",
         target: ``"random"``, ``"largest"`` or ``"smallest"``.
 
     Returns:
-        ``op(key, params, ratio) -> Damage``; the mask marks the negated
-        entries (an entry equal to 0 changes only its sign bit).
+        ``op(key, params, ratio, *, info=None) -> Damage``; the mask
+        marks the negated entries (an entry equal to 0 changes only its
+        sign bit).
 
     Raises:
         ValueError: as :func:`make_zero`.
@@ -354,8 +404,9 @@ def make_sign_flip(scope: ScopeLike = "all", *, mode: Mode = "exact",
     resolved = parse_scope(scope)
     _check_selection(mode, ratio_over, target)
 
-    def flip_sign(key: PRNGKey, params: Params, ratio: Array) -> Damage:
-        flat = _flatten(params, resolved)
+    def flip_sign(key: PRNGKey, params: Params, ratio: Array,
+                  infos: Infos | None) -> Damage:
+        flat = _flatten(params, resolved, infos)
         _require_float(flat, "sign flip")
         leaves = [flat.leaves[i] for i in flat.chosen]
         masks = select_entries(key, leaves, ratio, mode=mode,
@@ -369,7 +420,7 @@ def make_sign_flip(scope: ScopeLike = "all", *, mode: Mode = "exact",
                              make_sign_flip, dict(scope=scope, mode=mode,
                                                   ratio_over=ratio_over,
                                                   target=target),
-                             "op(key, params, ratio) -> Damage"))
+                             "op(key, params, ratio, *, info=None) -> Damage"))
 
 
 def make_random_values(distribution: Literal["uniform", "normal"] = "uniform",
@@ -391,9 +442,9 @@ def make_random_values(distribution: Literal["uniform", "normal"] = "uniform",
         target: ``"random"``, ``"largest"`` or ``"smallest"``.
 
     Returns:
-        ``op(key, params, ratio) -> Damage``; the mask marks the overwritten
-        entries. The entries chosen for a key are those :func:`make_zero`
-        chooses for the same key.
+        ``op(key, params, ratio, *, info=None) -> Damage``; the mask
+        marks the overwritten entries. The entries chosen for a key are
+        those :func:`make_zero` chooses for the same key.
 
     Raises:
         ValueError: as :func:`make_zero`, or for an unknown distribution.
@@ -403,8 +454,9 @@ def make_random_values(distribution: Literal["uniform", "normal"] = "uniform",
     resolved = parse_scope(scope)
     _check_selection(mode, ratio_over, target)
 
-    def randomize(key: PRNGKey, params: Params, ratio: Array) -> Damage:
-        flat = _flatten(params, resolved)
+    def randomize(key: PRNGKey, params: Params, ratio: Array,
+                  infos: Infos | None) -> Damage:
+        flat = _flatten(params, resolved, infos)
         _require_float(flat, f"random {distribution} values")
         leaves = [flat.leaves[i] for i in flat.chosen]
         masks = select_entries(key, leaves, ratio, mode=mode,
@@ -432,7 +484,7 @@ def make_random_values(distribution: Literal["uniform", "normal"] = "uniform",
                              dict(distribution=distribution, scope=scope,
                                   mode=mode, ratio_over=ratio_over,
                                   target=target),
-                             "op(key, params, ratio) -> Damage"))
+                             "op(key, params, ratio, *, info=None) -> Damage"))
 
 
 # --------------------------------------------------------------------------
@@ -455,8 +507,8 @@ def make_gaussian_noise(scope: ScopeLike = "all", *, relative: bool = True
         relative: scale noise by each leaf's standard deviation.
 
     Returns:
-        ``op(key, params, scale) -> Damage``; the mask marks every entry in
-        scope (all of them are perturbed).
+        ``op(key, params, scale, *, info=None) -> Damage``; the mask
+        marks every entry in scope (all of them are perturbed).
 
     Raises:
         ValueError: for an invalid scope now; when called, for a concrete
@@ -468,8 +520,9 @@ def make_gaussian_noise(scope: ScopeLike = "all", *, relative: bool = True
     if not isinstance(relative, bool):
         raise TypeError(f"relative must be a bool, got {relative!r}")
 
-    def add_noise(key: PRNGKey, params: Params, scale: Array) -> Damage:
-        flat = _flatten(params, resolved)
+    def add_noise(key: PRNGKey, params: Params, scale: Array,
+                  infos: Infos | None) -> Damage:
+        flat = _flatten(params, resolved, infos)
         _require_float(flat, "Gaussian noise")
         leaves = [flat.leaves[i] for i in flat.chosen]
         noise = select.draw_normal(key, [leaf.size for leaf in leaves])
@@ -486,7 +539,7 @@ def make_gaussian_noise(scope: ScopeLike = "all", *, relative: bool = True
                          doc=operator_doc(
                              make_gaussian_noise,
                              dict(scope=scope, relative=relative),
-                             "op(key, params, scale) -> Damage"))
+                             "op(key, params, scale, *, info=None) -> Damage"))
 
 
 def make_multiplicative_noise(scope: ScopeLike = "all") -> DamageFn:
@@ -500,8 +553,8 @@ def make_multiplicative_noise(scope: ScopeLike = "all") -> DamageFn:
         scope: leaves to perturb (see :func:`make_zero`).
 
     Returns:
-        ``op(key, params, scale) -> Damage``; the mask marks every entry in
-        scope.
+        ``op(key, params, scale, *, info=None) -> Damage``; the mask
+        marks every entry in scope.
 
     Raises:
         ValueError: as :func:`make_gaussian_noise`.
@@ -509,8 +562,9 @@ def make_multiplicative_noise(scope: ScopeLike = "all") -> DamageFn:
     """
     resolved = parse_scope(scope)
 
-    def multiply_noise(key: PRNGKey, params: Params, scale: Array) -> Damage:
-        flat = _flatten(params, resolved)
+    def multiply_noise(key: PRNGKey, params: Params, scale: Array,
+                       infos: Infos | None) -> Damage:
+        flat = _flatten(params, resolved, infos)
         _require_float(flat, "multiplicative noise")
         leaves = [flat.leaves[i] for i in flat.chosen]
         noise = select.draw_normal(key, [leaf.size for leaf in leaves])
@@ -525,7 +579,7 @@ def make_multiplicative_noise(scope: ScopeLike = "all") -> DamageFn:
                          amount_name="scale", fraction=False,
                          doc=operator_doc(
                              make_multiplicative_noise, dict(scope=scope),
-                             "op(key, params, scale) -> Damage"))
+                             "op(key, params, scale, *, info=None) -> Damage"))
 
 
 # --------------------------------------------------------------------------
@@ -617,8 +671,9 @@ def _make_bit_fault(fault: str, bits, scope: ScopeLike, mode: str,
     check_choice("mode", mode, MODES)
     check_choice("ratio_over", ratio_over, RATIO_OVER)
 
-    def fault_bits(key: PRNGKey, params: Params, rate: Array) -> Damage:
-        flat = _flatten(params, resolved)
+    def fault_bits(key: PRNGKey, params: Params, rate: Array,
+                   infos: Infos | None) -> Damage:
+        flat = _flatten(params, resolved, infos)
         layouts, positions = [], []
         for i in flat.chosen:
             dtype = flat.leaves[i].dtype
@@ -685,9 +740,9 @@ def make_bit_flip(bits: Bits = "any", scope: ScopeLike = "all", *,
         ratio_over: ``"leaf"`` or ``"global"`` (exact mode).
 
     Returns:
-        ``op(key, params, rate) -> Damage``; the mask marks entries with at
-        least one flipped bit (exactly the entries whose stored bits
-        changed).
+        ``op(key, params, rate, *, info=None) -> Damage``; the mask
+        marks entries with at least one flipped bit (exactly the entries
+        whose stored bits changed).
 
     Raises:
         ValueError: for an unknown choice or a negative position now; when
@@ -700,7 +755,8 @@ def make_bit_flip(bits: Bits = "any", scope: ScopeLike = "all", *,
                                make_bit_flip,
                                dict(bits=bits, scope=scope, mode=mode,
                                     ratio_over=ratio_over),
-                               "op(key, params, rate) -> Damage"))
+                               "op(key, params, rate, *, info=None) -> "
+                               "Damage"))
 
 
 def make_stuck_at(value: Literal[0, 1], bits: Bits = "any",
@@ -720,11 +776,12 @@ def make_stuck_at(value: Literal[0, 1], bits: Bits = "any",
         ratio_over: ``"leaf"`` or ``"global"`` (exact mode).
 
     Returns:
-        ``op(key, params, rate) -> Damage``. The mask marks entries that
-        hold at least one faulty bit, *whether or not* the stored value
-        changed (a stuck-at-1 bit that was already 1 changes nothing but is
-        still a faulty cell): the changed entries are a subset of the mask,
-        as for :func:`make_zero` on entries that were already zero.
+        ``op(key, params, rate, *, info=None) -> Damage``. The mask marks
+        entries that hold at least one faulty bit, *whether or not* the
+        stored value changed (a stuck-at-1 bit that was already 1 changes
+        nothing but is still a faulty cell): the changed entries are a
+        subset of the mask, as for :func:`make_zero` on entries that were
+        already zero.
 
     Raises:
         ValueError: as :func:`make_bit_flip`, or for a value other than 0
@@ -739,7 +796,8 @@ def make_stuck_at(value: Literal[0, 1], bits: Bits = "any",
                                make_stuck_at,
                                dict(value=value, bits=bits, scope=scope,
                                     mode=mode, ratio_over=ratio_over),
-                               "op(key, params, rate) -> Damage"))
+                               "op(key, params, rate, *, info=None) -> "
+                               "Damage"))
 
 
 # --------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Names of damage operators, for configs and the CLI.
 
 ``get_damage("zero", scope="weights")`` builds the same operator as
-``make_zero(scope="weights")``. Each name carries a :class:`DamageSpec`:
+``make_zero(scope="weights")``, called as ``op(key, params, ratio,
+info=model.info)``. Each name carries a :class:`DamageSpec`:
 what it damages (``kind``), whether its amount is a fraction (so configs
 can validate ratios before anything runs) and its factory's options.
 """
@@ -25,8 +26,8 @@ class DamageSpec:
 
     Attributes:
         name: registry name.
-        kind: ``"params"`` (``op(key, params, amount)``), ``"structure"``
-            (same call, structural masks) or ``"data"``
+        kind: ``"params"`` (``op(key, params, amount, *, info=None)``),
+            ``"structure"`` (same call, structural masks) or ``"data"``
             (``op(key, images, labels, amount, *, num_classes)``).
         factory: the ``make_*`` function that builds the operator.
         amount_is_fraction: whether the amount must lie in ``[0, 1]``
@@ -114,6 +115,63 @@ _REGISTRY: dict[str, DamageSpec] = {spec.name: spec for spec in (
 )}
 
 
+BUILT_IN = tuple(_REGISTRY)
+"""The damage operators recovjax ships."""
+
+
+def register_damage(name: str, factory: Callable[..., Callable], *,
+                    kind: Kind = "params", amount_name: str = "ratio",
+                    amount_is_fraction: bool | None = None, doc: str = "",
+                    overwrite: bool = False) -> DamageSpec:
+    """Register a damage operator that configs and the CLI can name.
+
+    Args:
+        name: the name (letters, digits, ``_``).
+        factory: ``factory(**options) -> op``: for ``kind`` ``"params"`` or
+            ``"structure"`` an ``op(key, params, amount, *, info=None) ->
+            Damage`` (``info`` may be left out of a signature that does
+            not need it), for ``"data"`` an ``op(key, images, labels,
+            amount, *, num_classes) -> DataDamage``. Its keyword arguments
+            are the options configs may set.
+        kind: ``"params"``, ``"structure"`` or ``"data"``.
+        amount_name: what the amount is called in messages (``ratio``,
+            ``rate``, ``scale``).
+        amount_is_fraction: whether amounts must lie in ``[0, 1]``;
+            default: every amount but a ``scale``.
+        doc: one line for listings.
+        overwrite: replace an earlier registration (never a built-in).
+
+    Returns:
+        The :class:`DamageSpec`.
+
+    Raises:
+        ValueError: a malformed or taken name, or an unknown kind.
+        TypeError: a factory that is not callable.
+    """
+    if not isinstance(name, str) or not name or not all(
+            ch.isalnum() or ch == "_" for ch in name):
+        raise ValueError(f"a damage name must be a non-empty string of "
+                         f"letters, digits and '_', got {name!r}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got "
+                         f"{kind!r}")
+    if not callable(factory):
+        raise TypeError(f"factory must be callable, got "
+                        f"{type(factory).__name__}")
+    if name in BUILT_IN or (name in _REGISTRY and not overwrite):
+        raise ValueError(f"damage {name!r} is already registered" + (
+            "" if name in BUILT_IN else "; pass overwrite=True to replace "
+            "it"))
+    fraction = (amount_name != "scale" if amount_is_fraction is None
+                else bool(amount_is_fraction))
+    spec = DamageSpec(name=name, kind=kind, factory=factory,
+                      amount_is_fraction=fraction, amount_name=amount_name,
+                      doc=doc or (factory.__doc__ or "").strip().split(
+                          "\n")[0])
+    _REGISTRY[name] = spec
+    return spec
+
+
 def damage_names(kind: Kind | None = None) -> tuple[str, ...]:
     """Registered names, optionally of one kind only.
 
@@ -153,9 +211,11 @@ def get_damage(name: str, *, check: bool = False, **options: Any
             ``mode="bernoulli"``, ``bits="exponent"``).
 
     Returns:
-        The operator: ``op(key, params, amount) -> Damage`` for the
-        ``"params"`` and ``"structure"`` kinds, ``op(key, images, labels,
-        amount, *, num_classes) -> DataDamage`` for ``"data"``.
+        The operator: ``op(key, params, amount, *, info=None) -> Damage``
+        for the ``"params"`` and ``"structure"`` kinds (``info`` is the
+        model's leaf metadata, ``model.info``, which role scopes such as
+        ``"weights"`` need), ``op(key, images, labels, amount, *,
+        num_classes) -> DataDamage`` for ``"data"``.
 
     Raises:
         ValueError: for an unknown name (listing valid names) or an invalid

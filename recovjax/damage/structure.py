@@ -1,33 +1,34 @@
 """Structural damage, expressed as parameters plus a mask so that it vmaps.
 
-Removing a unit, a residual block or an attention head is done by zeroing
-exactly the parameters that produce it (and that consume it), so the
-shipped networks need no extra inputs: the damaged parameters compute the
-same function as the network with the unit absent. ``Damage.mask`` marks
-every zeroed entry.
+Removing a unit, a block or an attention head is done by zeroing exactly
+the parameters that produce it (and that consume it), so networks need no
+extra inputs: the damaged parameters compute the same function as the
+network with the unit absent. ``Damage.mask`` marks every zeroed entry.
+
+Which parameters belong to a unit is read from the model's leaf metadata
+(``info=model.info``, see :mod:`recovjax.models.info`), never from leaf
+names:
+
+* ``remove_neurons``: output unit ``u`` of a producer layer (a dense unit
+  or a convolution channel) is the slice ``u`` of its kernel's output axis
+  and of its bias, plus every normalisation that *follows* it (batch-norm
+  scale and offset ``[u]``), plus the consumer layer's input rows that read
+  it: the rows ``i`` with ``i % units == u`` when the producer's
+  activations keep their channels last (``NHWC`` then flatten), ``i //
+  (rows / units) == u`` when first (``CHW``). Producer/consumer pairs come
+  from the model's dataflow (a layer *feeds* the next when the second reads
+  the first alone); the classifier never loses outputs.
+* ``drop_blocks``: every leaf under a module path that matches a pattern
+  (``block\\d+``) is zeroed and masked, so a residual block ``x + f(x)``
+  computes the identity and retraining cannot revive it.
+* ``remove_heads``: in every attention module, head ``h`` is the slice
+  ``h`` of the heads axis (``head_axis``) of each projection; an output
+  bias shared by all heads is kept.
 
 A removed unit stays removed only as long as its entries stay zero.
 Recovery that retrains the network must keep them at zero (multiply
 updates by ``~mask``, or call :func:`silence_removed` after each step)
 unless it deliberately rebuilds the unit.
-
-Which parameters belong to a unit:
-
-* ``remove_neurons``: output unit ``u`` of a producer layer (a dense unit or
-  a convolution output channel) is ``kernel[..., u]`` and ``bias[u]``, plus
-  the consumer layer's input rows that read it: ``kernel[:, :, u, :]`` for
-  a convolution consumer, and for a dense consumer every row ``i`` with
-  ``i % units == u`` (the NHWC flatten order puts the channel last, so a
-  conv -> flatten -> dense consumer reads channel ``u`` at ``(h * W + w) *
-  C + u``). For ``lenet5`` and ``mlp`` the chain is read off the tree:
-  top-level layers in natural name order (``conv1, conv2, fc1, fc2, fc3``)
-  and the last layer (the classifier) never loses outputs.
-* ``drop_blocks``: a residual block ``x + conv_b(relu(conv_a(x)))`` becomes
-  the identity when its branch is zero: every leaf of the block (``conv_a``
-  and ``conv_b``) is zeroed and masked, so retraining cannot revive it.
-* ``remove_heads``: head ``h`` of a ViT attention layer is
-  ``{query,key,value}/kernel[:, h]``, ``{query,key,value}/bias[h]`` and
-  ``out/kernel[h]``; ``out/bias`` is shared by all heads and kept.
 """
 
 from __future__ import annotations
@@ -43,9 +44,13 @@ from recovjax.damage import select
 from recovjax.damage.params import (DamageFn, Mode, RatioOver, check_choice,
                                     make_operator, make_zero, operator_doc)
 from recovjax.damage.scope import ScopeLike, leaf_paths
+from recovjax.models.info import (BIAS, KERNEL, InfoError, LeafInfo,
+                                  how_to_declare, require_roles)
 
 Layers = Sequence[str] | Sequence[tuple[str, "str | None"]]
 """A chain of layer paths, or explicit ``(producer, consumer)`` pairs."""
+
+Infos = Mapping[str, LeafInfo]
 
 UNIT_TARGETS = ("random", "smallest_norm")
 
@@ -70,18 +75,14 @@ def silence_removed(params: Params, mask: Mask) -> Params:
 # --------------------------------------------------------------------------
 
 
-def _natural_key(name: str) -> list:
-    return [int(part) if part.isdigit() else part
-            for part in re.split(r"(\d+)", name)]
-
-
-def _subtree(params: Params, path: str):
-    node = params
-    for part in path.split("/"):
-        if not isinstance(node, Mapping) or part not in node:
-            raise ValueError(f"no layer {path!r} in the parameters")
-        node = node[part]
-    return node
+def _require_infos(infos: Infos | None, operation: str) -> Infos:
+    if infos is None:
+        raise InfoError(
+            f"{operation} reads which leaves make a unit from the model's "
+            f"leaf metadata: call it with info=model.info (a model from "
+            f"recovjax.models.from_linen, from_nnx, from_equinox or "
+            f"from_apply)")
+    return infos
 
 
 def _leaves_by_path(params: Params) -> dict[str, Array]:
@@ -110,6 +111,13 @@ def _damage_from_masks(params: Params, masks: dict[str, list[Array]]
                   mask=jax.tree.unflatten(treedef, mask_leaves))
 
 
+def _along(values: Array, axis: int, ndim: int) -> Array:
+    # ``values`` indexed along ``axis`` of an ``ndim``-dimensional leaf.
+    shape = [1] * ndim
+    shape[axis] = values.shape[0]
+    return values.reshape(shape)
+
+
 def _choose_units(key: PRNGKey, ratio: Array, unit_counts: Sequence[int],
                   norms: Sequence[Array] | None) -> list[Array]:
     # Exactly floor(units * ratio) units of each group: keyed, or those of
@@ -124,45 +132,65 @@ def _check_unit_target(target: str) -> None:
     check_choice("target", target, UNIT_TARGETS)
 
 
+def _unit_squares(leaf: Array, axis: int) -> Array:
+    # Per-unit sum of squares along ``axis``.
+    moved = jnp.moveaxis(jnp.asarray(leaf).astype(jnp.float32), axis, 0)
+    return jnp.sum(jnp.square(moved).reshape(moved.shape[0], -1), axis=1)
+
+
 # --------------------------------------------------------------------------
 # Neurons and channels.
 # --------------------------------------------------------------------------
 
 
-def infer_layers(params: Params) -> tuple[tuple[str, str | None], ...]:
-    """The ``(producer, consumer)`` chain of a plain feed-forward tree.
+def _kernel_of(infos: Infos, layer: str) -> str:
+    kernels = [path for path, info in infos.items()
+               if info.layer == layer and info.role == KERNEL]
+    if len(kernels) != 1:
+        layers = sorted({info.layer for info in infos.values()
+                         if info.role == KERNEL and info.layer is not None})
+        raise ValueError(
+            f"layer {layer!r} has {'no' if not kernels else 'several'} "
+            f"kernel leaves{'' if not kernels else ' ' + str(kernels)}; "
+            f"layers with one kernel: {', '.join(layers) or 'none'}")
+    return kernels[0]
 
-    Works for trees whose top-level entries are all layers with a
-    ``kernel`` (and optionally a ``bias``), such as ``lenet5`` and ``mlp``:
-    layers are chained in natural name order (``conv1 < conv2 < fc1 < fc2
-    < fc10``) and the last one (the classifier) is never a producer.
+
+def infer_layers(infos: Infos) -> tuple[tuple[str, str], ...]:
+    """The ``(producer, consumer)`` links of a model, from its leaf metadata.
+
+    A link is a kernel layer whose output units only the next layer reads
+    (``LeafInfo.feeds``, filled in from the model's dataflow), in the
+    order of the parameters.
 
     Args:
-        params: the parameter tree.
+        infos: ``{path: LeafInfo}`` (``model.infos``).
 
     Returns:
-        Pairs ``((conv1, conv2), (conv2, fc1), ...)``.
+        Pairs such as ``(("Conv_0", "Conv_1"), ("Conv_1", "Dense_0"))``.
 
     Raises:
-        ValueError: if some top-level entry is not such a layer (e.g. the
-            residual CNN or the ViT); pass ``layers`` explicitly then.
+        ValueError: if the model has no such link (a network whose every
+            layer feeds a residual stream); pass ``layers`` explicitly then.
     """
-    if not isinstance(params, Mapping):
-        raise ValueError("cannot infer layers of a non-dict parameter tree; "
-                         "pass layers=[(producer, consumer), ...]")
-    names = sorted(params, key=_natural_key)
-    odd = [name for name in names
-           if not (isinstance(params[name], Mapping)
-                   and "kernel" in params[name]
-                   and set(params[name]) <= {"kernel", "bias"})]
-    if odd or len(names) < 2:
+    feeds = {}
+    for info in infos.values():
+        if info.role == KERNEL and info.feeds is not None:
+            feeds.setdefault(info.layer, info.feeds)
+    # Chains in dataflow order: from each layer no other feeds, follow on.
+    pairs = []
+    for start in [layer for layer in feeds if layer not in feeds.values()]:
+        layer = start
+        while layer in feeds and (layer, feeds[layer]) not in pairs:
+            pairs.append((layer, feeds[layer]))
+            layer = feeds[layer]
+    if not pairs:
         raise ValueError(
-            "cannot infer a layer chain: top-level entries "
-            f"{', '.join(odd) or 'fewer than two layers'} are not plain "
-            "kernel/bias layers; pass layers=[(producer, consumer), ...] "
-            "(or use drop_blocks / remove_heads for residual blocks and "
-            "attention heads)")
-    return tuple(zip(names[:-1], names[1:]))
+            "no layer of the model feeds its units to exactly one next "
+            "layer (a chain link), so there are no neurons to remove; pass "
+            "layers=[(producer, consumer), ...], declare LeafInfo.feeds "
+            "with model.with_info, or use drop_blocks / remove_heads")
+    return tuple(pairs)
 
 
 def _normalise_layers(layers: Layers | None
@@ -192,10 +220,36 @@ def _normalise_layers(layers: Layers | None
     return tuple(pairs)
 
 
-def _input_axis(kernel: Array) -> int:
-    # HWIO convolution kernels read their input on axis 2, dense and
-    # DenseGeneral kernels on axis 0.
-    return 2 if kernel.ndim == 4 else 0
+def _single_axis(info: LeafInfo, path: str, which: str) -> int:
+    axes = info.out_axes if which == "output" else info.in_axes
+    if len(axes) != 1:
+        raise InfoError(f"leaf {path!r} has {len(axes)} {which} axes "
+                        f"{axes}; neuron removal needs exactly one; "
+                        f"{how_to_declare(path)}")
+    return axes[0]
+
+
+def _unit_members(infos: Infos, leaves: Mapping[str, Array], producer: str,
+                  units: int) -> list[tuple[str, int]]:
+    # (path, unit axis) of every leaf that holds the producer's units; a
+    # leaf of the producer whose role is unknown is an error, not skipped.
+    owned = [path for path, info in infos.items()
+             if info.layer == producer or info.follows == producer]
+    require_roles(infos, owned, "remove_neurons")
+    members = []
+    for path in owned:
+        info = infos[path]
+        if info.layer == producer and info.role not in (KERNEL, BIAS):
+            continue  # e.g. a scale the layer applies to all its units
+        axis = _single_axis(info, path, "output")
+        shape = leaves[path].shape
+        if axis >= len(shape) or shape[axis] != units:
+            raise InfoError(
+                f"leaf {path!r} (shape {tuple(shape)}) belongs to the units "
+                f"of layer {producer!r} but has no axis {axis} of its "
+                f"{units} units; {how_to_declare(path)}")
+        members.append((path, axis))
+    return members
 
 
 def make_remove_neurons(layers: Layers | None = None, *,
@@ -204,85 +258,91 @@ def make_remove_neurons(layers: Layers | None = None, *,
     """Build an operator that removes dense units and conv output channels.
 
     In every producer layer exactly ``floor(units * ratio)`` output units
-    are removed: the unit's kernel column and bias and the consumer's input
-    rows that read it are zeroed and masked, so the network computes what
-    it would without the unit (see the module docstring).
+    are removed: the unit's kernel slice and bias, the entries of the
+    normalisations that follow the layer, and the consumer's input rows
+    that read it are zeroed and masked, so the network computes what it
+    would without the unit (see the module docstring).
 
     Args:
-        layers: ``None`` to infer the chain from the tree (``lenet5``,
-            ``mlp``); a chain of layer paths (``["conv1", "conv2", "fc1"]``,
-            the last keeps its outputs); or ``(producer, consumer)`` pairs
-            of paths such as ``("block0/conv_a", "block0/conv_b")`` (a
-            consumer of ``None`` zeroes only the producer's outputs).
+        layers: ``None`` for every chain link of the model (from its
+            dataflow, see :func:`infer_layers`); a chain of layer paths
+            (``["Conv_0", "Conv_1", "Dense_0"]``, the last keeps its
+            outputs); or ``(producer, consumer)`` pairs of layer paths
+            such as ``("block0/conv_a", "block0/conv_b")`` (a consumer of
+            ``None`` zeroes only the producer's outputs).
         target: ``"random"`` (keyed, uniform without replacement) or
             ``"smallest_norm"`` (structured magnitude pruning: units whose
-            incoming kernel column and bias have the smallest L2 norm).
+            kernel slice and bias have the smallest L2 norm).
 
     Returns:
-        ``op(key, params, ratio) -> Damage``.
+        ``op(key, params, ratio, *, info) -> Damage``.
 
     Raises:
         ValueError: for an unknown target or malformed ``layers`` now; when
             called, for a bad ratio, a missing layer, or a consumer whose
-            input size does not match the producer's units.
+            input size is not a multiple of the producer's units.
+        InfoError: when called without ``info``, or on leaves whose role
+            or axes are not known.
         TypeError: for ``layers`` entries of the wrong type.
     """
     pairs = _normalise_layers(layers)
     _check_unit_target(target)
 
-    def remove(key: PRNGKey, params: Params, ratio: Array) -> Damage:
-        graph = pairs if pairs is not None else infer_layers(params)
+    def remove(key: PRNGKey, params: Params, ratio: Array,
+               infos: Infos | None) -> Damage:
+        infos = _require_infos(infos, "remove_neurons")
+        graph = pairs if pairs is not None else infer_layers(infos)
         leaves = _leaves_by_path(params)
-        units, norms = [], []
+        units, norms, groups = [], [], []
         for producer, consumer in graph:
-            group = _subtree(params, producer)
-            if not isinstance(group, Mapping) or "kernel" not in group:
-                raise ValueError(f"layer {producer!r} has no kernel")
-            kernel = jnp.asarray(group["kernel"])
-            if kernel.ndim < 2:
-                raise ValueError(f"layer {producer!r}: kernel of shape "
-                                 f"{kernel.shape} has no unit axis")
-            count = kernel.shape[-1]
-            units.append(count)
-            squares = jnp.sum(jnp.square(kernel.astype(jnp.float32)).reshape(
-                -1, count), axis=0)
-            if "bias" in group:
-                squares = squares + jnp.square(
-                    jnp.asarray(group["bias"]).astype(jnp.float32))
-            norms.append(squares)
+            kernel_path = _kernel_of(infos, producer)
+            info = infos[kernel_path]
+            axis = _single_axis(info, kernel_path, "output")
+            count = leaves[kernel_path].shape[axis]
+            members = _unit_members(infos, leaves, producer, count)
+            squares = sum(_unit_squares(leaves[path], member_axis)
+                          for path, member_axis in members
+                          if infos[path].layer == producer)
+            reader = None
             if consumer is not None:
-                reader = _subtree(params, consumer)
-                if not isinstance(reader, Mapping) or "kernel" not in reader:
-                    raise ValueError(f"layer {consumer!r} has no kernel")
-                reader_kernel = jnp.asarray(reader["kernel"])
-                size = reader_kernel.shape[_input_axis(reader_kernel)]
+                reader = _kernel_of(infos, consumer)
+                reader_axis = _single_axis(infos[reader], reader, "input")
+                if reader_axis >= leaves[reader].ndim:
+                    raise InfoError(f"leaf {reader!r} (shape "
+                                    f"{leaves[reader].shape}) has no input "
+                                    f"axis {reader_axis}; "
+                                    f"{how_to_declare(reader)}")
+                size = leaves[reader].shape[reader_axis]
                 if size % count:
                     raise ValueError(
                         f"layer {consumer!r} reads {size} inputs, not a "
                         f"multiple of the {count} units of {producer!r}")
+                reader = (reader, reader_axis, size)
+            units.append(count)
+            norms.append(squares)
+            groups.append((members, reader, info.channels))
         chosen = _choose_units(key, ratio, units,
                                norms if target == "smallest_norm" else None)
         masks: dict[str, list[Array]] = {}
-        for (producer, consumer), unit_mask in zip(graph, chosen):
-            masks.setdefault(f"{producer}/kernel", []).append(unit_mask)
-            if f"{producer}/bias" in leaves:
-                masks.setdefault(f"{producer}/bias", []).append(unit_mask)
-            if consumer is None:
+        for (members, reader, channels), unit_mask in zip(groups, chosen):
+            for path, axis in members:
+                masks.setdefault(path, []).append(
+                    _along(unit_mask, axis, leaves[path].ndim))
+            if reader is None:
                 continue
-            kernel = leaves[f"{consumer}/kernel"]
-            axis = _input_axis(kernel)
-            rows = unit_mask[jnp.arange(kernel.shape[axis]) % unit_mask.size]
-            shape = [1] * kernel.ndim
-            shape[axis] = kernel.shape[axis]
-            masks.setdefault(f"{consumer}/kernel", []).append(
-                rows.reshape(shape))
+            path, axis, size = reader
+            rows = jnp.arange(size)
+            unit_of_row = (rows % unit_mask.size if channels == "last"
+                           else rows // (size // unit_mask.size))
+            masks.setdefault(path, []).append(
+                _along(unit_mask[unit_of_row], axis, leaves[path].ndim))
         return _damage_from_masks(params, masks)
 
     return make_operator(remove, name="remove_neurons", amount_name="ratio",
                          fraction=True, doc=operator_doc(
                              make_remove_neurons,
                              dict(layers=layers, target=target),
-                             "op(key, params, ratio) -> Damage"))
+                             "op(key, params, ratio, *, info) -> Damage"))
 
 
 def make_remove_connections(scope: ScopeLike = "weights", *,
@@ -321,59 +381,83 @@ def make_remove_connections(scope: ScopeLike = "weights", *,
 
 
 # --------------------------------------------------------------------------
-# Residual blocks.
+# Blocks.
 # --------------------------------------------------------------------------
 
 
 def find_blocks(params: Params, pattern: str) -> tuple[str, ...]:
-    """Top-level entries whose name fully matches ``pattern``, in order.
+    """Module paths that fully match ``pattern``, in order of first leaf.
+
+    Each leaf belongs to the shortest prefix of its path (``block2`` of
+    ``block2/conv_a/kernel``, ``layers/3`` of ``layers/3/mlp/weight``)
+    that matches; blocks are listed in the parameters' flattening order.
 
     Raises:
-        ValueError: if none matches (the message names the pattern).
+        ValueError: if none matches (the message names the pattern and
+            shows some module paths).
     """
     compiled = re.compile(pattern)
-    names = [name for name in (params if isinstance(params, Mapping) else ())
-             if compiled.fullmatch(name) and isinstance(params[name], Mapping)]
-    if not names:
-        top = ", ".join(sorted(params)) if isinstance(params, Mapping) else ""
-        raise ValueError(f"block pattern '{pattern}' matches no top-level "
-                         f"entry of the parameters (entries: {top or 'none'})")
-    return tuple(sorted(names, key=_natural_key))
+    blocks = []
+    for path in leaf_paths(params):
+        block = _block_of(path, compiled)
+        if block is not None and block not in blocks:
+            blocks.append(block)
+    if not blocks:
+        modules = sorted({path.rsplit("/", 1)[0] for path in leaf_paths(
+            params) if "/" in path})
+        shown = ", ".join(modules[:12]) + (" ..." if len(modules) > 12
+                                           else "")
+        raise ValueError(f"block pattern '{pattern}' matches no module path "
+                         f"of the parameters (modules: {shown or 'none'})")
+    return tuple(blocks)
+
+
+def _block_of(path: str, compiled: "re.Pattern[str]") -> str | None:
+    parts = path.split("/")[:-1]
+    for end in range(1, len(parts) + 1):
+        prefix = "/".join(parts[:end])
+        if compiled.fullmatch(prefix):
+            return prefix
+    return None
 
 
 def make_drop_blocks(pattern: str = r"block\d+") -> DamageFn:
-    """Build an operator that drops whole residual blocks.
+    """Build an operator that drops whole blocks (residual branches).
 
     Exactly ``floor(blocks * ratio)`` blocks, chosen by key, lose every
-    parameter: for ``rescnn``'s ``relu(x + conv_b(relu(conv_a(x))))`` the
-    branch is then zero and the block is the identity on its (non-negative)
-    input, so the damaged network equals the one with the block skipped.
+    parameter: for a residual block ``x + f(x)`` (``rescnn``'s
+    ``relu(x + conv_b(relu(conv_a(x))))``, a transformer block) the branch
+    is then zero and the block is the identity on its input, so the damaged
+    network equals the one with the block skipped.
 
     Args:
-        pattern: regex that the names of block entries match in full
-            (top-level entries of the tree; default ``block\\d+``).
+        pattern: regex that a block's module path matches in full, at any
+            depth (default ``block\\d+``; ``layers/\\d+`` for equinox
+            lists, ``encoder/layer_\\d+`` for nested ones).
 
     Returns:
-        ``op(key, params, ratio) -> Damage``; the mask marks every entry of
-        the dropped blocks.
+        ``op(key, params, ratio, *, info=None) -> Damage``; the mask marks
+        every entry of the dropped blocks.
 
     Raises:
         ValueError: for an invalid pattern now; when called, for a bad
-            ratio or a pattern that matches no entry.
+            ratio or a pattern that matches no module.
     """
     try:
-        re.compile(pattern)
+        compiled = re.compile(pattern)
     except (re.error, TypeError) as error:
         raise ValueError(f"block pattern '{pattern}' is not a valid regular "
                          f"expression: {error}") from error
 
-    def drop(key: PRNGKey, params: Params, ratio: Array) -> Damage:
+    def drop(key: PRNGKey, params: Params, ratio: Array,
+             infos: Infos | None) -> Damage:
+        del infos
         blocks = find_blocks(params, pattern)
         chosen = _choose_units(key, ratio, [len(blocks)], None)[0]
         masks: dict[str, list[Array]] = {}
         for path in leaf_paths(params):
-            block = path.split("/", 1)[0]
-            if block in blocks:
+            block = _block_of(path, compiled)
+            if block is not None:
                 masks[path] = [chosen[blocks.index(block)]]
         return _damage_from_masks(params, masks)
 
@@ -387,97 +471,103 @@ def make_drop_blocks(pattern: str = r"block\d+") -> DamageFn:
 # Attention heads.
 # --------------------------------------------------------------------------
 
-_PROJECTIONS = ("query", "key", "value")
 
+def find_attention(infos: Infos) -> dict[str, tuple[str, ...]]:
+    """Attention modules and their per-head leaves, from leaf metadata.
 
-def find_attention(params: Params) -> tuple[str, ...]:
-    """Paths of every attention module (``query``/``key``/``value``/``out``).
+    An attention module is the parent module of layers whose leaves have a
+    ``head_axis`` (query, key, value and output projections).
+
+    Args:
+        infos: ``{path: LeafInfo}``.
+
+    Returns:
+        ``{module path: (leaf paths with a head axis, ...)}`` in order.
 
     Raises:
-        ValueError: if the tree holds none.
+        ValueError: if no leaf has a head axis.
     """
-    found = []
-
-    def visit(node, path):
-        if not isinstance(node, Mapping):
-            return
-        if all(name in node and isinstance(node[name], Mapping)
-               and "kernel" in node[name]
-               for name in _PROJECTIONS + ("out",)):
-            found.append(path)
-            return
-        for name in node:
-            visit(node[name], f"{path}/{name}" if path else str(name))
-
-    visit(params, "")
+    found: dict[str, list[str]] = {}
+    for path, info in infos.items():
+        if info.head_axis is None:
+            continue
+        layer = info.layer or ""
+        module = layer.rsplit("/", 1)[0] if "/" in layer else layer
+        found.setdefault(module, []).append(path)
     if not found:
-        raise ValueError("no attention module (query/key/value/out kernels) "
-                         "in the parameters")
-    return tuple(sorted(found, key=_natural_key))
+        raise ValueError(
+            "no attention module in the parameters: no leaf has a heads "
+            "axis (LeafInfo.head_axis); models built from flax "
+            "MultiHeadDotProductAttention / DenseGeneral((heads, head_dim)), "
+            "nnx MultiHeadAttention or equinox MultiheadAttention have one, "
+            "others can declare it with model.with_info")
+    return {module: tuple(paths) for module, paths in found.items()}
 
 
 def make_remove_heads(*, target: Literal["random", "smallest_norm"] = "random"
                       ) -> DamageFn:
-    """Build an operator that removes attention heads of a ViT.
+    """Build an operator that removes attention heads.
 
     In every attention module exactly ``floor(heads * ratio)`` heads are
-    removed: their query/key/value kernel and bias slices and their slice
-    of the output kernel are zeroed and masked, so they contribute nothing.
+    removed: their slices of the query/key/value kernels and biases and of
+    the output kernel are zeroed and masked, so they contribute nothing.
 
     Args:
         target: ``"random"`` or ``"smallest_norm"`` (heads whose parameters
             have the smallest L2 norm).
 
     Returns:
-        ``op(key, params, ratio) -> Damage``.
+        ``op(key, params, ratio, *, info) -> Damage``.
 
     Raises:
         ValueError: for an unknown target now; when called, for a bad ratio,
-            parameters without attention, or inconsistent head shapes.
+            parameters without attention, or inconsistent head counts.
+        InfoError: when called without ``info``.
     """
     _check_unit_target(target)
 
-    def remove(key: PRNGKey, params: Params, ratio: Array) -> Damage:
-        modules = find_attention(params)
-        heads, norms = [], []
-        for path in modules:
-            module = _subtree(params, path)
-            out = jnp.asarray(module["out"]["kernel"])
-            count = out.shape[0]
-            squares = jnp.sum(jnp.square(out.astype(jnp.float32)).reshape(
-                count, -1), axis=1)
-            for name in _PROJECTIONS:
-                for leaf_name in ("kernel", "bias"):
-                    if leaf_name not in module[name]:
-                        continue
-                    leaf = jnp.asarray(module[name][leaf_name])
-                    axis = 1 if leaf_name == "kernel" else 0
-                    if leaf.ndim <= axis or leaf.shape[axis] != count:
-                        raise ValueError(
-                            f"{path}/{name}/{leaf_name} of shape "
-                            f"{leaf.shape} does not have {count} heads on "
-                            f"axis {axis}")
-                    squares = squares + jnp.sum(jnp.square(
-                        jnp.moveaxis(leaf.astype(jnp.float32), axis, 0)
-                    ).reshape(count, -1), axis=1)
+    def remove(key: PRNGKey, params: Params, ratio: Array,
+               infos: Infos | None) -> Damage:
+        infos = _require_infos(infos, "remove_heads")
+        leaves = _leaves_by_path(params)
+        modules = find_attention(infos)
+        heads, norms, members = [], [], []
+        for module, paths in modules.items():
+            counts = {infos[path].heads for path in paths}
+            if len(counts) != 1:
+                raise ValueError(f"attention module {module!r}: its leaves "
+                                 f"disagree on the number of heads "
+                                 f"({sorted(counts)})")
+            (count,) = counts
+            group, squares = [], jnp.zeros((count,), jnp.float32)
+            for path in paths:
+                axis = infos[path].head_axis
+                size = leaves[path].shape[axis]
+                if size % count:
+                    raise ValueError(
+                        f"{path} of shape {leaves[path].shape} cannot split "
+                        f"axis {axis} into {count} heads")
+                head_of = jnp.arange(size) // (size // count)
+                group.append((path, axis, head_of))
+                squares = squares + jax.ops.segment_sum(
+                    _unit_squares(leaves[path], axis), head_of,
+                    num_segments=count)
             heads.append(count)
             norms.append(squares)
+            members.append(group)
         chosen = _choose_units(key, ratio, heads,
                                norms if target == "smallest_norm" else None)
         masks: dict[str, list[Array]] = {}
-        for path, head_mask in zip(modules, chosen):
-            module = _subtree(params, path)
-            masks[f"{path}/out/kernel"] = [head_mask[:, None, None]]
-            for name in _PROJECTIONS:
-                masks[f"{path}/{name}/kernel"] = [head_mask[None, :, None]]
-                if "bias" in module[name]:
-                    masks[f"{path}/{name}/bias"] = [head_mask[:, None]]
+        for group, head_mask in zip(members, chosen):
+            for path, axis, head_of in group:
+                masks[path] = [_along(head_mask[head_of], axis,
+                                      leaves[path].ndim)]
         return _damage_from_masks(params, masks)
 
     return make_operator(remove, name="remove_heads", amount_name="ratio",
                          fraction=True, doc=operator_doc(
                              make_remove_heads, dict(target=target),
-                             "op(key, params, ratio) -> Damage"))
+                             "op(key, params, ratio, *, info) -> Damage"))
 
 
 # --------------------------------------------------------------------------

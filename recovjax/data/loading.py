@@ -12,7 +12,7 @@ import tensorflow_datasets as tfds
 from recovjax import _paths
 from recovjax._io import move_aside
 from recovjax._types import Dataset, Split
-from recovjax.data import mnist5k
+from recovjax.data import arrays, mnist5k
 from recovjax.data.mnist5k import Mnist5k
 
 logger = logging.getLogger(__name__)
@@ -39,8 +39,19 @@ class DatasetCorruptedError(ValueError):
 
 
 def dataset_names() -> tuple[str, ...]:
-    """Names accepted by :func:`load_dataset`."""
-    return EMBEDDED + CATALOGUE
+    """Names accepted by :func:`load_dataset` (registered ones included)."""
+    return EMBEDDED + CATALOGUE + arrays.registered_names()
+
+
+def _registered(name: str, data_dir) -> Dataset | None:
+    loader = arrays.registered_loader(name)
+    if loader is None:
+        return None
+    dataset = loader(data_dir=data_dir)
+    if not isinstance(dataset, Dataset):
+        raise TypeError(f"the loader of dataset {name!r} returned "
+                        f"{type(dataset).__name__}, not a recovjax Dataset")
+    return dataset
 
 
 def normalize(images: np.ndarray) -> np.ndarray:
@@ -153,6 +164,9 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike[str] | None = None
                 f"rebuild it: tfds build {name} --file_format=array_record"
                 ) from error
         return _from_builder(name, builder)
+    registered = _registered(name, data_dir)
+    if registered is not None:
+        return registered
     raise ValueError(f"unknown dataset {name!r}; valid names: "
                      f"{', '.join(dataset_names())}")
 
@@ -190,6 +204,8 @@ def dataset_prepared(name: str, *,
         return True
     if name in CATALOGUE:
         return _find_prepared(_tfds_data_dir(data_dir), name) is not None
+    if arrays.registered_loader(name) is not None:
+        return True
     raise ValueError(f"unknown dataset {name!r}; valid names: "
                      f"{', '.join(dataset_names())}")
 
@@ -213,6 +229,9 @@ def dataset_features(name: str, *,
         return (28, 28, 1), mnist5k.NUM_CLASSES
     if name in CATALOGUE:
         builder = _catalogue_builder(name, data_dir)
+    elif arrays.registered_loader(name) is not None:
+        dataset = _registered(name, data_dir)
+        return dataset.input_shape, dataset.num_classes
     else:
         raise ValueError(f"unknown dataset {name!r}; valid names: "
                          f"{', '.join(dataset_names())}")

@@ -15,7 +15,8 @@ from recovjax.recovery.rebuild import (make_rebuild, rebuild_from_checkpoint,
                                        rebuild_reinit, reinitialize)
 from recovjax.recovery.registry import (RecoveryOutcome, RecoveryTask,
                                         compose, get_strategy, make_task,
-                                        strategy_names, strategy_options)
+                                        register_strategy, strategy_names,
+                                        strategy_options)
 from recovjax.recovery.restore import (RestoreResult, check_structure,
                                        damaged_leaf_paths, detect_and_restore,
                                        read_leaves, replace_entries,
@@ -56,6 +57,7 @@ __all__ = [
     "run_seed_experiment",
     "recovery_ratio",
     "recovery_records",
+    "register_strategy",
     "reinitialize",
     "replace_entries",
     "replace_leaves",

@@ -77,6 +77,9 @@ class FinetuneResult(NamedTuple):
             no update.
         diverged: ``bool``: some training loss was NaN or infinite.
         diverged_step: ``int32``: first slot with a non-finite loss, or -1.
+        state: the model state after training in training mode (updated
+            batch statistics), or ``None`` when the model's state was
+            frozen (see ``train_mode`` of :func:`make_finetune`).
     """
 
     params: Params
@@ -84,6 +87,7 @@ class FinetuneResult(NamedTuple):
     losses: Array
     diverged: Array
     diverged_step: Array
+    state: Any = None
 
 
 def distill_loss(logits: Array, teacher_logits: Array,
@@ -302,6 +306,11 @@ def _check_positive(name: str, value: Any, allow_none: bool = True) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+_STEP_STREAM = 0x73746570
+"""Folded into the data-order key for the per-step training-mode keys
+(dropout), so they never coincide with the data order's."""
+
+
 def make_finetune(apply: ApplyFn,
                   optimizer: optax.GradientTransformation | None = None, *,
                   batch_size: int = DEFAULT_BATCH_SIZE,
@@ -309,11 +318,13 @@ def make_finetune(apply: ApplyFn,
                   mode: Mode = "all", eval_every: int | None = None,
                   num_classes: int = 10,
                   loss: Literal["cross_entropy", "distill"] = "cross_entropy",
-                  temperature: float = 1.0) -> Callable[..., FinetuneResult]:
+                  temperature: float = 1.0, train_mode: Any = None,
+                  task: Any = None) -> Callable[..., FinetuneResult]:
     """Build the pure fine-tuning function for one damaged model.
 
     Args:
-        apply: ``apply(params, x) -> logits``.
+        apply: ``apply(params, x) -> logits``, the evaluation-mode pass
+            (``model.forward``); the model's state stays frozen.
         optimizer: an optax transformation; default :func:`default_optimizer`
             (the seed's SGD, lr 0.001, momentum 0.9).
         batch_size: examples per step (static).
@@ -332,6 +343,22 @@ def make_finetune(apply: ApplyFn,
             ``"distill"``: KL divergence to teacher logits passed as
             ``labels`` (``float32[N, C]``); no true labels are used.
         temperature: distillation temperature.
+        train_mode: a :class:`~recovjax.models.Model` to train in its
+            training mode instead: every step runs ``model.apply(params,
+            state, x, train=True, key=step_key)``, so dropout is on (its
+            keys derived from the data-order key and the step slot) and
+            batch statistics come from the batch and are carried, updated,
+            from step to step, starting from ``model.state``; curves
+            evaluate with the carried state, and the result holds the
+            final one. ``None`` (the default) trains through ``apply``.
+        task: a :class:`recovjax.tasks.Task` other than classification
+            (a language model's): ``images`` is then the recovery data as
+            the task's batch dict of ``[N, ...]`` arrays (``labels`` is
+            ignored and may be ``None``), the loss is the task's, the
+            ``weights`` keep (``> 0``) or drop each example (they are
+            folded into the batch's ``"mask"``), and ``eval_batches`` are
+            the task's stacked batches; curves report the task's
+            ``accuracy`` (NaN if it has none) and ``loss``.
 
     Returns:
         ``recover(key, params, mask, images, labels, weights, eval_batches=None,
@@ -386,14 +413,43 @@ def make_finetune(apply: ApplyFn,
             return distill_loss(logits, targets, temperature)
         return cross_entropy(logits, targets)
 
-    def objective(params, images, targets, weights):
-        logits = apply(params, images)
+    def forward(params, state, inputs, step_key):
+        if train_mode is None:
+            return apply(params, inputs), state
+        return train_mode.apply(params, state, inputs, train=True,
+                                key=step_key)
+
+    def task_objective(params, state, batch, targets, weights, step_key):
+        del targets
+        keep = weights > 0
+        batch = dict(batch, mask=(batch["mask"] > 0) & keep.reshape(
+            keep.shape + (1,) * (batch["mask"].ndim - 1)))
+        outputs, state = forward(params, state, task.inputs(batch), step_key)
+        loss_sum, count = task.loss(outputs, batch)
+        return loss_sum / jnp.maximum(count, 1).astype(jnp.float32), state
+
+    def objective(params, state, images, targets, weights, step_key):
+        if task is not None:
+            return task_objective(params, state, images, targets, weights,
+                                  step_key)
+        logits, state = forward(params, state, images, step_key)
         # Static, so checked while tracing at no cost (no extra trace).
         _checks.check_logits_shape(logits.shape, num_classes)
         losses = per_example(logits, targets)
         # where, not multiply: a dropped example's NaN must not poison the sum.
         total = jnp.sum(jnp.where(weights > 0, losses * weights, 0.0))
-        return total / jnp.maximum(weights.sum(), 1e-12)
+        return total / jnp.maximum(weights.sum(), 1e-12), state
+
+    def evaluate_with(params, state, batches):
+        evaluated = apply if train_mode is None else (
+            lambda p, x: train_mode.apply(p, state, x)[0])
+        if task is None:
+            metrics = evaluate(evaluated, params, batches, num_classes)
+            return metrics.accuracy, metrics.loss
+        from recovjax.tasks import evaluate_task
+        metrics = evaluate_task(task, evaluated, params, batches)
+        return (metrics.get("accuracy", jnp.float32(jnp.nan)),
+                metrics["loss"])
 
     def recover(key: PRNGKey, params: Params, mask: Mask | None,
                 images: Array, labels: Array, weights: Array,
@@ -401,10 +457,19 @@ def make_finetune(apply: ApplyFn,
                 frozen: Mask | None = None) -> FinetuneResult:
         # Static checks only (dtypes and shapes, free while tracing); value
         # checks of the labels belong to the entry points, on the host.
-        _check_inputs(key, images, labels, weights)
-        n = labels.shape[0]
+        if task is None:
+            _check_inputs(key, images, labels, weights)
+            n = labels.shape[0]
+        else:
+            from recovjax.tasks import check_batch
+            _checks.check_key(key, "key")
+            images = check_batch(task, images, "images")
+            n = int(np.shape(next(iter(images.values())))[0])
+            _checks.check_lengths("recovery data", weights=weights,
+                                  **{key_: value for key_, value in
+                                     images.items()})
         _checks.check_batch_size(batch_size, n)
-        if loss == "cross_entropy":
+        if loss == "cross_entropy" and task is None:
             _checks.check_labels(labels, num_classes)
         per_epoch = num_batches(n, batch_size)
         slots = total_steps(n, batch_size, steps=steps, epochs=epochs)
@@ -421,15 +486,21 @@ def make_finetune(apply: ApplyFn,
                 lambda p, f: jnp.where(f, jnp.zeros_like(p), p), params,
                 frozen)
 
-        def update(params, opt_state, batch_index, batch_weight):
-            value, grads = jax.value_and_grad(objective)(
-                params, images[batch_index], labels[batch_index],
-                batch_weight)
+        step_root = jax.random.fold_in(key, _STEP_STREAM)
+
+        def update(params, opt_state, state, slot, batch_index,
+                   batch_weight):
+            (value, state), grads = jax.value_and_grad(
+                objective, has_aux=True)(
+                    params, state, jax.tree.map(lambda a: a[batch_index],
+                                                images),
+                    None if labels is None else labels[batch_index],
+                    batch_weight, jax.random.fold_in(step_root, slot))
             if trainable is None:
                 updates, opt_state = optimizer.update(grads, opt_state,
                                                       params)
                 params = optax.apply_updates(params, updates)
-                return params, opt_state, value
+                return params, opt_state, state, value
             grads = jax.tree.map(
                 lambda g, t: jnp.where(t, g, jnp.zeros_like(g)), grads,
                 trainable)
@@ -443,30 +514,30 @@ def make_finetune(apply: ApplyFn,
                 params = jax.tree.map(
                     lambda p, f: jnp.where(f, jnp.zeros_like(p), p), params,
                     frozen)
-            return params, opt_state, value
+            return params, opt_state, state, value
 
-        def skip(params, opt_state, batch_index, batch_weight):
-            del batch_index, batch_weight
-            return params, opt_state, jnp.float32(jnp.nan)
+        def skip(params, opt_state, state, slot, batch_index, batch_weight):
+            del slot, batch_index, batch_weight
+            return params, opt_state, state, jnp.float32(jnp.nan)
 
         def train_step(carry, batch):
-            params, opt_state, done, samples, first_bad = carry
+            params, opt_state, done, samples, first_bad, state = carry
             slot, batch_index, batch_weight = batch
             active = batch_weight.sum() > 0
-            params, opt_state, value = jax.lax.cond(
-                active, update, skip, params, opt_state, batch_index,
-                batch_weight)
+            params, opt_state, state, value = jax.lax.cond(
+                active, update, skip, params, opt_state, state, slot,
+                batch_index, batch_weight)
             bad = active & ~jnp.isfinite(value)
             first_bad = jnp.where((first_bad < 0) & bad, slot, first_bad)
             done = done + active.astype(jnp.int32)
             samples = samples + (batch_weight > 0).sum().astype(jnp.float32)
-            return (params, opt_state, done, samples, first_bad), value
+            return (params, opt_state, done, samples, first_bad, state), value
 
         def measure(carry):
-            params, _, done, samples, _ = carry
-            metrics = evaluate(apply, params, eval_batches, num_classes)
-            return (done, samples, metrics.accuracy.astype(jnp.float32),
-                    metrics.loss.astype(jnp.float32))
+            params, _, done, samples, _, state = carry
+            accuracy, loss_value = evaluate_with(params, state, eval_batches)
+            return (done, samples, jnp.asarray(accuracy, jnp.float32),
+                    jnp.asarray(loss_value, jnp.float32))
 
         def run(carry, start, count):
             xs = (jnp.arange(start, start + count, dtype=jnp.int32),
@@ -475,7 +546,8 @@ def make_finetune(apply: ApplyFn,
             return jax.lax.scan(train_step, carry, xs)
 
         carry = (params, optimizer.init(params), jnp.int32(0),
-                 jnp.float32(0), jnp.int32(-1))
+                 jnp.float32(0), jnp.int32(-1),
+                 None if train_mode is None else train_mode.state)
         points = []
         if eval_batches is not None:
             points.append(jax.tree.map(lambda x: x[None], measure(carry)))
@@ -512,7 +584,7 @@ def make_finetune(apply: ApplyFn,
         return FinetuneResult(params=carry[0], curve=curve,
                               losses=jnp.concatenate(losses),
                               diverged=first_bad >= 0,
-                              diverged_step=first_bad)
+                              diverged_step=first_bad, state=carry[5])
 
     return recover
 

@@ -67,6 +67,11 @@ class RecoveryTask:
         checkpoint: pretrained Orbax checkpoint directory, or ``None``.
         teacher: pretrained parameters for distillation; read from
             ``checkpoint`` when ``None``.
+        param_shapes: one model's parameter shapes (shape structs);
+            derived from ``init`` when ``None``.
+        model: the :class:`~recovjax.models.Model`, for strategies that
+            train in its training mode (``train_mode=True``) or
+            recalibrate its state; ``None`` if none is given.
     """
 
     apply: ApplyFn
@@ -78,6 +83,8 @@ class RecoveryTask:
     eval_batches: Batches | None = None
     checkpoint: os.PathLike[str] | str | None = None
     teacher: Params | None = None
+    param_shapes: Params | None = None
+    model: Any = None
 
     def __post_init__(self) -> None:
         # Checked once here, on the host, so that no strategy call (and no
@@ -85,8 +92,10 @@ class RecoveryTask:
         # surface only as NaN losses and diverged=True.
         sample = jax.ShapeDtypeStruct((1,) + tuple(self.images.shape[1:]),
                                       self.images.dtype)
-        shapes = jax.eval_shape(
-            lambda x: self.init(jax.random.key(0), x), sample)
+        shapes = self.param_shapes
+        if shapes is None:
+            shapes = jax.eval_shape(
+                lambda x: self.init(jax.random.key(0), x), sample)
         _checks.check_logit_width(self.apply, shapes, sample,
                                   self.num_classes)
         check_recovery_data(self.images, self.labels, self.weights,
@@ -162,11 +171,12 @@ def make_task(model: Any, train: Split | Any, *,
             raise ValueError(f"budget fraction must be in [0, 1], got "
                              f"{fraction}")
         weights = weights * budget_weights(key, labels.shape[0], fraction)
-    return RecoveryTask(apply=model.apply, init=model.init,
+    return RecoveryTask(apply=model.forward, init=model.init,
                         num_classes=model.num_classes, images=images,
                         labels=labels, weights=weights,
                         eval_batches=eval_batches, checkpoint=checkpoint,
-                        teacher=teacher)
+                        teacher=teacher,
+                        param_shapes=model.abstract_params(), model=model)
 
 
 class RecoveryOutcome(NamedTuple):
@@ -183,6 +193,8 @@ class RecoveryOutcome(NamedTuple):
         restored_leaves: leaves read from the checkpoint.
         bytes_read: bytes read from the checkpoint files.
         seconds: wall time, compilation included.
+        state: the models' state after a strategy that trains in training
+            mode (leading axis ``M``), or ``None``: the model's own.
     """
 
     params: Params
@@ -193,6 +205,7 @@ class RecoveryOutcome(NamedTuple):
     restored_leaves: tuple[str, ...]
     bytes_read: int
     seconds: float
+    state: Any = None
 
 
 class Strategy(Protocol):
@@ -284,7 +297,7 @@ def _training_strategy(name: str, build: Callable[[RecoveryTask], Callable],
                  ) -> RecoveryOutcome:
         _check_call(keys, damage, task)
         start = time.perf_counter()
-        cache_key = (task.apply, task.init, task.num_classes)
+        cache_key = (task.apply, task.init, task.num_classes, task.model)
         if cache_key not in compiled:
             compiled[cache_key] = stack_recover(build(task),
                                                 frozen=uses_frozen)
@@ -299,7 +312,7 @@ def _training_strategy(name: str, build: Callable[[RecoveryTask], Callable],
             params=result.params, curve=result.curve, losses=result.losses,
             diverged=result.diverged, diverged_step=result.diverged_step,
             restored_leaves=(), bytes_read=0,
-            seconds=time.perf_counter() - start)
+            seconds=time.perf_counter() - start, state=result.state)
 
     strategy.__name__ = name
     return strategy
@@ -311,8 +324,11 @@ def _finetune_factory(mode: str):
                 batch_size: int = DEFAULT_BATCH_SIZE,
                 epochs: int | None = None, steps: int | None = None,
                 eval_every: int | None = None,
-                structural: bool = False) -> Strategy:
-        """Fine-tune (mode {mode}); ``structural`` keeps masked units at zero."""
+                structural: bool = False, train_mode: bool = False
+                ) -> Strategy:
+        """Fine-tune (mode {mode}); ``structural`` keeps masked units at
+        zero; ``train_mode`` trains in the model's training mode (dropout
+        on, batch statistics updated)."""
         if structural and mode == "damaged":
             raise ValueError("structural damage keeps the damaged entries at "
                              "zero, so fine-tuning only them changes nothing; "
@@ -320,11 +336,17 @@ def _finetune_factory(mode: str):
         transform = make_optimizer(optimizer, learning_rate, momentum)
 
         def build(task):
+            if train_mode and task.model is None:
+                raise ValueError("train_mode: the recovery task has no "
+                                 "model to train in its training mode; "
+                                 "build it with make_task(model, ...)")
             return make_finetune(task.apply, transform,
                                  batch_size=batch_size, steps=steps,
                                  epochs=epochs, mode=mode,
                                  eval_every=eval_every,
-                                 num_classes=task.num_classes)
+                                 num_classes=task.num_classes,
+                                 train_mode=task.model if train_mode
+                                 else None)
 
         name = "finetune" if mode == "all" else f"finetune_{mode}"
         return _training_strategy(name, build, uses_frozen=structural)
@@ -354,10 +376,9 @@ def _distill_factory(*, temperature: float = 1.0,
         if not cached or cached[0][0] is not task:
             teacher = task.teacher
             if teacher is None:
-                shapes = jax.eval_shape(task.init, jax.random.key(0),
-                                        task.images[:1])
                 teacher = restore_lib.restore_full(
-                    _need_checkpoint(task, "distill"), shapes).params
+                    _need_checkpoint(task, "distill"),
+                    task._model_shapes).params
             cached[:] = [(task, teacher_logits(task.apply, teacher,
                                                task.images))]
         return cached[0][1]
@@ -377,6 +398,11 @@ def _rebuild_reinit_factory(*, optimizer: str | optax.GradientTransformation
     transform = make_optimizer(optimizer, learning_rate, momentum)
 
     def build(task):
+        if task.init is None:
+            raise ValueError(
+                "rebuild_reinit draws fresh parameters and the model has no "
+                "init; build it with init=... (from_apply, from_nnx, "
+                "from_equinox) or use rebuild_checkpoint")
         return make_rebuild(task.init, task.images[:1], task.apply, transform,
                             batch_size=batch_size, steps=steps, epochs=epochs,
                             eval_every=eval_every,
@@ -482,6 +508,32 @@ def _detect_restore_factory(*, block_size: int = 1) -> Strategy:
     return strategy
 
 
+def _recalibrate_factory(*, batch_size: int = DEFAULT_BATCH_SIZE,
+                         epochs: int | None = None, steps: int | None = None,
+                         eval_every: int | None = None) -> Strategy:
+    """Recalibrate the model state (batch statistics) on the recovery data.
+
+    The parameters stay exactly as damaged; the model runs in training mode
+    over the recovery data, so every normalisation layer's running
+    statistics move towards those of the damaged network (at the layer's
+    own momentum). Dropout runs as in training.
+    """
+
+    def build(task):
+        if task.model is None or not task.model.state:
+            raise ValueError(
+                "recalibrate: the model has no state (batch statistics) to "
+                "recalibrate; it applies to models with batch norm built "
+                "with from_linen or from_nnx")
+        return make_finetune(task.apply, optax.set_to_zero(),
+                             batch_size=batch_size, steps=steps,
+                             epochs=epochs, eval_every=eval_every,
+                             num_classes=task.num_classes,
+                             train_mode=task.model)
+
+    return _training_strategy("recalibrate", build, uses_frozen=False)
+
+
 _FACTORIES: dict[str, Callable[..., Strategy]] = {
     "finetune": _finetune_factory("all"),
     "finetune_damaged": _finetune_factory("damaged"),
@@ -493,7 +545,39 @@ _FACTORIES: dict[str, Callable[..., Strategy]] = {
     "rebuild_reinit": _rebuild_reinit_factory,
     "rebuild_checkpoint": _restore_entries_factory("rebuild_checkpoint"),
     "distill": _distill_factory,
+    "recalibrate": _recalibrate_factory,
 }
+BUILT_IN = tuple(_FACTORIES)
+"""The strategies recovjax ships."""
+
+
+def register_strategy(name: str, factory: Callable[..., Strategy], *,
+                      overwrite: bool = False) -> None:
+    """Register a recovery strategy that configs and the CLI can name.
+
+    Args:
+        name: the name (letters, digits, ``_``; no ``+``, which composes).
+        factory: ``factory(**options) -> strategy`` where ``strategy(keys,
+            damage, task) -> RecoveryOutcome``; its keyword arguments are
+            the options configs may set (validated before anything runs).
+        overwrite: replace an earlier registration (never a built-in).
+
+    Raises:
+        ValueError: a malformed or taken name.
+        TypeError: a factory that is not callable.
+    """
+    if not isinstance(name, str) or not name or not all(
+            ch.isalnum() or ch == "_" for ch in name):
+        raise ValueError(f"a strategy name must be a non-empty string of "
+                         f"letters, digits and '_', got {name!r}")
+    if not callable(factory):
+        raise TypeError(f"factory must be callable, got "
+                        f"{type(factory).__name__}")
+    if name in BUILT_IN or (name in _FACTORIES and not overwrite):
+        raise ValueError(f"strategy {name!r} is already registered" + (
+            "" if name in BUILT_IN else "; pass overwrite=True to replace "
+            "it"))
+    _FACTORIES[name] = factory
 
 
 def strategy_names() -> tuple[str, ...]:

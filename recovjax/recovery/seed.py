@@ -186,13 +186,13 @@ def run_seed_experiment(seeds: int = 10, *, model: str = "lenet5",
     weights = jnp.ones(labels.shape, jnp.float32)
 
     start = time.perf_counter()
-    clean = jax.jit(lambda p: evaluate(network.apply, p, eval_batches,
+    clean = jax.jit(lambda p: evaluate(network.forward, p, eval_batches,
                                        network.num_classes))(
                                            pretrained_params)
     damage = jax.jit(jax.vmap(damage_op, in_axes=(0, None, None)))(
         damage_keys, pretrained_params, jnp.float32(ratio))
     recover = make_finetune(
-        network.apply, optax.sgd(learning_rate, momentum=momentum or None),
+        network.forward, optax.sgd(learning_rate, momentum=momentum or None),
         batch_size=batch_size, epochs=epochs, steps=steps,
         eval_every=eval_every, num_classes=network.num_classes)
     result = stack_recover(recover)(order_keys, damage.params, damage.mask,
