@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     ``run(args) -> int`` function.
     """
     from recovjax.data import dataset_names
-    from recovjax.models import model_names
+    from recovjax.models import BUILT_IN
     parser = _Parser(
         prog="recovjax", formatter_class=_HelpFormatter,
         description="Measure how well pretrained networks recover from "
@@ -377,8 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = add_command(parser, "pretrain", "pretrain a model (into the zoo "
                       "cache, or --out)", _command_pretrain)
-    pre.add_argument("--model", default="lenet5", choices=model_names(),
-                     help="network to train")
+    pre.add_argument("--model", default="lenet5", choices=BUILT_IN,
+                     help="image classifier to train (for the language "
+                          "model: recovjax.load_pretrained_lm)")
     pre.add_argument("--dataset", default="mnist5k", choices=dataset_names(),
                      help="training data (catalogue datasets must be "
                           "prepared; see README, Data)")
