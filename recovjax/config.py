@@ -158,8 +158,14 @@ class ExperimentConfig:
 
     name: str = _field("experiment", file_name=True,
                        help="default run directory: runs/<name>")
-    model: str = _field("lenet5")
-    dataset: str = _field("mnist5k")
+    model: str = _field("lenet5", help="a registered name or a factory "
+                        "'module.path:callable'")
+    weights: str | None = _field(None, help="the model's weights: an Orbax "
+                                 "checkpoint, .safetensors or .npz")
+    weights_layout: Literal["native", "torch"] = _field(
+        "native", help="'torch': PyTorch names and layouts")
+    dataset: str = _field("mnist5k", help="a registered name or an .npz of "
+                          "images and labels")
     data_dir: str | None = _field(None)
     pretrain_seed: int = _field(0, low=0, high=SEED_MAX)
     seed: int = _field(0, low=0, high=SEED_MAX,

@@ -33,11 +33,11 @@ import numpy as np
 from recovjax import config as config_lib
 from recovjax._compile_cache import enable_compilation_cache
 from recovjax._types import Damage, Split
-from recovjax.data import batch_split, load_dataset
+from recovjax.data import batch_split
 from recovjax.damage import damage_spec, get_damage
 from recovjax.evaluate import evaluate
-from recovjax.models import get_model
-from recovjax.pretrain import load_pretrained
+from recovjax import checkpoints, sources
+from recovjax.pretrain import Pretrained, load_pretrained
 from recovjax.recovery import get_strategy, make_task
 from recovjax.recovery.measure import (peak_memory, recovery_records,
                                        train_step_cost)
@@ -81,12 +81,30 @@ class Experiment:
     def __init__(self, config: config_lib.ExperimentConfig, *,
                  zoo_dir=None, progress: bool = True):
         self.config = config
-        self.data = load_dataset(config.dataset, data_dir=config.data_dir)
-        self.model = get_model(config.model, self.data.num_classes,
-                               sample=self.data.test.images[:1])
-        self.pretrained = load_pretrained(
-            config.model, config.dataset, seed=config.pretrain_seed,
-            zoo_dir=zoo_dir, data_dir=config.data_dir, progress=progress)
+        self.data = sources.resolve_dataset(config.dataset, config.data_dir)
+        model = sources.resolve_model(config.model, self.data.num_classes,
+                                      self.data.input_shape)
+        if config.weights is not None or sources.is_import_path(
+                config.model):
+            # A user's model: its weights are the pretrained model, and a
+            # verified checkpoint of them serves the restore strategies.
+            model = sources.with_weights(model, config.weights,
+                                         config.weights_layout)
+            if not sources.has_weights(model):
+                raise config_lib.ConfigError(
+                    f"model: {config.model!r} returns a model without "
+                    "weights; name them with weights: PATH")
+            path = sources.user_checkpoint(model, zoo_dir)
+            self.pretrained = Pretrained(
+                params=model.params,
+                metadata=checkpoints.read_metadata(path), path=path)
+            self.model = model
+        else:
+            self.model = model
+            self.pretrained = load_pretrained(
+                config.model, config.dataset, seed=config.pretrain_seed,
+                zoo_dir=zoo_dir, data_dir=config.data_dir,
+                progress=progress)
         self.params = self.pretrained.params
         self.test = _subset(self.data.test, config.evaluate.test_examples)
         self.batches = batch_split(self.test, config.evaluate.batch_size)

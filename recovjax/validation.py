@@ -21,8 +21,8 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
+from recovjax import checkpoints, sources
 from recovjax import config as config_lib
-from recovjax.data.loading import dataset_features
 from recovjax.damage import damage_spec, get_damage
 from recovjax.damage.scope import select_leaves
 from recovjax.models import get_model
@@ -86,13 +86,14 @@ def _fail(where: str, error: BaseException | str) -> config_lib.ConfigError:
 
 
 def _check(config: config_lib.ExperimentConfig) -> None:
+    if not sources.is_import_path(config.model):
+        try:
+            get_model(config.model)
+        except ValueError as error:
+            raise _fail("model", error) from None
     try:
-        get_model(config.model)
-    except ValueError as error:
-        raise _fail("model", error) from None
-    try:
-        shape, num_classes = dataset_features(config.dataset,
-                                              data_dir=config.data_dir)
+        shape, num_classes = sources.dataset_shape(config.dataset,
+                                                   config.data_dir)
     except (ValueError, OSError) as error:
         raise _fail("dataset", error) from None
     except Exception as error:  # e.g. a truncated dataset_info.json
@@ -100,10 +101,19 @@ def _check(config: config_lib.ExperimentConfig) -> None:
                     f"prepared description ({type(error).__name__}: "
                     f"{error})") from None
     try:
-        model = get_model(config.model, num_classes,
-                          sample=jax.ShapeDtypeStruct((1, *shape),
-                                                      jnp.float32))
+        model = sources.resolve_model(config.model, num_classes, shape)
+    except _USER_ERRORS as error:
+        raise _fail("model", error) from None
+    try:
+        model = sources.with_weights(model, config.weights,
+                                     config.weights_layout)
+    except (OSError, ValueError, checkpoints.CheckpointError) as error:
+        raise _fail("weights", error) from None
+    try:
         abstract = model.abstract_params()
+        if model.num_classes != num_classes:
+            raise ValueError(f"it gives {model.num_classes} outputs, not "
+                             f"the dataset's {num_classes} classes")
     except _USER_ERRORS as error:
         raise _fail("model", f"{config.model!r} does not take "
                     f"{config.dataset!r} images of shape {shape}: "
