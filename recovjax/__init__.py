@@ -17,6 +17,7 @@ from recovjax.checkpoints import (CheckpointCorruptedError, CheckpointError,
                                   CheckpointNotFoundError, restore_checkpoint,
                                   save_checkpoint)
 from recovjax.config import ConfigError, ExperimentConfig, load_config
+from recovjax.cores import use_all_cores
 from recovjax.damage import damage_names, get_damage, register_damage
 from recovjax.data import (batch_split, dataset_names, load_arrays,
                            load_dataset, register_dataset)
@@ -94,6 +95,7 @@ __all__ = [
     "strategy_names",
     "summarize",
     "sweep",
+    "use_all_cores",
 ]
 
 # Last: everything imported above is long-lived (see recovjax._gc).

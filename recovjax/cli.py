@@ -88,11 +88,13 @@ def _run(args: argparse.Namespace, config) -> int:
 
 def _summary(table) -> str:
     """A few lines a person reads at the end of a run."""
-    from recovjax.report import mean_ci
+    from recovjax.report import headline_metric, mean_ci
     lines = []
-    clean = table.select(stage="clean", metric="accuracy")
+    headline = headline_metric(table.rows)
+    clean = table.select(stage="clean", metric=headline.name)
     if clean:
-        lines.append(f"clean accuracy: {100 * clean[0]['value']:.2f} %")
+        lines.append(f"clean {headline.name}: "
+                     f"{headline.show(clean[0]['value'], unit=True)}")
     stages = sorted({r["stage"] for r in table.rows
                      if r["stage"].startswith("recovered/")})
     header = f"{'damage':<22}{'amount':>9}{'damaged':>10}" + "".join(
@@ -108,16 +110,20 @@ def _summary(table) -> str:
         for ratio in ratios:
             cells = [mean_ci([r["value"] for r in table.select(
                 damage=kind, ratio=ratio, stage="damaged",
-                metric="accuracy")])[0]]
+                metric=headline.name)])[0]]
             for stage in stages:
                 rows = table.select(damage=kind, ratio=ratio, stage=stage,
-                                    metric="accuracy")
+                                    metric=headline.name)
                 last = max((r["step"] for r in rows), default=None)
                 cells.append(mean_ci([r["value"] for r in rows
                                       if r["step"] == last])[0]
                              if rows else float("nan"))
-            lines.append(f"{kind:<22}{ratio:>9g}" + f"{100 * cells[0]:>9.2f}%"
-                         + "".join(f"{100 * c:>21.2f}%" for c in cells[1:]))
+            unit = headline.unit[:1]  # "%" or none
+            narrow = len(unit)
+            lines.append(f"{kind:<22}{ratio:>9g}"
+                         + f"{headline.show(cells[0]):>{10 - narrow}}{unit}"
+                         + "".join(f"{headline.show(c):>{22 - narrow}}{unit}"
+                                   for c in cells[1:]))
     return "\n".join(lines)
 
 
@@ -467,6 +473,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "(see experiments/)", file=sys.stderr)
         return EXIT_USER_ERROR
     _quiet_logs()
+    from recovjax.cores import use_all_cores
+    use_all_cores()  # one CPU device per core, before JAX starts
     from recovjax._progress import is_terminal
     if not is_terminal(sys.stderr):
         # Logs get plain lines, not TFDS's redrawn bars.

@@ -166,6 +166,13 @@ class ExperimentConfig:
         "native", help="'torch': PyTorch names and layouts")
     dataset: str = _field("mnist5k", help="a registered name or an .npz of "
                           "images and labels")
+    dataset_options: dict[str, Any] = _field(
+        factory=dict, help="options of a text dataset, e.g. "
+        "sequence_length and max_file_bytes for pysource")
+    task: str | None = _field(None, help="a registered task name "
+                              "(default: the model's own task)")
+    task_options: dict[str, Any] = _field(
+        factory=dict, help="the task's options, e.g. vocab_size")
     data_dir: str | None = _field(None)
     pretrain_seed: int = _field(0, low=0, high=SEED_MAX)
     seed: int = _field(0, low=0, high=SEED_MAX,

@@ -22,6 +22,7 @@ import functools
 import json
 import math
 import os
+import pathlib
 import time
 import zlib
 from typing import Any, Callable, Sequence
@@ -32,17 +33,19 @@ import numpy as np
 
 from recovjax import config as config_lib
 from recovjax._compile_cache import enable_compilation_cache
-from recovjax._types import Damage, Split
+from recovjax._types import Damage
 from recovjax.data import batch_split
 from recovjax.damage import damage_spec, get_damage
 from recovjax.evaluate import evaluate
 from recovjax import checkpoints, sources
+from recovjax.models import pretrained_loader
+from recovjax.tasks import evaluate_task, general_task
 from recovjax.pretrain import Pretrained, load_pretrained
 from recovjax.recovery import get_strategy, make_task
 from recovjax.recovery.measure import (peak_memory, recovery_records,
-                                       train_step_cost)
+                                       task_step_cost, train_step_cost)
 from recovjax.recovery.registry import make_optimizer
-from recovjax.results import ResultsTable, metrics_rows
+from recovjax.results import ResultsTable, metrics_rows, task_rows
 from recovjax.rundir import RunDirectory, check_run_directory, environment
 from recovjax.sweep import iter_sweep, point_keys
 from recovjax.validation import (check_config, strategy_arguments,
@@ -61,12 +64,6 @@ class Progress:
     update: Callable[[str], None] = lambda message: None
 
 
-def _subset(split: Split, count: int | None) -> Split:
-    if count is None or count >= len(split):
-        return split
-    return Split(split.images[:count], split.labels[:count])
-
-
 def _build_strategy(spec: config_lib.StrategyConfig,
                     recovery: config_lib.RecoveryConfig, structural: bool):
     """The configured strategy; training keeps removed units removed when
@@ -81,9 +78,13 @@ class Experiment:
     def __init__(self, config: config_lib.ExperimentConfig, *,
                  zoo_dir=None, progress: bool = True):
         self.config = config
-        self.data = sources.resolve_dataset(config.dataset, config.data_dir)
-        model = sources.resolve_model(config.model, self.data.num_classes,
-                                      self.data.input_shape)
+        self.data = sources.resolve_dataset(config.dataset, config.data_dir,
+                                            config.dataset_options)
+        sample, classes = sources.dataset_sample_of(self.data)
+        model = sources.resolve_model(config.model, classes, sample)
+        model = sources.resolve_task(model, config.task, config.task_options)
+        loader = (None if sources.is_import_path(config.model)
+                  else pretrained_loader(config.model))
         if config.weights is not None or sources.is_import_path(
                 config.model):
             # A user's model: its weights are the pretrained model, and a
@@ -98,18 +99,42 @@ class Experiment:
             self.pretrained = Pretrained(
                 params=model.params,
                 metadata=checkpoints.read_metadata(path), path=path)
-            self.model = model
+        elif loader is not None:
+            # A registered model with its own pretraining (the zoo's LM).
+            path = pathlib.Path(loader(
+                model, seed=config.pretrain_seed, zoo_dir=zoo_dir,
+                data_dir=config.data_dir, progress=progress))
+            checkpoints.verify_files(path, contents=True)
+            params, metadata = checkpoints.restore_checkpoint(
+                path, model.abstract_params())
+            self.pretrained = Pretrained(params=params, metadata=metadata,
+                                         path=path)
         else:
-            self.model = model
             self.pretrained = load_pretrained(
                 config.model, config.dataset, seed=config.pretrain_seed,
                 zoo_dir=zoo_dir, data_dir=config.data_dir,
                 progress=progress)
+        self.model = model
         self.params = self.pretrained.params
-        self.test = _subset(self.data.test, config.evaluate.test_examples)
-        self.batches = batch_split(self.test, config.evaluate.batch_size)
+        self.task = general_task(model)
+        batch_size = config.evaluate.batch_size
+        if self.task is None:
+            self.test = sources.subset(self.data.test,
+                                       config.evaluate.test_examples)
+            self.batches = batch_split(self.test, batch_size)
+        else:
+            self.batches = sources.task_batches(
+                self.data, self.data.test, batch_size,
+                config.evaluate.test_examples)
         self.root = jax.random.key(config.seed)
         self._step_flops: float | None = None
+
+    @property
+    def headline(self) -> tuple[str, bool]:
+        """The metric reports lead with, and whether higher is better."""
+        if self.task is None:
+            return "accuracy", True
+        return self.task.headline, self.task.higher_is_better
 
     def step_flops(self) -> float | None:
         """FLOPs of one fine-tuning step of one model (XLA cost analysis),
@@ -119,18 +144,31 @@ class Experiment:
             optimizer = make_optimizer(recovery.optimizer.name,
                                        recovery.optimizer.learning_rate,
                                        recovery.optimizer.momentum)
-            shape = (recovery.batch_size,
-                     *self.data.train.images.shape[1:])
-            self._step_flops = float(train_step_cost(
-                self.model.forward, self.params, shape, optimizer).flops)
+            if self.task is None:
+                shape = (recovery.batch_size,
+                         *self.data.train.images.shape[1:])
+                cost = train_step_cost(self.model.forward, self.params,
+                                       shape, optimizer)
+            else:
+                batch = jax.tree.map(
+                    lambda a: jax.ShapeDtypeStruct(
+                        (recovery.batch_size,) + a.shape[1:], a.dtype),
+                    sources.task_examples(self.data, self.data.train, None))
+                cost = task_step_cost(self.task, self.model.forward,
+                                      self.params, batch, optimizer)
+            self._step_flops = float(cost.flops)
         return None if math.isnan(self._step_flops) else self._step_flops
 
     def clean_rows(self) -> list[dict]:
+        where = dict(damage="none", ratio=0.0, seed=0, stage="clean")
+        if self.task is not None:
+            metrics = jax.jit(lambda p: evaluate_task(
+                self.task, self.model.forward, p, self.batches))(self.params)
+            return task_rows(jax.device_get(metrics), **where)
         metrics = jax.jit(evaluate, static_argnums=(0, 3))(
             self.model.forward, self.params, self.batches,
             self.model.num_classes)
-        return metrics_rows(jax.device_get(metrics), damage="none", ratio=0.0,
-                            seed=0, stage="clean")
+        return metrics_rows(jax.device_get(metrics), **where)
 
     def points(self, damage: config_lib.DamageConfig) -> list[tuple]:
         return [(index, ratio, seed)
@@ -149,17 +187,25 @@ class Experiment:
             memory_budget_bytes=int(sweep_config.memory_budget_mb * 2**20))
 
     def recovery_data(self, label: str, data: config_lib.RecoveryDataConfig):
-        train = _subset(self.data.train, data.train_examples)
-        if data.damage is not None:
-            op = get_damage(data.damage, **data.options)
-            key = jax.random.fold_in(
-                self.root, zlib.crc32(f"recovery-data/{label}".encode()))
-            train = op(key, jnp.asarray(train.images),
-                       jnp.asarray(train.labels), data.amount,
-                       num_classes=self.data.num_classes)
         key = jax.random.fold_in(
             self.root, zlib.crc32(f"recovery-budget/{label}".encode()))
         budget = None if data.fraction >= 1.0 else (key, data.fraction)
+        if self.task is not None:
+            # Data damage is refused for other tasks by check_config.
+            train = sources.task_examples(self.data, self.data.train,
+                                          data.train_examples)
+            return make_task(self.model, train,
+                             checkpoint=self.pretrained.path,
+                             eval_batches=self.batches, budget=budget,
+                             teacher=self.params)
+        train = sources.subset(self.data.train, data.train_examples)
+        if data.damage is not None:
+            op = get_damage(data.damage, **data.options)
+            damage_key = jax.random.fold_in(
+                self.root, zlib.crc32(f"recovery-data/{label}".encode()))
+            train = op(damage_key, jnp.asarray(train.images),
+                       jnp.asarray(train.labels), data.amount,
+                       num_classes=self.data.num_classes)
         return make_task(self.model, train, checkpoint=self.pretrained.path,
                          eval_batches=self.batches, budget=budget,
                          teacher=self.params)
@@ -184,8 +230,24 @@ def _pad(points: list, size: int) -> list:
     return points + [points[-1]] * (size - len(points))
 
 
+def _derived_rows(task, curve, points, stage, label) -> list[dict]:
+    """Rows of the task's ``from_curve`` metrics at every curve point."""
+    rows = []
+    if task is None or task.from_curve is None:
+        return rows
+    for index, (_, ratio, seed) in enumerate(points):
+        for point in range(np.shape(curve.steps)[1]):
+            metrics = task.from_curve({
+                "loss": np.float32(curve.loss[index, point]),
+                "accuracy": np.float32(curve.accuracy[index, point])})
+            rows.extend(task_rows(jax.device_get(metrics), damage=label,
+                                  ratio=ratio, seed=seed, stage=stage,
+                                  step=int(curve.steps[index, point])))
+    return rows
+
+
 def _recovery_rows(outcome, points, count, *, label, strategy, clean,
-                   damaged) -> list[dict]:
+                   damaged, task=None) -> list[dict]:
     host = jax.device_get(outcome)
     trimmed = host._replace(
         curve=jax.tree.map(lambda x: np.asarray(x)[:count], host.curve),
@@ -196,11 +258,12 @@ def _recovery_rows(outcome, points, count, *, label, strategy, clean,
     rows = recovery_records(
         trimmed, damage=label, ratios=ratios, seeds=seeds,
         clean_accuracy=clean,
-        damaged_accuracy=[damaged[(label, ratio, seed)]
+        damaged_accuracy=[damaged.get((label, ratio, seed), math.nan)
                           for _, ratio, seed in points])
     stage = f"recovered/{strategy}"
+    derived = _derived_rows(task, trimmed.curve, points, stage, label)
     return [dict(row, stage=stage) for row in rows
-            if row["stage"] == "recovered"]
+            if row["stage"] == "recovered"] + derived
 
 
 def run_experiment(config: config_lib.ExperimentConfig,
@@ -262,8 +325,8 @@ def run_experiment(config: config_lib.ExperimentConfig,
     if not run.has_part("clean"):
         run.write_part("clean", experiment.clean_rows())
     rows = list(run.read_part("clean"))
-    clean_accuracy = next(r["value"] for r in rows
-                          if r["metric"] == "accuracy")
+    clean_accuracy = next((r["value"] for r in rows
+                           if r["metric"] == "accuracy"), math.nan)
     tick("clean model evaluated")
 
     damaged_accuracy: dict[tuple, float] = {}
@@ -319,7 +382,7 @@ def run_experiment(config: config_lib.ExperimentConfig,
                         part_rows = _recovery_rows(
                             outcome, group, len(group), label=label,
                             strategy=tag, clean=clean_accuracy,
-                            damaged=damaged_accuracy)
+                            damaged=damaged_accuracy, task=experiment.task)
                         run.write_part(name, part_rows)
                         trained = outcome.losses.shape[-1] > 0
                         costs["recovery"].append({
@@ -348,8 +411,10 @@ def run_experiment(config: config_lib.ExperimentConfig,
     run.write("costs.json", json.dumps(_all_costs(run), indent=1,
                                        sort_keys=True))
     from recovjax.report import write_report
+    metric, higher_is_better = experiment.headline
     write_report(run.path, table.rows, threshold=config.report.threshold,
-                 title=config.name)
+                 title=config.name, metric=metric,
+                 higher_is_better=higher_is_better)
     return table
 
 

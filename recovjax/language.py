@@ -85,17 +85,49 @@ def build_lm(recipe: LMRecipe = LMRecipe()) -> Model:
                       name=NAME)
 
 
-def _registered_factory(num_classes: int, sample: jax.ShapeDtypeStruct
-                        ) -> Model:
-    if num_classes != text.VOCAB_SIZE:
-        raise ValueError(f"{NAME} predicts {text.VOCAB_SIZE} token ids, not "
-                         f"{num_classes} classes")
-    length = sample.shape[1] if len(sample.shape) == 2 else (
-        LMRecipe.sequence_length)
-    return build_lm(LMRecipe(sequence_length=int(length)))
+SMALL = LMRecipe(depth=2, dim=32, num_heads=4, mlp_dim=64, sequence_length=32,
+                 epochs=3, batch_size=32, max_file_bytes=4096)
+"""``lm_small``: 2 blocks of width 32 on 32-byte windows (about a minute of
+pretraining on 2 CPU cores)."""
+
+RECIPES = {NAME: LMRecipe(), f"{NAME}_small": SMALL}
+"""The registered language models and their recipes."""
 
 
-register_model(NAME, _registered_factory)
+def _recipe_for(name: str, sample: Any) -> LMRecipe:
+    recipe = RECIPES[name]
+    shape = getattr(sample, "shape", ())
+    if len(shape) == 2:
+        recipe = dataclasses.replace(recipe, sequence_length=int(shape[1]))
+    return recipe
+
+
+def _registered(name: str):
+    def factory(num_classes: int, sample: jax.ShapeDtypeStruct) -> Model:
+        if num_classes != text.VOCAB_SIZE:
+            raise ValueError(f"{name} predicts {text.VOCAB_SIZE} token ids, "
+                             f"not {num_classes} classes")
+        if len(sample.shape) != 2 or not jnp.issubdtype(sample.dtype,
+                                                        jnp.integer):
+            raise ValueError(f"{name} reads int32[batch, length] token "
+                             f"windows, not {sample.dtype}"
+                             f"{list(sample.shape)} (use a text dataset, "
+                             f"e.g. {CORPUS!r})")
+        return dataclasses.replace(build_lm(_recipe_for(name, sample)),
+                                   name=name)
+
+    def pretrained(model: Model, *, seed: int, zoo_dir=None, data_dir=None,
+                   progress: bool = True) -> pathlib.Path:
+        recipe = _recipe_for(name, model.sample)
+        return load_pretrained_lm(seed=seed, recipe=recipe, zoo_dir=zoo_dir,
+                                  data_dir=data_dir, progress=progress)[1]
+
+    return factory, pretrained
+
+
+for _name in RECIPES:
+    _factory, _loader = _registered(_name)
+    register_model(_name, _factory, pretrained=_loader)
 
 
 def unigram_perplexity(train: text.TextSplit, test: text.TextSplit) -> float:

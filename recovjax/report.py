@@ -7,14 +7,21 @@ never drawn. Stage names follow the pipeline:
 ``clean``, ``damaged`` and ``recovered/<strategy>``; a recovered stage has
 rows at every evaluated ``step`` of its recovery curve, and its final rows
 (largest ``step``) are the result after recovery.
+
+Every plot and table shows one *headline metric* (a :class:`Headline`):
+``accuracy`` (higher is better, shown in %) for classifiers, ``perplexity``
+(lower is better, a plain number) for language models, or any metric the
+caller names together with its direction.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import os
 import pathlib
+import re
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -24,6 +31,147 @@ from recovjax.results import t_quantile
 
 RECOVERED = "recovered/"
 
+
+@dataclasses.dataclass(frozen=True)
+class Headline:
+    """The metric a report shows, and how to show it.
+
+    Attributes:
+        name: the ``metric`` of the rows shown (``"accuracy"``).
+        label: the axis label (``"test accuracy (%)"``).
+        short: the name in table headers (``"acc."``).
+        scale: shown value per stored value (100 for a fraction in %).
+        unit: the unit of a shown value (``"%"``, or ``""`` for none).
+        format: the format spec of a shown value (``".2f"``).
+        higher_is_better: whether a larger value is better (accuracy) or
+            worse (perplexity, loss).
+        limits: a fixed axis range of shown values, or ``None`` for one that
+            follows the data.
+        log_axis: whether plots use a log axis (perplexities of damaged
+            models span orders of magnitude).
+    """
+
+    name: str
+    label: str
+    short: str
+    scale: float
+    unit: str
+    format: str
+    higher_is_better: bool
+    limits: tuple[float, float] | None = None
+    log_axis: bool = False
+
+    @property
+    def title(self) -> str:
+        """The name as it starts a heading (``"Accuracy"``)."""
+        return self.name[:1].upper() + self.name[1:]
+
+    @property
+    def suffix(self) -> str:
+        """The unit as a table header adds it (``" (%)"``, or ``""``)."""
+        return f" ({self.unit})" if self.unit else ""
+
+    @property
+    def ratio_plot(self) -> str:
+        """The file name of the metric-vs-amount plot."""
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", self.name) + "_vs_ratio.png"
+
+    def show(self, value: float | None, *, unit: bool = False) -> str:
+        """``value`` scaled and formatted.
+
+        Args:
+            value: a stored value; ``None`` or NaN for none.
+            unit: whether to append the unit (``"96.90 %"``).
+
+        Returns:
+            The shown number (``"96.90"``), ``"n/a"`` for no value, or
+            ``"inf"``/``"-inf"``.
+        """
+        if value is None or math.isnan(value):
+            shown = "n/a"
+        elif math.isinf(value):
+            shown = "inf" if value > 0 else "-inf"
+        else:
+            shown = format(self.scale * value, self.format)
+        return f"{shown} {self.unit}" if unit and self.unit else shown
+
+    def best(self, values: dict[str, float]) -> str | None:
+        """The key of the best finite value (the first one on a tie).
+
+        Args:
+            values: values by name (e.g. mean recovered value by strategy).
+
+        Returns:
+            The name, or ``None`` when no value is finite.
+        """
+        finite = {k: v for k, v in values.items() if math.isfinite(v)}
+        if not finite:
+            return None
+        pick = max if self.higher_is_better else min
+        return pick(finite, key=finite.__getitem__)
+
+
+ACCURACY = Headline(name="accuracy", label="test accuracy (%)", short="acc.",
+                    scale=100.0, unit="%", format=".2f", higher_is_better=True,
+                    limits=(0.0, 100.0))
+PERPLEXITY = Headline(name="perplexity", label="test perplexity",
+                      short="perplexity", scale=1.0, unit="", format=".2f",
+                      higher_is_better=False, log_axis=True)
+_DIRECTIONS = {"accuracy": True, "perplexity": False, "loss": False}
+
+
+def headline_metric(rows: Iterable[dict], metric: str | None = None,
+                    higher_is_better: bool | None = None) -> Headline:
+    """The headline metric of a report on ``rows``.
+
+    Args:
+        rows: the results rows.
+        metric: the metric to show; ``None``: ``"perplexity"`` when any row
+            has that metric (a language model), else ``"accuracy"``.
+        higher_is_better: whether a larger ``metric`` is better; ``None``:
+            ``True`` for accuracy, ``False`` for perplexity and loss.
+
+    Returns:
+        The :class:`Headline` (:data:`ACCURACY` and :data:`PERPLEXITY` for
+        those metrics in their own direction).
+
+    Raises:
+        TypeError: if ``higher_is_better`` is neither ``None`` nor a bool.
+        ValueError: if ``metric`` is not one of accuracy, perplexity and loss
+            and ``higher_is_better`` is ``None``, or if ``metric`` is given
+            and no clean or damaged row has it (the message lists the
+            metrics they have).
+    """
+    rows = list(rows)
+    given = metric is not None
+    if metric is None:
+        language = any(r["metric"] == "perplexity" for r in rows)
+        metric = "perplexity" if language else "accuracy"
+    if higher_is_better is not None and not isinstance(higher_is_better, bool):
+        raise TypeError(f"higher_is_better must be a bool or None, got "
+                        f"{higher_is_better!r}")
+    if higher_is_better is None:
+        if metric not in _DIRECTIONS:
+            raise ValueError(
+                f"higher_is_better: no default direction for metric "
+                f"{metric!r}; say whether a larger {metric} is better")
+        higher_is_better = _DIRECTIONS[metric]
+    if given:
+        present = sorted({r["metric"] for r in rows
+                          if r["stage"] in ("clean", "damaged")})
+        if metric not in present:
+            listed = ", ".join(present) or "none (no such rows)"
+            raise ValueError(f"metric: no clean or damaged row has metric "
+                             f"{metric!r}; their metrics: {listed}")
+    for known in (ACCURACY, PERPLEXITY):
+        if metric == known.name:
+            return dataclasses.replace(known,
+                                       higher_is_better=higher_is_better)
+    return Headline(name=metric, label=f"test {metric}", short=metric,
+                    scale=1.0, unit="", format=".4g",
+                    higher_is_better=higher_is_better)
+
+
 def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
     """``(mean, std, half-width of the 95 % CI)``; NaN-aware for the mean."""
     array = np.asarray(list(values), dtype=np.float64)
@@ -32,7 +180,8 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
     mean = float(np.mean(array))
     if array.size == 1:
         return mean, 0.0, math.nan
-    std = float(np.std(array, ddof=1))
+    with np.errstate(invalid="ignore"):  # inf - inf: the spread is NaN
+        std = float(np.std(array, ddof=1))
     half = t_quantile(0.975, array.size - 1) * std / math.sqrt(array.size)
     return mean, std, half
 
@@ -59,11 +208,6 @@ def final_rows(rows) -> list[dict]:
                                   r["stage"])]]
 
 
-def _percent(value: float) -> str:
-    return "n/a" if value is None or not math.isfinite(value) else (
-        f"{100 * value:.2f}")
-
-
 def _strategies(rows) -> list[str]:
     return sorted({r["stage"][len(RECOVERED):] for r in rows
                    if r["stage"].startswith(RECOVERED)})
@@ -77,15 +221,35 @@ def _kinds(rows) -> list[str]:
     return seen
 
 
-def _clean_accuracy(rows) -> float | None:
-    clean = _select(rows, stage="clean", metric="accuracy")
+def _clean_value(rows, headline: Headline) -> float | None:
+    clean = _select(rows, stage="clean", metric=headline.name)
     return clean[0]["value"] if clean else None
 
 
-def _curve_by_ratio(rows, kind, strategy):
-    """``{ratio: (steps, mean accuracy)}`` of a recovery curve."""
+def _shown(headline: Headline, values) -> np.ndarray:
+    """Values as plotted: scaled, with infinities as gaps (NaN)."""
+    array = headline.scale * np.asarray(values, dtype=np.float64)
+    return np.where(np.isinf(array), np.nan, array)
+
+
+def _set_value_axis(axis, headline: Headline, shown=()) -> None:
+    """Label, scale and range of a value axis showing ``shown`` means."""
+    axis.set_ylabel(headline.label)
+    if headline.log_axis:
+        axis.set_yscale("log")
+        # A CI band reaching to or below zero would stretch a log axis by
+        # decades; cut it a little below the smallest mean instead.
+        positive = [v for v in np.ravel(shown) if math.isfinite(v) and v > 0]
+        if positive:
+            axis.set_ylim(bottom=0.8 * min(positive))
+    if headline.limits is not None:
+        axis.set_ylim(*headline.limits)
+
+
+def _curve_by_ratio(rows, kind, strategy, headline: Headline):
+    """``{ratio: (steps, mean value)}`` of a recovery curve."""
     points = _select(rows, damage=kind, stage=RECOVERED + strategy,
-                     metric="accuracy")
+                     metric=headline.name)
     out = {}
     for (ratio,), group in sorted(_group(points, ["ratio"]).items()):
         by_step = _group(group, ["step"])
@@ -95,21 +259,34 @@ def _curve_by_ratio(rows, kind, strategy):
     return out
 
 
-def plot_accuracy_vs_ratio(rows, path: pathlib.Path) -> pathlib.Path | None:
-    """Accuracy against damage amount, one panel per damage kind, 95 % bands."""
+def plot_metric_vs_ratio(rows, path: pathlib.Path,
+                         headline: Headline = ACCURACY
+                         ) -> pathlib.Path | None:
+    """The metric against damage amount, one panel per damage kind.
+
+    Args:
+        rows: final results rows (see :func:`final_rows`).
+        path: the PNG to write.
+        headline: the metric to plot.
+
+    Returns:
+        ``path``, or ``None`` (nothing written) when no row is damaged.
+    """
     import matplotlib.pyplot as plt
     kinds = _kinds(rows)
     if not kinds:
         return None
-    clean = _clean_accuracy(rows)
+    clean = _clean_value(rows, headline)
     columns = min(3, len(kinds))
     lines = math.ceil(len(kinds) / columns)
     figure, axes = plt.subplots(lines, columns, squeeze=False,
                                 figsize=(4.6 * columns, 3.6 * lines))
     stages = ["damaged"] + [RECOVERED + s for s in _strategies(rows)]
     for axis, kind in zip(axes.flat, kinds):
+        means = [] if clean is None else [headline.scale * clean]
         for stage in stages:
-            points = _select(rows, damage=kind, stage=stage, metric="accuracy")
+            points = _select(rows, damage=kind, stage=stage,
+                             metric=headline.name)
             if not points:
                 continue
             groups = sorted(_group(points, ["ratio"]).items())
@@ -117,22 +294,26 @@ def plot_accuracy_vs_ratio(rows, path: pathlib.Path) -> pathlib.Path | None:
             stats = np.asarray([mean_ci([r["value"] for r in group])
                                 for _, group in groups])
             label = "damaged" if stage == "damaged" else stage[len(RECOVERED):]
-            axis.plot(ratios, 100 * stats[:, 0], marker="o", ms=3, label=label)
+            means.extend(_shown(headline, stats[:, 0]))
+            axis.plot(ratios, means[-len(ratios):], marker="o", ms=3,
+                      label=label)
             half = np.nan_to_num(stats[:, 2])
-            axis.fill_between(ratios, 100 * (stats[:, 0] - half),
-                              100 * (stats[:, 0] + half), alpha=0.2)
-        if clean is not None:
-            axis.axhline(100 * clean, color="grey", ls="--", lw=1,
+            axis.fill_between(ratios, _shown(headline, stats[:, 0] - half),
+                              _shown(headline, stats[:, 0] + half), alpha=0.2)
+        if clean is not None and math.isfinite(clean):
+            axis.axhline(headline.scale * clean, color="grey", ls="--", lw=1,
                          label="clean")
         axis.set_title(kind)
         axis.set_xlabel("damage amount (ratio / rate / scale)")
-        axis.set_ylabel("test accuracy (%)")
-        axis.set_ylim(0, 100)
+        _set_value_axis(axis, headline, means)
         axis.grid(alpha=0.3)
     for axis in list(axes.flat)[len(kinds):]:
         axis.axis("off")
-    axes.flat[0].legend(fontsize=7, loc="lower left")
-    figure.suptitle("Accuracy vs damage (mean over seeds, 95 % CI band)")
+    # Damage moves the curves toward worse: keep the legend on that side.
+    axes.flat[0].legend(fontsize=7, loc="lower left" if
+                        headline.higher_is_better else "upper left")
+    figure.suptitle(f"{headline.title} vs damage (mean over seeds, 95 % CI "
+                    "band)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -148,30 +329,44 @@ def _training_strategies(rows) -> list[str]:
     return sorted(s for s, seen in steps.items() if len(seen) > 1)
 
 
-def plot_recovery_curves(rows, path: pathlib.Path) -> pathlib.Path | None:
-    """Accuracy against fine-tuning steps, one line per damage amount."""
+def plot_recovery_curves(rows, path: pathlib.Path,
+                         headline: Headline = ACCURACY
+                         ) -> pathlib.Path | None:
+    """The metric against fine-tuning steps, one line per damage amount.
+
+    Args:
+        rows: all results rows (every step of the recovery curves).
+        path: the PNG to write.
+        headline: the metric to plot.
+
+    Returns:
+        ``path``, or ``None`` (nothing written) when no strategy has a curve.
+    """
     import matplotlib.pyplot as plt
     strategies = _training_strategies(rows)
     kinds = [k for k in _kinds(rows)
-             if any(_curve_by_ratio(rows, k, s) for s in strategies)]
+             if any(_curve_by_ratio(rows, k, s, headline) for s in strategies)]
     if not kinds:
         return None
     strategy = strategies[0]
-    clean = _clean_accuracy(rows)
+    clean = _clean_value(rows, headline)
     columns = min(3, len(kinds))
     lines = math.ceil(len(kinds) / columns)
     figure, axes = plt.subplots(lines, columns, squeeze=False,
                                 figsize=(4.6 * columns, 3.6 * lines))
     for axis, kind in zip(axes.flat, kinds):
-        curves = _curve_by_ratio(rows, kind, strategy)
+        curves = _curve_by_ratio(rows, kind, strategy, headline)
         colours = plt.cm.viridis(np.linspace(0, 0.9, max(len(curves), 1)))
-        for colour, (ratio, (steps, accuracy)) in zip(colours, curves.items()):
-            axis.plot(steps, 100 * accuracy, color=colour, label=f"{ratio:g}")
-        if clean is not None:
-            axis.axhline(100 * clean, color="grey", ls="--", lw=1)
+        for colour, (ratio, (steps, values)) in zip(colours, curves.items()):
+            axis.plot(steps, _shown(headline, values), color=colour,
+                      label=f"{ratio:g}")
+        if clean is not None and math.isfinite(clean):
+            axis.axhline(headline.scale * clean, color="grey", ls="--", lw=1)
         axis.set_title(f"{kind} ({strategy})")
         axis.set_xlabel("fine-tuning steps")
-        axis.set_ylabel("test accuracy (%)")
+        axis.set_ylabel(headline.label)
+        if headline.log_axis:
+            axis.set_yscale("log")
         axis.grid(alpha=0.3)
         axis.legend(title="amount", fontsize=7)
     for axis in list(axes.flat)[len(kinds):]:
@@ -183,12 +378,25 @@ def plot_recovery_curves(rows, path: pathlib.Path) -> pathlib.Path | None:
     return path
 
 
-def plot_heatmap(rows, path: pathlib.Path) -> pathlib.Path | None:
-    """Damage amount x recovery steps, coloured by mean accuracy."""
+def plot_heatmap(rows, path: pathlib.Path, headline: Headline = ACCURACY
+                 ) -> pathlib.Path | None:
+    """Damage amount x recovery steps, coloured by the mean metric.
+
+    Brighter is better in either direction.
+
+    Args:
+        rows: all results rows (every step of the recovery curves).
+        path: the PNG to write.
+        headline: the metric to colour by.
+
+    Returns:
+        ``path``, or ``None`` (nothing written) when no strategy has a curve.
+    """
+    import matplotlib.colors
     import matplotlib.pyplot as plt
     strategies = _training_strategies(rows)
     panels = [(k, s) for k in _kinds(rows) for s in strategies[:1]
-              if len(_curve_by_ratio(rows, k, s)) > 0]
+              if len(_curve_by_ratio(rows, k, s, headline)) > 0]
     if not panels:
         return None
     columns = min(3, len(panels))
@@ -196,19 +404,27 @@ def plot_heatmap(rows, path: pathlib.Path) -> pathlib.Path | None:
     figure, axes = plt.subplots(lines, columns, squeeze=False,
                                 figsize=(4.8 * columns, 3.6 * lines))
     for axis, (kind, strategy) in zip(axes.flat, panels):
-        curves = _curve_by_ratio(rows, kind, strategy)
+        curves = _curve_by_ratio(rows, kind, strategy, headline)
         ratios = sorted(curves)
         steps = curves[ratios[0]][0]
-        grid = np.stack([curves[r][1] for r in ratios])
-        image = axis.imshow(100 * grid, aspect="auto", origin="lower",
-                            cmap="magma", vmin=0, vmax=100,
+        grid = np.ma.masked_invalid(_shown(headline, np.stack(
+            [curves[r][1] for r in ratios])))
+        if headline.limits is not None:
+            norm = matplotlib.colors.Normalize(*headline.limits)
+        elif headline.log_axis and grid.count() and grid.min() > 0:
+            norm = matplotlib.colors.LogNorm()
+        else:
+            norm = None
+        image = axis.imshow(grid, aspect="auto", origin="lower",
+                            cmap="magma" if headline.higher_is_better
+                            else "magma_r", norm=norm,
                             extent=(steps[0], steps[-1], -0.5,
                                     len(ratios) - 0.5))
         axis.set_yticks(range(len(ratios)), [f"{r:g}" for r in ratios])
         axis.set_xlabel("fine-tuning steps")
         axis.set_ylabel("damage amount")
         axis.set_title(f"{kind} ({strategy})")
-        figure.colorbar(image, ax=axis, label="test accuracy (%)")
+        figure.colorbar(image, ax=axis, label=headline.label)
     for axis in list(axes.flat)[len(panels):]:
         axis.axis("off")
     figure.tight_layout()
@@ -217,8 +433,18 @@ def plot_heatmap(rows, path: pathlib.Path) -> pathlib.Path | None:
     return path
 
 
-def plot_strategies(rows, path: pathlib.Path) -> pathlib.Path | None:
-    """Recovered accuracy per strategy and damage kind (equal step budget)."""
+def plot_strategies(rows, path: pathlib.Path, headline: Headline = ACCURACY
+                    ) -> pathlib.Path | None:
+    """The recovered metric per strategy and damage kind (equal step budget).
+
+    Args:
+        rows: final results rows (see :func:`final_rows`).
+        path: the PNG to write.
+        headline: the metric to plot.
+
+    Returns:
+        ``path``, or ``None`` (nothing written) without strategies or damage.
+    """
     import matplotlib.pyplot as plt
     strategies = _strategies(rows)
     kinds = _kinds(rows)
@@ -229,20 +455,20 @@ def plot_strategies(rows, path: pathlib.Path) -> pathlib.Path | None:
     width = 0.8 / (len(strategies) + 1)
     x = np.arange(len(kinds))
     damaged = [mean_ci([r["value"] for r in _select(
-        rows, damage=k, stage="damaged", metric="accuracy")]) for k in kinds]
-    axis.bar(x, [100 * d[0] for d in damaged], width, label="damaged",
-             color="lightgrey", yerr=[100 * np.nan_to_num(d[2])
-                                      for d in damaged])
+        rows, damage=k, stage="damaged", metric=headline.name)])
+        for k in kinds]
+    means = [_shown(headline, [d[0] for d in damaged])]
+    axis.bar(x, means[0], width, label="damaged", color="lightgrey",
+             yerr=_shown(headline, [np.nan_to_num(d[2]) for d in damaged]))
     for index, strategy in enumerate(strategies, start=1):
         stats = [mean_ci([r["value"] for r in _select(
-            rows, damage=k, stage=RECOVERED + strategy, metric="accuracy")])
-            for k in kinds]
-        axis.bar(x + index * width, [100 * s[0] for s in stats], width,
-                 label=strategy, yerr=[100 * np.nan_to_num(s[2])
-                                       for s in stats])
+            rows, damage=k, stage=RECOVERED + strategy,
+            metric=headline.name)]) for k in kinds]
+        means.append(_shown(headline, [s[0] for s in stats]))
+        axis.bar(x + index * width, means[-1], width, label=strategy,
+                 yerr=_shown(headline, [np.nan_to_num(s[2]) for s in stats]))
     axis.set_xticks(x + width * len(strategies) / 2, kinds)
-    axis.set_ylabel("test accuracy (%)")
-    axis.set_ylim(0, 100)
+    _set_value_axis(axis, headline, means)
     axis.set_title("Strategies at equal compute (mean over amounts and seeds)")
     axis.legend(fontsize=7, ncol=2)
     axis.grid(axis="y", alpha=0.3)
@@ -252,35 +478,75 @@ def plot_strategies(rows, path: pathlib.Path) -> pathlib.Path | None:
     return path
 
 
-def _summary_table(rows) -> list[str]:
+def best_strategies(rows, headline: Headline = ACCURACY) -> dict[str, str]:
+    """The best recovery strategy of every damage kind.
+
+    A strategy's score is its mean final value over the amounts and seeds of
+    the kind; the best is the largest score for a higher-is-better metric and
+    the smallest otherwise (e.g. the lowest perplexity).
+
+    Args:
+        rows: results rows (only the final step of each curve counts).
+        headline: the metric to compare.
+
+    Returns:
+        ``{damage kind: strategy}``, in the order the kinds appear; a kind
+        without a finite score is left out.
+    """
+    rows = final_rows(rows)
+    best = {}
+    for kind in _kinds(rows):
+        scores = {}
+        for strategy in _strategies(rows):
+            values = [r["value"] for r in _select(
+                rows, damage=kind, stage=RECOVERED + strategy,
+                metric=headline.name)]
+            if values:
+                scores[strategy] = float(np.mean(values))
+        pick = headline.best(scores)
+        if pick is not None:
+            best[kind] = pick
+    return best
+
+
+def _summary_table(rows, headline: Headline) -> list[str]:
     strategies = _strategies(rows)
-    header = ["damage", "amount", "n", "damaged acc. (%)"] + [
-        f"{s} (%)" for s in strategies]
+    header = ["damage", "amount", "n",
+              f"damaged {headline.short}{headline.suffix}"] + [
+        f"{s}{headline.suffix}" for s in strategies]
     lines = ["| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]
     for kind in _kinds(rows):
         damaged = _select(rows, damage=kind, stage="damaged",
-                          metric="accuracy")
+                          metric=headline.name)
         for (ratio,), group in sorted(_group(damaged, ["ratio"]).items()):
             mean, _, half = mean_ci([r["value"] for r in group])
             cells = [kind, f"{ratio:g}", str(len(group)),
-                     f"{_percent(mean)} ± {_percent(half)}"]
+                     f"{headline.show(mean)} ± {headline.show(half)}"]
             for strategy in strategies:
                 got = [r["value"] for r in _select(
                     rows, damage=kind, ratio=ratio,
-                    stage=RECOVERED + strategy, metric="accuracy")]
+                    stage=RECOVERED + strategy, metric=headline.name)]
                 m, _, h = mean_ci(got)
-                cells.append(f"{_percent(m)} ± {_percent(h)}" if got else "")
+                cells.append(f"{headline.show(m)} ± {headline.show(h)}"
+                             if got else "")
             lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def _curve_summary(rows, threshold: float) -> list[str]:
-    lines = ["| damage | area under accuracy-vs-amount (mean acc.) | "
-             f"amount where accuracy < {threshold:g} |", "|---|---|---|"]
+def _curve_summary(rows, threshold: float, headline: Headline) -> list[str]:
+    name = headline.name
+    if headline.higher_is_better:
+        limit = threshold
+        condition = f"{name} < {threshold:g}"
+    else:
+        clean = _clean_value(rows, headline)
+        limit = None if clean is None else clean / threshold
+        condition = f"{name} > clean / {threshold:g}"
+    lines = [f"| damage | area under {name}-vs-amount (mean {headline.short})"
+             f" | amount where {condition} |", "|---|---|---|"]
     for kind in _kinds(rows):
-        damaged = _select(rows, damage=kind, stage="damaged",
-                          metric="accuracy")
+        damaged = _select(rows, damage=kind, stage="damaged", metric=name)
         groups = sorted(_group(damaged, ["ratio"]).items())
         ratios = np.asarray([r for (r,), _ in groups], dtype=np.float64)
         means = np.asarray([np.mean([x["value"] for x in g])
@@ -289,16 +555,22 @@ def _curve_summary(rows, threshold: float) -> list[str]:
             area = float(np.trapezoid(means, ratios) / (ratios[-1] - ratios[0]))
         else:
             area = float(means[0]) if len(means) else math.nan
-        below = np.flatnonzero(means < threshold)
-        crossing = "not reached"
-        if below.size:
-            i = below[0]
+        if limit is None:
+            crossing, worse = "n/a (no clean value)", np.empty(0, dtype=int)
+        else:
+            crossing = "not reached"
+            worse = np.flatnonzero(means < limit if headline.higher_is_better
+                                   else means > limit)
+        if worse.size:
+            i = worse[0]
             if i == 0:
                 crossing = f"{ratios[0]:g}"
             else:
+                # An infinite a1 (a diverged model) puts the crossing at r0.
                 r0, r1, a0, a1 = ratios[i - 1], ratios[i], means[i - 1], means[i]
-                crossing = f"{r0 + (a0 - threshold) / (a0 - a1) * (r1 - r0):.3g}"
-        lines.append(f"| {kind} | {_percent(area)} % | {crossing} |")
+                crossing = f"{r0 + (a0 - limit) / (a0 - a1) * (r1 - r0):.3g}"
+        lines.append(f"| {kind} | {headline.show(area, unit=True)} | "
+                     f"{crossing} |")
     return lines
 
 
@@ -343,16 +615,34 @@ def _cost_table(costs: dict) -> list[str]:
 
 
 def write_report(run_dir: os.PathLike[str] | str, rows: list[dict] | None = None,
-                 *, threshold: float = 0.5, title: str | None = None
-                 ) -> pathlib.Path:
+                 *, threshold: float = 0.5, title: str | None = None,
+                 metric: str | None = None,
+                 higher_is_better: bool | None = None) -> pathlib.Path:
     """Write the PNG plots and ``report.md`` of a run directory.
+
+    Every plot and table shows one headline metric (see
+    :func:`headline_metric`): accuracy in %, or, for a language model,
+    perplexity as a plain number. The metric-vs-amount plot is
+    ``<metric>_vs_ratio.png`` (``accuracy_vs_ratio.png`` for accuracy); the
+    others are ``recovery_curves.png``, ``recovery_heatmap.png`` and
+    ``strategies.png``.
 
     Args:
         run_dir: a run directory holding ``results.csv`` (and optionally
             ``costs.json`` and ``config.yaml``).
         rows: the results rows; read from ``results.csv`` when omitted.
-        threshold: accuracy threshold for the ratio-at-threshold column.
+        threshold: the level of the amount-at-threshold column. For a
+            higher-is-better metric, an absolute value: the column is the
+            damage amount where the metric falls below ``threshold``. For a
+            lower-is-better metric, a fraction of the clean quality: the
+            column is the amount where the metric rises above
+            ``clean / threshold`` (0.5: twice the clean perplexity; 0.9:
+            11 % above it).
         title: report title (default: the directory name).
+        metric: the headline metric; ``None``: ``"perplexity"`` when any row
+            has that metric, else ``"accuracy"``.
+        higher_is_better: whether a larger ``metric`` is better; ``None``:
+            ``True`` for accuracy, ``False`` for perplexity and loss.
 
     Returns:
         The path of ``report.md``.
@@ -360,9 +650,13 @@ def write_report(run_dir: os.PathLike[str] | str, rows: list[dict] | None = None
     Raises:
         FileNotFoundError: if ``run_dir`` has no ``results.csv`` and no rows
             are given.
+        TypeError: if ``higher_is_better`` is neither ``None`` nor a bool.
         ValueError: if ``results.csv`` (see :func:`recovjax.results.read_csv`)
-            or ``costs.json`` cannot be read; the message names the file and
-            the line.
+            or ``costs.json`` cannot be read (the message names the file and
+            the line); if ``metric`` is given and no clean or damaged row has
+            it, or has no default direction and ``higher_is_better`` is
+            ``None`` (see :func:`headline_metric`); or if ``threshold`` is not
+            a positive number for a lower-is-better metric.
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -373,6 +667,12 @@ def write_report(run_dir: os.PathLike[str] | str, rows: list[dict] | None = None
         if not results.is_file():
             raise FileNotFoundError(f"{results}: no results to report on")
         rows = read_rows(results)
+    headline = headline_metric(rows, metric, higher_is_better)
+    if not headline.higher_is_better and not (math.isfinite(threshold)
+                                              and threshold > 0):
+        raise ValueError(f"threshold: a lower-is-better {headline.name} needs "
+                         f"a fraction of the clean quality > 0, got "
+                         f"{threshold!r}")
     costs_file = run_dir / "costs.json"
     costs = {}
     if costs_file.is_file():
@@ -384,23 +684,23 @@ def write_report(run_dir: os.PathLike[str] | str, rows: list[dict] | None = None
             raise ValueError(f"{costs_file}: not a recovjax costs document "
                              '({"recovery": [{...}, ...]})')
     curves, rows = rows, final_rows(rows)
-    plots = [("Accuracy vs damage amount", plot_accuracy_vs_ratio(
-                 rows, run_dir / "accuracy_vs_ratio.png")),
+    plots = [(f"{headline.title} vs damage amount", plot_metric_vs_ratio(
+                 rows, run_dir / headline.ratio_plot, headline)),
              ("Recovery curves", plot_recovery_curves(
-                 curves, run_dir / "recovery_curves.png")),
+                 curves, run_dir / "recovery_curves.png", headline)),
              ("Damage amount x recovery steps", plot_heatmap(
-                 curves, run_dir / "recovery_heatmap.png")),
+                 curves, run_dir / "recovery_heatmap.png", headline)),
              ("Strategies at equal compute", plot_strategies(
-                 rows, run_dir / "strategies.png"))]
-    clean = _clean_accuracy(rows)
+                 rows, run_dir / "strategies.png", headline))]
+    clean = _clean_value(rows, headline)
     text = [f"# {title or run_dir.name}", ""]
     if clean is not None:
-        text += [f"Clean (pretrained) test accuracy: **{_percent(clean)} %**.",
-                 ""]
-    text += ["## Accuracy (mean ± 95 % CI over seeds)", ""]
-    text += _summary_table(rows) + [""]
+        text += [f"Clean (pretrained) test {headline.name}: "
+                 f"**{headline.show(clean, unit=True)}**.", ""]
+    text += [f"## {headline.title} (mean ± 95 % CI over seeds)", ""]
+    text += _summary_table(rows, headline) + [""]
     text += ["## Robustness curve summary", ""] + _curve_summary(
-        rows, threshold) + [""]
+        rows, threshold, headline) + [""]
     measures = _recovery_measures(rows)
     if measures:
         text += ["## Recovery", ""] + measures + [""]

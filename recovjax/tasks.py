@@ -96,6 +96,19 @@ class Task(NamedTuple):
             one batch or on stacked batches. ``None``: no checks beyond the
             keys. Checks of static shapes (the logit width) belong in
             ``loss`` and ``batch_totals``, where they cost nothing.
+        distill: ``distill(outputs, teacher_outputs, batch, temperature) ->
+            (loss_sum, count)``: the distillation loss toward a teacher's
+            outputs over the same examples (tokens) the loss counts, for the
+            ``distill`` recovery strategy. ``None``: the task cannot be
+            distilled (the strategy says so).
+        headline: the metric reports lead with and plot (one of
+            ``finalize``'s scalars, or of ``from_curve``'s).
+        higher_is_better: whether a larger ``headline`` is better
+            (accuracy) or worse (perplexity).
+        from_curve: ``from_curve(metrics) -> metrics``: metrics derived from a
+            recovery curve point's mean ``loss`` and ``accuracy`` (for
+            example ``perplexity = exp(loss)``), so curves report them too.
+            ``None``: none.
     """
 
     name: str
@@ -105,6 +118,11 @@ class Task(NamedTuple):
     batch_totals: Callable[[Any, Batch], Totals] | None = None
     finalize: Callable[[Totals], dict[str, Array]] | None = None
     validate: Callable[[Batch], None] | None = None
+    distill: Callable[[Any, Any, Batch, float], tuple[Array, Array]] | None \
+        = None
+    headline: str = "loss"
+    higher_is_better: bool = False
+    from_curve: Callable[[Mapping[str, Array]], dict[str, Array]] | None = None
 
 
 # --------------------------------------------------------------------------
@@ -297,6 +315,32 @@ def softmax_cross_entropy(logits: Array, labels: Array) -> Array:
     return -jnp.take_along_axis(log_probs, labels[..., None], axis=-1)[..., 0]
 
 
+def soft_cross_entropy(outputs: Array, teacher_outputs: Array,
+                       temperature: float) -> Array:
+    """Per-position ``T^2 * KL(softmax(teacher / T) || softmax(outputs / T))``.
+
+    Args:
+        outputs: ``[..., C]`` student logits.
+        teacher_outputs: ``[..., C]`` teacher logits.
+        temperature: softmax temperature ``T`` (the ``T^2`` factor keeps
+            gradient sizes comparable across temperatures, Hinton et al.).
+
+    Returns:
+        ``float[...]`` divergences, zero where student and teacher agree.
+    """
+    teacher = jax.nn.log_softmax(teacher_outputs / temperature, axis=-1)
+    student = jax.nn.log_softmax(outputs / temperature, axis=-1)
+    divergence = jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
+    return divergence * temperature ** 2
+
+
+def _soft_sums(valid: Array, outputs: Array, teacher_outputs: Array,
+               temperature: float) -> tuple[Array, Array]:
+    divergence = soft_cross_entropy(outputs, teacher_outputs, temperature)
+    return (jnp.where(valid, divergence, 0.0).sum(dtype=jnp.float32),
+            valid.sum(dtype=jnp.int32))
+
+
 def _check_count(value: Any, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or (
             value < minimum):
@@ -406,10 +450,15 @@ def _classification(num_classes: int) -> Task:
                 / totals["class_count"].astype(jnp.float32),
                 "count": count, **totals}
 
+    def distill(logits, teacher_logits, batch, temperature):
+        valid, _, _ = terms(logits, batch)
+        return _soft_sums(valid, logits, teacher_logits, temperature)
+
     return Task(name="classification", keys=("images", "labels", "mask"),
                 inputs=lambda batch: batch["images"], loss=loss,
                 batch_totals=batch_totals, finalize=finalize,
-                validate=validate)
+                validate=validate, distill=distill, headline="accuracy",
+                higher_is_better=True)
 
 
 # --------------------------------------------------------------------------
@@ -510,11 +559,43 @@ def _language_model(vocab_size: int, pad_id: int | None) -> Task:
         return {"loss": loss_value, "perplexity": jnp.exp(loss_value),
                 "accuracy": totals["correct"] / denominator, **totals}
 
+    def distill(logits, teacher_logits, batch, temperature):
+        valid, _, _ = terms(logits, batch)
+        return _soft_sums(valid, logits, teacher_logits, temperature)
+
+    def from_curve(metrics):
+        return {"perplexity": jnp.exp(metrics["loss"])}
+
     keys = ("tokens",) if pad_id is not None else ("tokens", "mask")
     return Task(name="language_model", keys=keys,
                 inputs=lambda batch: batch["tokens"][:, :-1], loss=loss,
                 batch_totals=batch_totals, finalize=finalize,
-                validate=validate)
+                validate=validate, distill=distill, headline="perplexity",
+                higher_is_better=False, from_curve=from_curve)
+
+
+def general_task(model: Any) -> Task | None:
+    """A model's task when it is not classification, else ``None``.
+
+    ``None`` stands for the classification path (images and labels, a
+    :class:`~recovjax.Batches` of test data); any other task reads batch
+    dicts.
+
+    Raises:
+        ValueError: for a task string other than ``"classification"``.
+        TypeError: for a task that is neither that string nor a
+            :class:`Task`.
+    """
+    task = getattr(model, "task", "classification")
+    if isinstance(task, str):
+        if task == "classification":
+            return None
+        raise ValueError(f"model.task: {task!r} is not a task; build the "
+                         f"model with task=recovjax.tasks.get_task(...)")
+    if not isinstance(task, Task):
+        raise TypeError(f"model.task must be 'classification' or a "
+                        f"recovjax.tasks.Task, got {type(task).__name__}")
+    return None if task.name == "classification" else task
 
 
 # --------------------------------------------------------------------------

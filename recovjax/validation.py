@@ -25,7 +25,9 @@ from recovjax import checkpoints, sources
 from recovjax import config as config_lib
 from recovjax.damage import damage_spec, get_damage
 from recovjax.damage.scope import select_leaves
-from recovjax.models import get_model
+from recovjax.models import model_names
+from recovjax import tasks as tasks_lib
+from recovjax.tasks import general_task
 from recovjax.recovery import get_strategy
 from recovjax.recovery.registry import (OPTIMIZER_NAMES, strategy_factory,
                                         strategy_options)
@@ -86,24 +88,35 @@ def _fail(where: str, error: BaseException | str) -> config_lib.ConfigError:
 
 
 def _check(config: config_lib.ExperimentConfig) -> None:
-    if not sources.is_import_path(config.model):
-        try:
-            get_model(config.model)
-        except ValueError as error:
-            raise _fail("model", error) from None
+    if not sources.is_import_path(config.model) and (
+            config.model not in model_names()):
+        raise _fail("model", f"unknown model {config.model!r}; valid names: "
+                    f"{', '.join(model_names())}, or a factory "
+                    "'module.path:callable'")
     try:
-        shape, num_classes = sources.dataset_shape(config.dataset,
-                                                   config.data_dir)
+        sample, num_classes = sources.dataset_sample(
+            config.dataset, config.data_dir, config.dataset_options)
     except (ValueError, OSError) as error:
+        if str(error).startswith("dataset_options:"):
+            raise config_lib.ConfigError(str(error)) from None
         raise _fail("dataset", error) from None
     except Exception as error:  # e.g. a truncated dataset_info.json
         raise _fail("dataset", f"{config.dataset!r}: cannot read its "
                     f"prepared description ({type(error).__name__}: "
                     f"{error})") from None
+    inputs = (f"token windows of shape {tuple(sample.shape[1:])}"
+              if jnp.issubdtype(sample.dtype, jnp.integer) else
+              f"images of shape {tuple(sample.shape[1:])}")
     try:
-        model = sources.resolve_model(config.model, num_classes, shape)
+        model = sources.resolve_model(config.model, num_classes, sample)
     except _USER_ERRORS as error:
         raise _fail("model", error) from None
+    try:
+        model = sources.resolve_task(model, config.task, config.task_options)
+        task = general_task(model)
+    except _USER_ERRORS as error:
+        where = "task_options" if config.task is None else "task"
+        raise _fail(where, error) from None
     try:
         model = sources.with_weights(model, config.weights,
                                      config.weights_layout)
@@ -111,13 +124,19 @@ def _check(config: config_lib.ExperimentConfig) -> None:
         raise _fail("weights", error) from None
     try:
         abstract = model.abstract_params()
-        if model.num_classes != num_classes:
+        if task is None and model.num_classes != num_classes:
             raise ValueError(f"it gives {model.num_classes} outputs, not "
                              f"the dataset's {num_classes} classes")
     except _USER_ERRORS as error:
         raise _fail("model", f"{config.model!r} does not take "
-                    f"{config.dataset!r} images of shape {shape}: "
-                    f"{error}") from None
+                    f"{config.dataset!r} {inputs}: {error}") from None
+    if task is not None:
+        _check_task(config, model, task, abstract, sample)
+    elif jnp.issubdtype(sample.dtype, jnp.integer):
+        raise config_lib.ConfigError(
+            f"task: dataset {config.dataset!r} holds token windows and the "
+            f"model {config.model!r} is a classifier; name a task that reads "
+            "tokens (task: language_model) or a model built with one")
     labels: set[str] = set()
     for index, damage in enumerate(config.damage):
         _check_damage(f"damage[{index}]", damage, abstract, model.info,
@@ -133,8 +152,18 @@ def _check(config: config_lib.ExperimentConfig) -> None:
     recovery = config.recovery
     structural = sorted({damage_spec(d.kind).kind == "structure"
                          for d in config.damage})
-    images = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+    images = sample
     checked: set[str] = set()
+    if task is not None:
+        for where, data in [("recovery.data", recovery.data)] + [
+                (f"recovery.strategies[{index}].data",
+                 strategy_spec(strategy).data)
+                for index, strategy in enumerate(recovery.strategies)]:
+            if data is not None and data.damage is not None:
+                raise config_lib.ConfigError(
+                    f"{where}.damage: data damage applies to image "
+                    f"classification; task {task.name!r} recovers on its "
+                    "own data (leave damage out)")
     _check_data(recovery.data, "recovery.data", images, num_classes, checked)
     seen = set()
     for index, strategy in enumerate(recovery.strategies):
@@ -148,6 +177,22 @@ def _check(config: config_lib.ExperimentConfig) -> None:
         if spec.data is not None:
             _check_data(spec.data, f"{where}.data", images, num_classes,
                         checked)
+
+
+def _check_task(config, model, task, abstract, sample) -> None:
+    """The task reads the dataset's examples, and the model's outputs fit
+    its loss (traced on shapes only)."""
+    dataset = sources.resolve_dataset(config.dataset, config.data_dir,
+                                      config.dataset_options)
+    batch = sources.task_examples(dataset, dataset.test, 1)
+    try:
+        tasks_lib.check_batch(task, batch, "dataset")
+        jax.eval_shape(lambda p, b: task.loss(
+            model.forward(p, task.inputs(b)), b), abstract, batch)
+    except _USER_ERRORS as error:
+        raise _fail("task", f"task {task.name!r} on dataset "
+                    f"{config.dataset!r} with model {config.model!r}: "
+                    f"{error}") from None
 
 
 def _check_damage(where: str, damage: config_lib.DamageConfig, abstract,

@@ -76,6 +76,25 @@ class EqxMLP(eqx.Module):
         return self.layers[1](jax.nn.relu(self.layers[0](x.reshape(-1))))
 
 
+class EqxBNMLP(eqx.Module):
+    """A stateful equinox model: its batch norm keeps an ``eqx.nn.State``."""
+
+    hidden: eqx.nn.Linear
+    norm: eqx.nn.BatchNorm
+    out: eqx.nn.Linear
+
+    def __init__(self, key):
+        first, second = jax.random.split(key)
+        self.hidden = eqx.nn.Linear(64, 24, key=first)
+        self.norm = eqx.nn.BatchNorm(24, axis_name="batch", mode="ema")
+        self.out = eqx.nn.Linear(24, 10, key=second)
+
+    def __call__(self, x, state, key=None):
+        del key
+        hidden, state = self.norm(self.hidden(x.reshape(-1)), state)
+        return self.out(jax.nn.relu(hidden)), state
+
+
 def _apply_mlp(params, x):
     x = x.reshape(x.shape[0], -1)
     hidden = jax.nn.relu(x @ params["w1"] + params["b1"])
@@ -105,6 +124,13 @@ def build(kind: str, data) -> Model:
         return from_nnx(NnxMLP(nnx.Rngs(1)), sample=sample)
     if kind == "equinox":
         return from_equinox(EqxMLP(key), sample=sample)
+    if kind == "equinox_bn":
+        module, state = eqx.nn.make_with_state(EqxBNMLP)(key)
+        # Non-trivial running statistics, as for linen.
+        model = from_equinox(module, state=state, sample=sample)
+        return model.with_state(jax.tree.map(
+            lambda s: s + 0.25 if jnp.issubdtype(s.dtype, jnp.floating)
+            else s, model.state))
     rng = np.random.default_rng(1)
     params = {"w1": rng.normal(size=(64, 24)).astype(np.float32) / 8,
               "b1": np.zeros(24, np.float32),
@@ -113,7 +139,7 @@ def build(kind: str, data) -> Model:
     return from_apply(_apply_mlp, params, sample=sample, info=APPLY_INFO)
 
 
-KINDS = ("linen", "nnx", "equinox", "apply")
+KINDS = ("linen", "nnx", "equinox", "equinox_bn", "apply")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -294,3 +320,35 @@ def test_model_is_a_frozen_dataclass_with_a_stable_forward(data):
         model.params = {}
     same = model.with_params(jax.tree.map(jnp.zeros_like, model.params))
     assert same.forward is model.forward
+
+
+def test_equinox_batchnorm_state_is_frozen_evaluating_and_trained(data):
+    model = build("equinox_bn", data)
+    x = jnp.asarray(data.images[:16])
+    outputs, state = model.apply(model.params, model.state, x)
+    np.testing.assert_array_equal(outputs, model.forward(model.params, x))
+    assert jax.tree.all(jax.tree.map(np.array_equal, state, model.state))
+    # in training mode the batch's statistics move the running ones
+    recover = jax.jit(make_finetune(model.forward, optax.adam(1e-2),
+                                    steps=6, batch_size=32,
+                                    train_mode=model))
+    result = recover(jax.random.key(0), model.params, None,
+                     jnp.asarray(data.images), jnp.asarray(data.labels),
+                     jnp.ones(N), recovjax.batch_split(data, 32))
+    changed = jax.tree.leaves(jax.tree.map(
+        lambda a, b: not np.array_equal(a, b), result.state, model.state))
+    assert any(changed)
+    # neuron removal goes through the norm that follows the layer
+    damage = remove_neurons(jax.random.key(0), model.params, 0.5,
+                            info=model.info)
+    removed = np.asarray(damage.mask["hidden"]["bias"])
+    assert removed.sum() == 12
+    for leaf in ("weight", "bias"):
+        np.testing.assert_array_equal(
+            np.asarray(damage.mask["norm"][leaf]), removed)
+    np.testing.assert_array_equal(
+        np.asarray(damage.mask["out"]["weight"]).any(0), removed)
+    # a BatchNorm module without its state is refused, saying what to pass
+    module, _ = eqx.nn.make_with_state(EqxBNMLP)(jax.random.key(0))
+    with pytest.raises(ValueError, match="state: .*make_with_state"):
+        from_equinox(module, sample=x)

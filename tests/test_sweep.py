@@ -18,8 +18,8 @@ from recovjax._types import Split
 from recovjax.damage import get_damage
 from recovjax.results import ResultsTable, metrics_rows, read_csv
 from recovjax.sweep import (ChunkResult, damage_id, damage_point,
-                            estimate_model_bytes, iter_sweep, plan_sweep,
-                            point_key, point_keys, sweep)
+                            iter_sweep, plan_sweep, point_fn, point_key,
+                            point_keys, sweep)
 
 from _tolerance import lenet5_loss_bound, lenet5_near_ties
 
@@ -98,9 +98,10 @@ def test_clean_model_rides_in_a_chunk_without_a_program_of_its_own(
     result = sweep(counted, trained_lenet, damages={"zero": ZERO},
                    ratios=RATIOS, seeds=SEEDS, data=test_split, root_key=0,
                    batch_size=50, chunk_size=3)
-    # Traced for the memory estimate and for the one chunk program; not
-    # for the clean model (a program of its own would trace it again).
-    assert len(traces) == 2
+    # Traced once, for the one chunk program (groups of one need no memory
+    # estimate); not for the clean model (a program of its own would trace
+    # it again).
+    assert len(traces) == 1
     alone = jax.device_get(evaluate(lenet.forward, trained_lenet,
                                     batch_split(test_split, 50), 10))
     (accuracy,) = result.table.select(stage="clean", metric="accuracy")
@@ -194,7 +195,7 @@ def test_keys_are_addressable_and_independent_of_other_kinds(
 
 
 def test_int_root_seed_is_jax_random_key():
-    from recovjax.sweep import _seed_key
+    from recovjax.sweep.keys import _seed_key
     for seed in (0, 1, 12345, 2**31 - 1, -3):  # -3 takes jax.random.key
         want = jax.random.key(seed)
         got = _seed_key(seed)
@@ -204,7 +205,7 @@ def test_int_root_seed_is_jax_random_key():
 
 
 def test_host_fold_in_is_bit_equal_to_jax():
-    from recovjax.sweep import _threefry_fold_in
+    from recovjax.sweep.keys import _threefry_fold_in
     rng = np.random.default_rng(0)
     key_data = rng.integers(0, 2**32, (64, 2), dtype=np.uint32)
     data = rng.integers(0, 2**32, 64, dtype=np.uint32)
@@ -310,12 +311,28 @@ def test_memory_plan():
         plan_sweep(100, 10, chunk_size=0)
 
 
-def test_model_bytes_estimate(lenet, trained_lenet):
-    images = jax.ShapeDtypeStruct((100, 28, 28, 1), jnp.float32)
-    estimate = estimate_model_bytes(lenet.forward, trained_lenet, images)
+def test_group_sizes_come_from_xla_memory_analysis(lenet, trained_lenet,
+                                                   test_split):
+    from recovjax import runner
+    from recovjax.data import batch_split
+    batches = batch_split(test_split, 100)
+    point = (jax.ShapeDtypeStruct((), jax.random.key(0).dtype),
+             jax.ShapeDtypeStruct((), jnp.float32),
+             jax.ShapeDtypeStruct((), jnp.bool_))
+    estimate = runner.point_memory(point_fn(lenet, ZERO, None), point,
+                                   (trained_lenet, batches))
     params = sum(leaf.nbytes for leaf in jax.tree.leaves(trained_lenet))
-    # Three copies of the parameters plus at least the conv1 output.
-    assert estimate > 3 * params + 100 * 24 * 24 * 6 * 4
+    # XLA:CPU reports its temporaries: a damaged copy of the parameters
+    # and at least the first convolution's output of one batch.
+    assert estimate.source == "memory_analysis"
+    assert estimate.point_bytes > params + 100 * 24 * 24 * 6 * 4
+    plans = []
+    list(iter_sweep(lenet, trained_lenet, damages={"zero": ZERO},
+                    ratios=(0.1,), seeds=4, data=batches, root_key=0,
+                    vmap_size=4, memory_budget_bytes=2 * estimate.point_bytes,
+                    plan=plans))
+    assert plans[0].vmap_size == 2
+    assert plans[0].model_bytes == estimate.point_bytes
 
 
 @pytest.mark.parametrize("options, error, message", [

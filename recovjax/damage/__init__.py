@@ -21,7 +21,7 @@ from recovjax.damage.params import (DamageFn, add_gaussian_noise,
 from recovjax.damage.registry import (DamageSpec, damage_names, damage_spec,
                                       get_damage, register_damage)
 from recovjax.damage.scope import (Scope, ScopeLike, leaf_paths, parse_scope,
-                                   select_leaves)
+                                   select_leaves, spread_prefix)
 from recovjax.damage.structure import (drop_blocks, find_attention,
                                        find_blocks, infer_layers,
                                        make_drop_blocks,
@@ -83,6 +83,7 @@ __all__ = [
     "select_entries",
     "select_leaves",
     "silence_removed",
+    "spread_prefix",
     "stick_bits_at_one",
     "stick_bits_at_zero",
     "zero_largest",

@@ -23,12 +23,48 @@ output; the entries chosen for a given key are the same for every operator
 that selects entries (zero, sign flip, random values), so damage types can
 be compared entry for entry.
 
+**Per-leaf amounts.** ``amount`` may also be a pytree prefix of
+``params`` (as jaxpruner's sparsity distributions), with a number (or a
+traced scalar) or ``None`` per leaf or subtree::
+
+    op(key, params, {"Conv_0": 0.3, "Dense_0": {"kernel": 0.1,
+                                                "bias": None}})
+    op(key, params, {"Conv_0/kernel": 0.3, "Conv_0/bias": 0.0,
+                     "Dense_0": None})           # flat, by leaf path
+
+A number at a subtree applies to every leaf under it; paths are those of
+:func:`~recovjax.damage.scope.leaf_paths`, and nested and flat (path-keyed)
+forms may be mixed. Every leaf must get exactly one entry; an entry the
+parameters do not have is a ``ValueError`` naming it and listing the valid
+keys at that level. ``None`` leaves a leaf undamaged (unchanged, all-
+``False`` mask) exactly as if it were outside the scope: its position is
+static (part of the amount's tree structure) and the leaf drops out of the
+selection, so the entries chosen elsewhere are those the operator chooses
+with the leaf out of scope. A number, including ``0.0``, keeps the leaf in
+the selection: a scalar amount gives exactly (bit for bit) what the full
+tree of that scalar gives, and a tree that is ``0.0`` everywhere but one
+leaf damages that leaf exactly as the scalar call does. The scope still
+applies (a leaf outside it is untouched whatever its amount), and an
+amount of 0 damages nothing (all-``False`` mask on that leaf; the noise
+operators also leave such a leaf unchanged). The numbers may be traced, so
+a stack of amount trees vmaps in one compiled program, as a sensitivity map
+needs::
+
+    one_hot = {"Conv_0": jnp.array([0.5, 0.0]),
+               "Dense_0": jnp.array([0.0, 0.5])}
+    damage = jax.jit(jax.vmap(op, in_axes=(0, None, 0)))(keys, params,
+                                                        one_hot)
+
+Per-leaf amounts need ``ratio_over="leaf"`` (the default) where an
+operator has that choice; structural and data damage take one scalar.
+
 Concrete amounts are validated before tracing (see
-:func:`recovjax.damage.select.check_amount`). Traced amounts cannot be
+:func:`recovjax.damage.select.check_amount`), each entry of an amount tree
+on its own (the message names its path). Traced amounts cannot be
 checked on the host: unchecked, traced fractions are clipped to ``[0, 1]``
 (NaN reads as 0, so ``1.5`` damages every entry and ``NaN`` none) and
 traced noise scales are used as given; :func:`checked` (or
-``get_damage(name, check=True)``) checks them with
+``get_damage(name, check=True)``) checks them, every entry of a tree, with
 :mod:`jax.experimental.checkify` instead.
 """
 
@@ -45,14 +81,21 @@ from jax import lax
 from recovjax import _checks
 from recovjax._types import Array, Damage, Params, PRNGKey
 from recovjax.damage import select
-from recovjax.damage.scope import Scope, ScopeLike, leaf_paths, parse_scope
+from recovjax.damage.scope import (Scope, ScopeLike, leaf_paths,
+                                   parse_scope, spread_prefix)
 from recovjax.models.info import LeafInfo, info_by_path
+
+
+Amount = Any
+"""What operators accept as ``amount``: a number or a traced scalar, or
+(parameter damage) a pytree prefix of the parameters with a number, a traced
+scalar or ``None`` per leaf or subtree (see the module docstring)."""
 
 
 class DamageFn(Protocol):
     """``op(key, params, amount, *, info=None) -> Damage``."""
 
-    def __call__(self, key: PRNGKey, params: Params, amount: float | Array,
+    def __call__(self, key: PRNGKey, params: Params, amount: Amount,
                  *, info: Any = None) -> Damage:
         ...
 
@@ -60,9 +103,16 @@ class DamageFn(Protocol):
 Infos = Mapping[str, LeafInfo]
 """``{path: LeafInfo}`` for every leaf of the parameters."""
 
-DamageCore = Callable[[PRNGKey, Params, Array, "Infos | None"], Damage]
+LeafAmounts = tuple
+"""What a per-leaf core gets for an amount tree: one entry per leaf of the
+parameters, in flattening order, a float32 scalar (traced or not) or
+``None`` where the leaf is not damaged."""
+
+DamageCore = Callable[[PRNGKey, Params, "Array | LeafAmounts",
+                       "Infos | None"], Damage]
 """``core(key, params, amount, infos) -> Damage``, what
-:func:`make_operator` wraps."""
+:func:`make_operator` wraps; ``amount`` is a float32 scalar, or
+:data:`LeafAmounts` for a core built with ``per_leaf=True``."""
 
 Mode = Literal["exact", "bernoulli"]
 RatioOver = Literal["leaf", "global"]
@@ -85,7 +135,8 @@ def check_choice(name: str, value, allowed: Sequence) -> None:
 
 
 def make_operator(core: DamageCore, *, name: str, amount_name: str,
-                  fraction: bool, doc: str, check: bool = False) -> DamageFn:
+                  fraction: bool, doc: str, check: bool = False,
+                  per_leaf: bool | str = False) -> DamageFn:
     """Wrap a traceable core as a validated, compiled operator.
 
     The returned ``op(key, params, amount, *, info=None)`` checks the key
@@ -101,11 +152,23 @@ def make_operator(core: DamageCore, *, name: str, amount_name: str,
     inlined; bind ``info`` there (``functools.partial(op, info=...)``), as
     it is not an array.
 
+    With ``per_leaf=True`` the amount may also be a pytree prefix of
+    ``params`` (see the module docstring): it is spread over the leaves on
+    the host (:func:`~recovjax.damage.scope.spread_prefix`), each entry is
+    checked like a scalar (the message names its path), and the core gets
+    :data:`LeafAmounts`: a tuple with one float32 scalar per leaf, or
+    ``None`` where the leaf is not damaged. The positions of ``None`` are
+    part of the program's structure; the numbers are arguments, so new
+    values (and a vmapped stack of trees) reuse one program. A scalar
+    amount still reaches the core as a scalar; the core must treat it as
+    the full tree of that scalar (:func:`_flatten` does).
+
     A traced amount cannot be checked on the host. Unchecked
     (``check=False``), a traced fraction is clipped to ``[0, 1]`` and NaN
     reads as 0, so ``1.5`` damages every entry and ``NaN`` none; a traced
     scale is used as given. With ``check=True`` (see :func:`checked`) a
-    traced amount is checked by :func:`jax.experimental.checkify.check`.
+    traced amount (every traced entry of a tree) is checked by
+    :func:`jax.experimental.checkify.check`.
 
     Args:
         core: ``core(key, params, amount, infos) -> Damage``, traceable in
@@ -119,17 +182,23 @@ def make_operator(core: DamageCore, *, name: str, amount_name: str,
         fraction: whether the amount must lie in ``[0, 1]``.
         doc: the operator's docstring.
         check: the checked mode for traced amounts.
+        per_leaf: ``True`` if the core takes :data:`LeafAmounts`; ``False``
+            (one scalar only, as structural damage) or a string, which is
+            then the message (after ``"<amount_name>: "``) when a tree is
+            passed.
 
     Returns:
         ``op(key, params, amount, *, info=None) -> Damage``, with attributes
         ``amount_name``, ``amount_is_fraction``, ``damage_kind``
-        (``"params"``, for structural damage too) and ``check_traced``
-        (whether traced amounts are checked). It raises
+        (``"params"``, for structural damage too), ``check_traced``
+        (whether traced amounts are checked) and ``per_leaf_amounts``
+        (whether amount trees are accepted). It raises
         :class:`~recovjax.models.info.InfoError` if ``info`` does not have
-        the structure of ``params``.
+        the structure of ``params``, and ``ValueError`` for an amount tree
+        the operator does not take or that does not match ``params``.
     """
 
-    def run_core(key: PRNGKey, params: Params, amount: Array,
+    def run_core(key: PRNGKey, params: Params, amount: Array | LeafAmounts,
                  info_items: tuple[tuple[str, LeafInfo], ...] | None
                  ) -> Damage:
         infos = None if info_items is None else dict(info_items)
@@ -139,15 +208,27 @@ def make_operator(core: DamageCore, *, name: str, amount_name: str,
     # can be a static argument, and equal for equal metadata (no retrace).
     compiled = jax.jit(run_core, static_argnums=3)
 
-    def operator(key: PRNGKey, params: Params, amount: float | Array, *,
+    def check_one(amount: Any, label: str) -> Array:
+        traced = _checks.is_traced(amount)
+        amount = select.check_amount(amount, name=label, fraction=fraction)
+        if check and traced:
+            _checks.check_traced_amount(amount, name=label,
+                                        fraction=fraction)
+        return amount
+
+    def operator(key: PRNGKey, params: Params, amount: Amount, *,
                  info: Any = None) -> Damage:
         select.check_key(key)
-        traced = _checks.is_traced(amount)
-        amount = select.check_amount(amount, name=amount_name,
-                                     fraction=fraction)
-        if check and traced:
-            _checks.check_traced_amount(amount, name=amount_name,
-                                        fraction=fraction)
+        if select.is_amount_tree(amount):
+            if per_leaf is not True:
+                reason = per_leaf or (f"per-leaf amounts apply to parameter "
+                                      f"damage; {name} takes one scalar "
+                                      f"{amount_name}")
+                raise ValueError(f"{amount_name}: {reason} (got a "
+                                 f"{type(amount).__name__})")
+            amount = _leaf_amounts(amount, params, amount_name, check_one)
+        else:
+            amount = check_one(amount, amount_name)
         info_items = (None if info is None else
                       tuple(info_by_path(params, info).items()))
         return compiled(key, params, amount, info_items)
@@ -156,18 +237,33 @@ def make_operator(core: DamageCore, *, name: str, amount_name: str,
     operator.__doc__ = doc
     _describe(operator, amount_name, fraction, "params", check,
               lambda: make_operator(core, name=name, amount_name=amount_name,
-                                    fraction=fraction, doc=doc, check=True))
+                                    fraction=fraction, doc=doc, check=True,
+                                    per_leaf=per_leaf),
+              per_leaf=per_leaf is True)
     return operator
 
 
+def _leaf_amounts(amount: Any, params: Params, amount_name: str,
+                  check_one: Callable[[Any, str], Array]) -> LeafAmounts:
+    # Spread the prefix over the leaves; check each entry once, by its path.
+    spread = spread_prefix(amount, params, name=amount_name)
+    checked_entries: dict[str, Array | None] = {}
+    for entry, value in spread:
+        if entry not in checked_entries:
+            checked_entries[entry] = (None if value is None else check_one(
+                value, f"{amount_name} at {entry!r}"))
+    return tuple(checked_entries[entry] for entry, _ in spread)
+
+
 def _describe(operator: Callable, amount_name: str, fraction: bool,
-              kind: str, check: bool, rebuild: Callable[[], Callable]
-              ) -> None:
+              kind: str, check: bool, rebuild: Callable[[], Callable],
+              per_leaf: bool = False) -> None:
     # What the sweep and checked() need to know about a built operator.
     operator.amount_name = amount_name
     operator.amount_is_fraction = fraction
     operator.damage_kind = kind
     operator.check_traced = check
+    operator.per_leaf_amounts = per_leaf
     operator._checked_version = rebuild
 
 
@@ -179,7 +275,8 @@ def checked(op: Callable) -> Callable:
     fraction to ``[0, 1]`` and reads NaN as 0 (``1.5`` damages every
     entry, ``NaN`` none) and uses a traced noise scale as given. The
     checked operator stages a :func:`jax.experimental.checkify.check`
-    instead, so functionalise the traced call with
+    instead (one per traced entry of a per-leaf amount tree, whose message
+    names the entry's path), so functionalise the traced call with
     :func:`jax.experimental.checkify.checkify` and throw its error::
 
         from jax.experimental import checkify
@@ -231,15 +328,35 @@ class _Leaves(NamedTuple):
     leaves: list
     treedef: object
     paths: list[str]
-    chosen: list[int]  # indices of the leaves in scope
+    chosen: list[int]  # indices of the leaves damaged: in scope, not None
+    amounts: Array     # float32 scalar (for all), or [len(chosen)] per leaf
+
+    def amount(self, position: int) -> Array:
+        """The amount of the ``position``-th chosen leaf."""
+        return self.amounts if self.amounts.ndim == 0 else self.amounts[
+            position]
 
 
-def _flatten(params: Params, scope: Scope, infos: Infos | None) -> _Leaves:
+def _flatten(params: Params, scope: Scope, infos: Infos | None,
+             amount: Array | LeafAmounts) -> _Leaves:
+    # The leaves to damage and their amounts. A leaf whose amount is None
+    # drops out exactly as a leaf outside the scope does.
     flags = scope.select(params, infos)
     leaves, treedef = jax.tree.flatten(params)
     leaves = [jnp.asarray(leaf) for leaf in leaves]
-    chosen = [i for i, flag in enumerate(flags) if flag]
-    return _Leaves(leaves, treedef, leaf_paths(params), chosen)
+    if isinstance(amount, tuple):
+        if len(amount) != len(leaves):  # pragma: no cover - make_operator
+            raise ValueError(f"{len(amount)} amounts for {len(leaves)} "
+                             f"leaves")
+        chosen = [i for i, flag in enumerate(flags)
+                  if flag and amount[i] is not None]
+        amounts = (jnp.stack([jnp.asarray(amount[i], jnp.float32)
+                              for i in chosen]) if chosen
+                   else jnp.zeros((0,), jnp.float32))
+    else:
+        chosen = [i for i, flag in enumerate(flags) if flag]
+        amounts = jnp.asarray(amount, jnp.float32)
+    return _Leaves(leaves, treedef, leaf_paths(params), chosen, amounts)
 
 
 def _require_float(flat: _Leaves, operation: str) -> None:
@@ -264,10 +381,24 @@ def _assemble(flat: _Leaves, new: dict[int, Array], masks: dict[int, Array]
                   mask=jax.tree.unflatten(flat.treedef, mask_leaves))
 
 
+_GLOBAL_NEEDS_SCALAR = (
+    "per-leaf amounts need ratio_over='leaf' (the default): "
+    "ratio_over='global' draws one count over every leaf in scope, so it "
+    "takes one scalar amount")
+
+
 def _counts(sizes: Sequence[int], ratio: Array, ratio_over: str
             ) -> tuple[Array, list[int]]:
+    # A scalar ratio or one per leaf gives one count per leaf (each leaf its
+    # own group); "global" one count over all (one group).
     if ratio_over == "global":
+        if jnp.ndim(ratio) != 0:
+            raise ValueError(f"ratio: {_GLOBAL_NEEDS_SCALAR}")
         return select.count_of(sum(sizes), ratio)[None], [0] * len(sizes)
+    if jnp.ndim(ratio) not in (0, 1) or (
+            jnp.ndim(ratio) == 1 and jnp.shape(ratio)[0] != len(sizes)):
+        raise ValueError(f"ratio must be a scalar or one per leaf "
+                         f"({len(sizes)}), got shape {jnp.shape(ratio)}")
     return (select.count_of(np.asarray(sizes, np.int32), ratio),
             list(range(len(sizes))))
 
@@ -280,7 +411,10 @@ def select_entries(key: PRNGKey, leaves: Sequence[Array], ratio: Array, *,
     Args:
         key: typed key (unused for targeted selection).
         leaves: the arrays to choose from.
-        ratio: traced fraction of entries to choose.
+        ratio: traced fraction of entries to choose: a scalar for every
+            leaf, or ``float32[len(leaves)]``, one per leaf (needs
+            ``ratio_over="leaf"``). A scalar chooses exactly what the
+            vector of that scalar chooses.
         mode: ``"exact"``: exactly ``floor(n * ratio)`` entries, ``n`` per
             leaf or over all leaves (``ratio_over``); ``"bernoulli"``: each
             entry independently with probability ``ratio``.
@@ -292,10 +426,16 @@ def select_entries(key: PRNGKey, leaves: Sequence[Array], ratio: Array, *,
 
     Returns:
         One flat boolean mask per leaf.
+
+    Raises:
+        ValueError: for a per-leaf ``ratio`` with ``ratio_over="global"``
+            or of the wrong length.
     """
     sizes = [int(leaf.size) for leaf in leaves]
     if target == "random":
         if mode == "bernoulli":
+            if ratio_over == "global" and jnp.ndim(ratio) != 0:
+                raise ValueError(f"ratio: {_GLOBAL_NEEDS_SCALAR}")
             return select.select_bernoulli(select.draw_bits(key, sizes),
                                            ratio)
         counts, groups = _counts(sizes, ratio, ratio_over)
@@ -304,6 +444,21 @@ def select_entries(key: PRNGKey, leaves: Sequence[Array], ratio: Array, *,
     if target == "largest":
         return select.select_largest_magnitude(leaves, counts, groups=groups)
     return select.select_smallest_magnitude(leaves, counts, groups=groups)
+
+
+def _per_leaf(ratio_over: str) -> bool | str:
+    # Per-leaf amounts need one count per leaf.
+    return True if ratio_over == "leaf" else _GLOBAL_NEEDS_SCALAR
+
+
+def _unless_zero(scale: Array, noisy: Array, leaf: Array
+                 ) -> tuple[Array, Array]:
+    # A leaf with scale 0 is returned as it is, with an all-False mask (the
+    # noise expression alone would turn -0.0 into 0.0 and inf into NaN).
+    # A NaN or negative traced scale is still used as given.
+    active = scale != 0
+    return (jnp.where(active, noisy, leaf.ravel()),
+            jnp.broadcast_to(active, noisy.shape))
 
 
 def _check_selection(mode: str, ratio_over: str, target: str) -> None:
@@ -337,21 +492,27 @@ def make_zero(scope: ScopeLike = "all", *, mode: Mode = "exact",
             :mod:`recovjax.damage.scope`).
         mode: ``"exact"`` (exact count) or ``"bernoulli"`` (each entry
             independently with probability ``ratio``: independent faults).
-        ratio_over: ``"leaf"`` (each leaf loses the same fraction) or
-            ``"global"`` (one exact count over all selected entries).
+        ratio_over: ``"leaf"`` (each leaf loses its own fraction) or
+            ``"global"`` (one exact count over all selected entries; one
+            scalar ratio only).
         target: ``"random"``, ``"largest"`` (largest magnitudes first: an
             attack) or ``"smallest"`` (magnitude pruning).
 
     Returns:
         ``op(key, params, ratio, *, info=None) -> Damage``, where
-        ``info`` is the model's leaf metadata (``model.info``). The mask
-        marks the chosen entries; it equals the set of changed entries
-        except where an entry was already zero.
+        ``info`` is the model's leaf metadata (``model.info``) and
+        ``ratio`` one fraction for every leaf or, with
+        ``ratio_over="leaf"``, a per-leaf prefix tree of fractions and
+        ``None`` (see the module docstring). The mask marks the chosen
+        entries; it equals the set of changed entries except where an
+        entry was already zero.
 
     Raises:
         ValueError: for an unknown choice or an invalid scope regex (now),
             and, when called, for a concrete ``ratio`` outside ``[0, 1]``
-            or non-finite, or a scope that matches no leaf.
+            or non-finite (naming the entry of a ratio tree), a ratio tree
+            that does not match the parameters or comes with
+            ``ratio_over="global"``, or a scope that matches no leaf.
         InfoError: when called with a role scope and no ``info``, or with
             a leaf whose role is not known (naming it).
 
@@ -359,22 +520,27 @@ def make_zero(scope: ScopeLike = "all", *, mode: Mode = "exact",
         >>> op = make_zero(scope="weights")
         >>> damage = op(jax.random.key(0), model.params, 0.3,
         ...             info=model.info)
+        >>> # Only the first convolution, a quarter of each of its leaves:
+        >>> damage = op(jax.random.key(0), model.params,
+        ...             {"Conv_0": 0.25, "Conv_1": None, "Dense_0": None},
+        ...             info=model.info)
     """
     resolved = parse_scope(scope)
     _check_selection(mode, ratio_over, target)
 
-    def zero(key: PRNGKey, params: Params, ratio: Array,
+    def zero(key: PRNGKey, params: Params, ratio: Array | LeafAmounts,
              infos: Infos | None) -> Damage:
-        flat = _flatten(params, resolved, infos)
+        flat = _flatten(params, resolved, infos, ratio)
         leaves = [flat.leaves[i] for i in flat.chosen]
-        masks = select_entries(key, leaves, ratio, mode=mode,
+        masks = select_entries(key, leaves, flat.amounts, mode=mode,
                                ratio_over=ratio_over, target=target)
         new = {i: jnp.where(m, jnp.zeros((), leaf.dtype), leaf.ravel())
                for i, leaf, m in zip(flat.chosen, leaves, masks)}
         return _assemble(flat, new, dict(zip(flat.chosen, masks)))
 
     return make_operator(zero, name="zero", amount_name="ratio",
-                         fraction=True, doc=operator_doc(
+                         fraction=True, per_leaf=_per_leaf(ratio_over),
+                         doc=operator_doc(
                              make_zero, dict(scope=scope, mode=mode,
                                              ratio_over=ratio_over,
                                              target=target),
@@ -393,7 +559,8 @@ def make_sign_flip(scope: ScopeLike = "all", *, mode: Mode = "exact",
         target: ``"random"``, ``"largest"`` or ``"smallest"``.
 
     Returns:
-        ``op(key, params, ratio, *, info=None) -> Damage``; the mask
+        ``op(key, params, ratio, *, info=None) -> Damage``, ``ratio`` a
+        fraction or a per-leaf tree as for :func:`make_zero`; the mask
         marks the negated entries (an entry equal to 0 changes only its
         sign bit).
 
@@ -404,19 +571,20 @@ def make_sign_flip(scope: ScopeLike = "all", *, mode: Mode = "exact",
     resolved = parse_scope(scope)
     _check_selection(mode, ratio_over, target)
 
-    def flip_sign(key: PRNGKey, params: Params, ratio: Array,
+    def flip_sign(key: PRNGKey, params: Params, ratio: Array | LeafAmounts,
                   infos: Infos | None) -> Damage:
-        flat = _flatten(params, resolved, infos)
+        flat = _flatten(params, resolved, infos, ratio)
         _require_float(flat, "sign flip")
         leaves = [flat.leaves[i] for i in flat.chosen]
-        masks = select_entries(key, leaves, ratio, mode=mode,
+        masks = select_entries(key, leaves, flat.amounts, mode=mode,
                                ratio_over=ratio_over, target=target)
         new = {i: jnp.where(m, -leaf.ravel(), leaf.ravel())
                for i, leaf, m in zip(flat.chosen, leaves, masks)}
         return _assemble(flat, new, dict(zip(flat.chosen, masks)))
 
     return make_operator(flip_sign, name="flip_sign", amount_name="ratio",
-                         fraction=True, doc=operator_doc(
+                         fraction=True, per_leaf=_per_leaf(ratio_over),
+                         doc=operator_doc(
                              make_sign_flip, dict(scope=scope, mode=mode,
                                                   ratio_over=ratio_over,
                                                   target=target),
@@ -442,9 +610,10 @@ def make_random_values(distribution: Literal["uniform", "normal"] = "uniform",
         target: ``"random"``, ``"largest"`` or ``"smallest"``.
 
     Returns:
-        ``op(key, params, ratio, *, info=None) -> Damage``; the mask
+        ``op(key, params, ratio, *, info=None) -> Damage``, ``ratio`` a
+        fraction or a per-leaf tree as for :func:`make_zero`; the mask
         marks the overwritten entries. The entries chosen for a key are
-        those :func:`make_zero` chooses for the same key.
+        those :func:`make_zero` chooses for the same key and ratio.
 
     Raises:
         ValueError: as :func:`make_zero`, or for an unknown distribution.
@@ -454,12 +623,12 @@ def make_random_values(distribution: Literal["uniform", "normal"] = "uniform",
     resolved = parse_scope(scope)
     _check_selection(mode, ratio_over, target)
 
-    def randomize(key: PRNGKey, params: Params, ratio: Array,
+    def randomize(key: PRNGKey, params: Params, ratio: Array | LeafAmounts,
                   infos: Infos | None) -> Damage:
-        flat = _flatten(params, resolved, infos)
+        flat = _flatten(params, resolved, infos, ratio)
         _require_float(flat, f"random {distribution} values")
         leaves = [flat.leaves[i] for i in flat.chosen]
-        masks = select_entries(key, leaves, ratio, mode=mode,
+        masks = select_entries(key, leaves, flat.amounts, mode=mode,
                                ratio_over=ratio_over, target=target)
         sizes = [int(leaf.size) for leaf in leaves]
         new = {}
@@ -479,7 +648,7 @@ def make_random_values(distribution: Literal["uniform", "normal"] = "uniform",
 
     return make_operator(randomize, name=f"randomize_{distribution}",
                          amount_name="ratio", fraction=True,
-                         doc=operator_doc(
+                         per_leaf=_per_leaf(ratio_over), doc=operator_doc(
                              make_random_values,
                              dict(distribution=distribution, scope=scope,
                                   mode=mode, ratio_over=ratio_over,
@@ -507,35 +676,42 @@ def make_gaussian_noise(scope: ScopeLike = "all", *, relative: bool = True
         relative: scale noise by each leaf's standard deviation.
 
     Returns:
-        ``op(key, params, scale, *, info=None) -> Damage``; the mask
-        marks every entry in scope (all of them are perturbed).
+        ``op(key, params, scale, *, info=None) -> Damage``, ``scale`` one
+        scale for every leaf or a per-leaf prefix tree of scales and
+        ``None`` (see the module docstring). The mask marks every entry of
+        each leaf in scope whose scale is not 0 (all of them are
+        perturbed); a leaf of scale 0 is returned unchanged with an
+        all-``False`` mask.
 
     Raises:
         ValueError: for an invalid scope now; when called, for a concrete
-            ``scale`` that is negative or not finite, or a scope matching
-            no leaf.
+            ``scale`` that is negative or not finite (naming the entry of
+            a scale tree), a scale tree that does not match the
+            parameters, or a scope matching no leaf.
         TypeError: when called on a non-floating leaf in scope.
     """
     resolved = parse_scope(scope)
     if not isinstance(relative, bool):
         raise TypeError(f"relative must be a bool, got {relative!r}")
 
-    def add_noise(key: PRNGKey, params: Params, scale: Array,
+    def add_noise(key: PRNGKey, params: Params, scale: Array | LeafAmounts,
                   infos: Infos | None) -> Damage:
-        flat = _flatten(params, resolved, infos)
+        flat = _flatten(params, resolved, infos, scale)
         _require_float(flat, "Gaussian noise")
         leaves = [flat.leaves[i] for i in flat.chosen]
         noise = select.draw_normal(key, [leaf.size for leaf in leaves])
         new, masks = {}, {}
-        for i, leaf, z in zip(flat.chosen, leaves, noise):
+        for position, (i, leaf, z) in enumerate(zip(flat.chosen, leaves,
+                                                     noise)):
             x = leaf.ravel().astype(jnp.float32)
             spread = jnp.std(x) if relative else jnp.float32(1.0)
-            new[i] = (x + scale * spread * z).astype(leaf.dtype)
-            masks[i] = jnp.ones(x.shape, jnp.bool_)
+            leaf_scale = flat.amount(position)
+            noisy = (x + leaf_scale * spread * z).astype(leaf.dtype)
+            new[i], masks[i] = _unless_zero(leaf_scale, noisy, leaf)
         return _assemble(flat, new, masks)
 
     return make_operator(add_noise, name="add_gaussian_noise",
-                         amount_name="scale", fraction=False,
+                         amount_name="scale", fraction=False, per_leaf=True,
                          doc=operator_doc(
                              make_gaussian_noise,
                              dict(scope=scope, relative=relative),
@@ -553,8 +729,10 @@ def make_multiplicative_noise(scope: ScopeLike = "all") -> DamageFn:
         scope: leaves to perturb (see :func:`make_zero`).
 
     Returns:
-        ``op(key, params, scale, *, info=None) -> Damage``; the mask
-        marks every entry in scope.
+        ``op(key, params, scale, *, info=None) -> Damage``, ``scale`` a
+        scale or a per-leaf tree as for :func:`make_gaussian_noise`; the
+        mask marks every entry of each leaf in scope whose scale is not 0
+        (a leaf of scale 0 is unchanged, with an all-``False`` mask).
 
     Raises:
         ValueError: as :func:`make_gaussian_noise`.
@@ -562,21 +740,24 @@ def make_multiplicative_noise(scope: ScopeLike = "all") -> DamageFn:
     """
     resolved = parse_scope(scope)
 
-    def multiply_noise(key: PRNGKey, params: Params, scale: Array,
-                       infos: Infos | None) -> Damage:
-        flat = _flatten(params, resolved, infos)
+    def multiply_noise(key: PRNGKey, params: Params,
+                       scale: Array | LeafAmounts, infos: Infos | None
+                       ) -> Damage:
+        flat = _flatten(params, resolved, infos, scale)
         _require_float(flat, "multiplicative noise")
         leaves = [flat.leaves[i] for i in flat.chosen]
         noise = select.draw_normal(key, [leaf.size for leaf in leaves])
         new, masks = {}, {}
-        for i, leaf, z in zip(flat.chosen, leaves, noise):
+        for position, (i, leaf, z) in enumerate(zip(flat.chosen, leaves,
+                                                     noise)):
             x = leaf.ravel().astype(jnp.float32)
-            new[i] = (x * (1.0 + scale * z)).astype(leaf.dtype)
-            masks[i] = jnp.ones(x.shape, jnp.bool_)
+            leaf_scale = flat.amount(position)
+            noisy = (x * (1.0 + leaf_scale * z)).astype(leaf.dtype)
+            new[i], masks[i] = _unless_zero(leaf_scale, noisy, leaf)
         return _assemble(flat, new, masks)
 
     return make_operator(multiply_noise, name="add_multiplicative_noise",
-                         amount_name="scale", fraction=False,
+                         amount_name="scale", fraction=False, per_leaf=True,
                          doc=operator_doc(
                              make_multiplicative_noise, dict(scope=scope),
                              "op(key, params, scale, *, info=None) -> Damage"))
@@ -671,9 +852,9 @@ def _make_bit_fault(fault: str, bits, scope: ScopeLike, mode: str,
     check_choice("mode", mode, MODES)
     check_choice("ratio_over", ratio_over, RATIO_OVER)
 
-    def fault_bits(key: PRNGKey, params: Params, rate: Array,
+    def fault_bits(key: PRNGKey, params: Params, rate: Array | LeafAmounts,
                    infos: Infos | None) -> Damage:
-        flat = _flatten(params, resolved, infos)
+        flat = _flatten(params, resolved, infos, rate)
         layouts, positions = [], []
         for i in flat.chosen:
             dtype = flat.leaves[i].dtype
@@ -688,9 +869,9 @@ def _make_bit_fault(fault: str, bits, scope: ScopeLike, mode: str,
         sizes = [int(leaf.size) * len(p) for leaf, p in zip(leaves, positions)]
         if mode == "bernoulli":
             chosen_bits = select.select_bernoulli(
-                select.draw_bits(key, sizes), rate)
+                select.draw_bits(key, sizes), flat.amounts)
         else:
-            counts, groups = _counts(sizes, rate, ratio_over)
+            counts, groups = _counts(sizes, flat.amounts, ratio_over)
             chosen_bits = select.select_random(key, sizes, counts,
                                                groups=groups)
         new, masks = {}, {}
@@ -712,7 +893,8 @@ def _make_bit_fault(fault: str, bits, scope: ScopeLike, mode: str,
         return _assemble(flat, new, masks)
 
     return make_operator(fault_bits, name=name, amount_name="rate",
-                         fraction=True, doc=doc)
+                         fraction=True, per_leaf=_per_leaf(ratio_over),
+                         doc=doc)
 
 
 def make_bit_flip(bits: Bits = "any", scope: ScopeLike = "all", *,
@@ -737,17 +919,22 @@ def make_bit_flip(bits: Bits = "any", scope: ScopeLike = "all", *,
         scope: leaves to damage (see :func:`make_zero`); they must be
             float32, bfloat16 or float16.
         mode: ``"bernoulli"`` or ``"exact"``.
-        ratio_over: ``"leaf"`` or ``"global"`` (exact mode).
+        ratio_over: ``"leaf"`` or ``"global"`` (exact mode; one scalar
+            rate only).
 
     Returns:
-        ``op(key, params, rate, *, info=None) -> Damage``; the mask
+        ``op(key, params, rate, *, info=None) -> Damage``, ``rate`` one
+        bit error rate or, with ``ratio_over="leaf"``, a per-leaf prefix
+        tree of rates and ``None`` (see the module docstring); the mask
         marks entries with at least one flipped bit (exactly the entries
         whose stored bits changed).
 
     Raises:
         ValueError: for an unknown choice or a negative position now; when
-            called, for a concrete rate outside ``[0, 1]`` or a position
-            beyond a leaf's width (naming the leaf).
+            called, for a concrete rate outside ``[0, 1]`` (naming the
+            entry of a rate tree), a rate tree that does not match the
+            parameters or comes with ``ratio_over="global"``, or a
+            position beyond a leaf's width (naming the leaf).
         TypeError: when called on a leaf of another dtype (naming it).
     """
     return _make_bit_fault("flip", bits, scope, mode, ratio_over,
@@ -776,7 +963,8 @@ def make_stuck_at(value: Literal[0, 1], bits: Bits = "any",
         ratio_over: ``"leaf"`` or ``"global"`` (exact mode).
 
     Returns:
-        ``op(key, params, rate, *, info=None) -> Damage``. The mask marks
+        ``op(key, params, rate, *, info=None) -> Damage``, ``rate`` a rate
+        or a per-leaf tree as for :func:`make_bit_flip`. The mask marks
         entries that hold at least one faulty bit, *whether or not* the
         stored value changed (a stuck-at-1 bit that was already 1 changes
         nothing but is still a faulty cell): the changed entries are a

@@ -40,6 +40,10 @@ needs them, their leaf metadata) when the operator is traced. It is one of:
   "head": False}`` labels every leaf under each key); ``True`` is in scope.
   ``None`` is an empty subtree, as everywhere in JAX, not ``False``.
 
+Per-leaf damage amounts (a number or ``None`` per leaf or subtree) are
+prefix trees too; :func:`spread_prefix` matches one against the parameters
+by path, in nested or flat (path-keyed) form.
+
 Paths are written by :func:`recovjax.checkpoints.leaf_path`, the same
 strings checkpoints, reports and the leaf metadata use. A resolved
 :class:`Scope` is hashable (a predicate compares by identity, a label tree
@@ -351,6 +355,106 @@ def leaf_paths(params: Params) -> list[str]:
     """The ``'/'``-joined path of every leaf, in flattening order."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     return [leaf_path(path) for path, _ in flat]
+
+
+def _ancestors(path: str) -> list[str]:
+    # "a/b/c" -> ["a", "a/b", "a/b/c"]
+    parts = path.split("/")
+    return ["/".join(parts[:end]) for end in range(1, len(parts) + 1)]
+
+
+def _parent(path: str) -> str:
+    return path.rsplit("/", 1)[0] if "/" in path else ""
+
+
+def _level(path: str) -> str:
+    return f"under {path!r}" if path else "at the top level"
+
+
+def spread_prefix(prefix: Any, params: Params, *, name: str
+                  ) -> tuple[tuple[str, Any], ...]:
+    """Spread a prefix tree (a value or ``None`` per subtree) over leaves.
+
+    ``prefix`` is read by its ``'/'``-joined paths (:func:`leaf_paths`
+    with ``None`` kept as a value): a nested tree such as ``{"conv":
+    {"kernel": 0.3, "bias": None}, "dense": 0.1}``, a flat dict keyed by
+    paths such as ``{"conv/kernel": 0.3, "conv/bias": None, "dense":
+    0.1}``, or a mix. Each entry covers the leaf or the subtree at its path;
+    every leaf must be covered by exactly one entry.
+
+    Args:
+        prefix: the prefix tree; its leaves (and ``None``) are the values.
+        params: the parameter tree (arrays, tracers or shape structs).
+        name: the argument's name, for messages (``"ratio"``).
+
+    Returns:
+        For every leaf of ``params``, in flattening order, ``(entry, value)``:
+        the path of the prefix entry that covers it and its value.
+
+    Raises:
+        ValueError: for an entry the parameters do not have (naming it and
+            listing the valid keys at that level), an entry below a leaf,
+            a leaf that no entry or two entries cover (naming it), or a
+            path given twice.
+    """
+    paths = leaf_paths(params)
+    leaves = set(paths)
+    children: dict[str, list[str]] = {}
+    for path in paths:
+        for node in _ancestors(path):
+            siblings = children.setdefault(_parent(node), [])
+            part = node.rsplit("/", 1)[-1]
+            if part not in siblings:
+                siblings.append(part)
+    nodes = {node for path in paths for node in _ancestors(path)}
+
+    entries: dict[str, Any] = {}
+    flat = jax.tree_util.tree_flatten_with_path(
+        prefix, is_leaf=lambda value: value is None)[0]
+    for key_path, value in flat:
+        entry = leaf_path(key_path)
+        if entry in entries:
+            raise ValueError(f"{name}: the amount tree gives {entry!r} "
+                             f"twice; give each path one amount")
+        if entry not in nodes:
+            known = max((node for node in _ancestors(entry)
+                         if node in nodes), key=len, default="")
+            if known in leaves:
+                raise ValueError(
+                    f"{name}: the amount tree has an entry at {entry!r}, "
+                    f"below the leaf {known!r} of the parameters; a leaf "
+                    f"takes one amount (a number, or None to leave it "
+                    f"undamaged)")
+            raise ValueError(
+                f"{name}: the amount tree has an entry at {entry!r}, which "
+                f"the parameters do not have; valid keys {_level(known)}: "
+                f"{_shown(children.get(known, []))}")
+        entries[entry] = value
+
+    touched = {node for entry in entries for node in _ancestors(entry)}
+    result, missing = [], []
+    for path in paths:
+        cover = [node for node in _ancestors(path) if node in entries]
+        if len(cover) > 1:
+            raise ValueError(f"{name}: the amount tree gives leaf {path!r} "
+                             f"two amounts (at {cover[0]!r} and "
+                             f"{cover[1]!r}); give each leaf one")
+        if not cover:
+            # Name the highest subtree that got no entry at all.
+            gap = next(node for node in _ancestors(path)
+                       if node not in touched)
+            if gap not in missing:
+                missing.append(gap)
+            continue
+        result.append((cover[0], entries[cover[0]]))
+    if missing:
+        raise ValueError(
+            f"{name}: the amount tree has no entry for "
+            f"{_shown([repr(m) for m in missing])} (valid keys "
+            f"{_level(_parent(missing[0]))}: "
+            f"{_shown(children.get(_parent(missing[0]), []))}); give None "
+            f"to leave a leaf or subtree undamaged")
+    return tuple(result)
 
 
 def select_leaves(params: Params, scope: ScopeLike, info: Any = None

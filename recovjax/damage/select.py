@@ -88,7 +88,41 @@ def check_key(key: PRNGKey) -> PRNGKey:
     return key
 
 
-check_amount = _checks.check_amount
+def is_amount_tree(amount) -> bool:
+    """Whether ``amount`` is a tree of amounts rather than one amount.
+
+    A number, an array (of any shape) or a tracer is one amount; ``None``
+    is not a tree (it is refused as an amount); containers (dicts, lists,
+    tuples, other pytree nodes) are trees: per-leaf amounts, see
+    :mod:`recovjax.damage.params`.
+    """
+    return amount is not None and not jax.tree_util.treedef_is_leaf(
+        jax.tree.structure(amount))
+
+
+def check_amount(amount, *, name: str, fraction: bool) -> Array:
+    """Validate one concrete damage amount; pass a traced one through.
+
+    See :func:`recovjax._checks.check_amount`. A tree of amounts (a dict,
+    list or other container) is refused with its own message: per-leaf
+    amounts apply to parameter damage, whose operators spread the tree over
+    the leaves and check each entry with this function.
+
+    Returns:
+        ``amount`` as a ``float32`` scalar array (concrete or traced).
+
+    Raises:
+        ValueError: for a tree of amounts, and as
+            :func:`recovjax._checks.check_amount`.
+        TypeError: as :func:`recovjax._checks.check_amount`.
+    """
+    if is_amount_tree(amount):
+        raise ValueError(f"{name}: per-leaf amounts apply to parameter "
+                         f"damage; this operator takes one scalar {name}, "
+                         f"got a {type(amount).__name__}")
+    return _checks.check_amount(amount, name=name, fraction=fraction)
+
+
 sanitize_fraction = _checks.sanitize_fraction
 
 
@@ -532,22 +566,35 @@ def select_bernoulli(draws: Sequence[Array], rate: Array, *,
 
     Args:
         draws: flat ``uint32`` draws (e.g. from :func:`draw_bits`).
-        rate: traced probability; clipped to ``[0, 1]`` (NaN = 0).
+        rate: traced probability, a scalar for every array or
+            ``float32[len(draws)]``, one per array; clipped to ``[0, 1]``
+            (NaN = 0). A scalar chooses exactly what the vector of that
+            scalar chooses.
         where: optional candidate masks.
 
     Returns:
         One boolean mask per array.
+
+    Raises:
+        ValueError: for a vector ``rate`` whose length is not the number
+            of arrays.
     """
     where = _where(where, draws)
     rate = sanitize_fraction(rate)
+    if rate.ndim > 1 or (rate.ndim == 1 and rate.shape[0] != len(draws)):
+        raise ValueError(f"rate must be a scalar or one per array "
+                         f"({len(draws)}), got shape {rate.shape}")
     # rate * 2**32 is exact in float32 and below 2**32 for rate < 1.
     scaled = jnp.minimum(rate * jnp.float32(2.0 ** 32),
                          jnp.float32(_UINT32_MAX - 255))
     threshold = scaled.astype(jnp.uint32)
     every = rate >= 1.0
     masks = []
-    for v, w in zip(draws, where):
-        mask = (v < threshold) | every
+    for index, (v, w) in enumerate(zip(draws, where)):
+        if rate.ndim:
+            mask = (v < threshold[index]) | every[index]
+        else:
+            mask = (v < threshold) | every
         masks.append(mask if w is None else mask & w)
     return masks
 

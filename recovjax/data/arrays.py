@@ -1,7 +1,9 @@
 """A user's own data: datasets from arrays on disk, and registered loaders.
 
 ``load_arrays("data/mine.npz")`` reads an ``.npz`` archive of images and
-labels into a :class:`~recovjax.Dataset`. :func:`register_dataset` gives
+labels into a :class:`~recovjax.Dataset`, or one of token windows into a
+:class:`~recovjax.data.text.TextDataset` (for the ``language_model``
+task). :func:`register_dataset` gives
 any loader a name that :func:`~recovjax.data.load_dataset`, configs and
 the CLI accept.
 
@@ -11,7 +13,11 @@ splits:
 * ``images`` (``[N, H, W, C]`` or ``[N, ...]``) and ``labels`` (``int[N]``),
   with the last ``test_fraction`` of the examples (in archive order) the
   test split; or
-* ``train_images``, ``train_labels``, ``test_images``, ``test_labels``.
+* ``train_images``, ``train_labels``, ``test_images``, ``test_labels``;
+* ``tokens`` (``int[N, T + 1]`` windows; optionally ``mask``, ``True`` on
+  real tokens), split the same way; or ``train_tokens`` and ``test_tokens``
+  (optionally ``train_mask``, ``test_mask``). The vocabulary is the largest
+  id plus one unless ``num_classes`` says otherwise.
 
 ``uint8`` images are normalised like the built-in datasets (``(x / 255 -
 0.5) / 0.5``); floating-point images are used as they are.
@@ -79,7 +85,9 @@ def load_arrays(path: os.PathLike[str] | str, *, name: str | None = None,
             plus one).
 
     Returns:
-        The :class:`~recovjax.Dataset`.
+        The :class:`~recovjax.Dataset`, or a
+        :class:`~recovjax.data.text.TextDataset` for an archive of tokens
+        (``num_classes`` is then the vocabulary size).
 
     Raises:
         FileNotFoundError: for a missing file (naming it).
@@ -104,6 +112,9 @@ def load_arrays(path: os.PathLike[str] | str, *, name: str | None = None,
     single = {"images", "labels"}
     both = {"train_images", "train_labels", "test_images", "test_labels"}
     keys = set(arrays)
+    if keys & {"tokens", "mask", "train_tokens", "test_tokens"}:
+        return _token_dataset(path, arrays, name or path.stem,
+                              float(test_fraction), num_classes)
     if keys == single:
         images, labels = arrays["images"], arrays["labels"]
         test = max(1, int(round(len(labels) * float(test_fraction))))
@@ -130,6 +141,68 @@ def load_arrays(path: os.PathLike[str] | str, *, name: str | None = None,
                           f"shapes")
     return Dataset(name=name or path.stem, train=splits["train"],
                    test=splits["test"], num_classes=classes)
+
+
+def _token_split(tokens: np.ndarray, mask: np.ndarray | None, where: str):
+    from recovjax.data.text import TextSplit
+    if tokens.ndim != 2 or tokens.shape[1] < 2 or not np.issubdtype(
+            tokens.dtype, np.integer):
+        raise ArraysError(f"{where}: tokens must be an integer array [N, T + "
+                          f"1] with T >= 1, got {tokens.dtype}"
+                          f"{list(tokens.shape)}")
+    if mask is None:
+        mask = np.ones(tokens.shape, bool)
+    elif mask.shape != tokens.shape:
+        raise ArraysError(f"{where}: mask {list(mask.shape)} must have the "
+                          f"shape of tokens {list(tokens.shape)}")
+    if tokens.size and tokens.min() < 0:
+        raise ArraysError(f"{where}: token ids must not be negative, found "
+                          f"{tokens.min()}")
+    count = tokens.shape[0]
+    return TextSplit(tokens=tokens.astype(np.int32), mask=mask > 0,
+                     file=np.zeros(count, np.int32),
+                     offset=np.arange(count, dtype=np.int32))
+
+
+def _token_dataset(path: pathlib.Path, arrays: dict, name: str,
+                   test_fraction: float, vocab_size: int | None):
+    from recovjax.data.text import TextDataset
+    keys = set(arrays)
+    single, both = {"tokens"}, {"train_tokens", "test_tokens"}
+    if keys in (single, single | {"mask"}):
+        tokens, mask = arrays["tokens"], arrays.get("mask")
+        test = max(1, int(round(len(tokens) * test_fraction)))
+        if test >= len(tokens):
+            raise ArraysError(f"{path}: {len(tokens)} windows are too few to "
+                              "split into train and test")
+        parts = {"train": (tokens[:-test], None if mask is None
+                           else mask[:-test]),
+                 "test": (tokens[-test:], None if mask is None
+                          else mask[-test:])}
+    elif both <= keys <= both | {"train_mask", "test_mask"}:
+        parts = {split: (arrays[f"{split}_tokens"],
+                         arrays.get(f"{split}_mask"))
+                 for split in ("train", "test")}
+    else:
+        raise ArraysError(
+            f"{path}: holds arrays {sorted(keys)}; a token archive holds "
+            "'tokens' (and optionally 'mask'), or 'train_tokens' and "
+            "'test_tokens' (optionally 'train_mask' and 'test_mask')")
+    splits = {split: _token_split(tokens, mask, f"{path} ({split})")
+              for split, (tokens, mask) in parts.items()}
+    if splits["train"].tokens.shape[1] != splits["test"].tokens.shape[1]:
+        raise ArraysError(f"{path}: train and test windows have different "
+                          "lengths")
+    found = max(int(split.tokens.max(initial=-1))
+                for split in splits.values()) + 1
+    vocab = found if vocab_size is None else int(vocab_size)
+    if found > vocab:
+        raise ArraysError(f"{path}: token ids must lie in [0, {vocab}), "
+                          f"found {found - 1}")
+    return TextDataset(name=name, train=splits["train"], test=splits["test"],
+                       vocab_size=vocab, pad_id=None,
+                       sequence_length=splits["train"].tokens.shape[1] - 1,
+                       files=(), source_dir=str(path))
 
 
 def register_dataset(name: str, loader: DatasetLoader, *,

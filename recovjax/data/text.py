@@ -138,7 +138,8 @@ class TextDataset(NamedTuple):
         train: the training windows.
         test: the evaluation windows (from other files).
         vocab_size: :data:`VOCAB_SIZE`.
-        pad_id: :data:`PAD_ID`.
+        pad_id: :data:`PAD_ID`; ``None`` for windows from arrays, whose
+            padding is only masked.
         sequence_length: model input length ``L`` (windows hold ``L + 1``).
         files: the files used, in selection order.
         source_dir: where the files were read.
@@ -148,7 +149,7 @@ class TextDataset(NamedTuple):
     train: TextSplit
     test: TextSplit
     vocab_size: int
-    pad_id: int
+    pad_id: int | None
     sequence_length: int
     files: tuple[SourceFile, ...]
     source_dir: str

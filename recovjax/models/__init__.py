@@ -16,7 +16,7 @@ from recovjax.models.layers import (conv2d, conv_relu_pool,
                                     conv_relu_pool_stack, extract_patches,
                                     max_pool_2x2)
 from recovjax.models.registry import (BUILT_IN, get_model, model_names,
-                                      register_model)
+                                      pretrained_loader, register_model)
 
 __all__ = [
     "BUILT_IN",
@@ -39,5 +39,6 @@ __all__ = [
     "max_pool_2x2",
     "model_names",
     "register_layer",
+    "pretrained_loader",
     "register_model",
 ]

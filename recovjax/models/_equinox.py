@@ -5,7 +5,9 @@ eqx.is_inexact_array)``): its floating-point arrays become
 ``model.params`` (a nested dict keyed by attribute names and list
 indices, ``layers/0/weight``) and the rest stays static. Equinox layers
 work on one example, so by default ``apply`` maps the module over the
-batch axis with ``jax.vmap``.
+batch axis with ``jax.vmap``. A stateful module (``eqx.nn.BatchNorm``)
+brings its ``eqx.nn.State`` as ``model.state``, threaded through
+``module(x, state)`` under a ``vmap`` with the norm's axis name.
 """
 
 from __future__ import annotations
@@ -136,10 +138,12 @@ def _get(module: Any, path: tuple[str, ...]) -> Any:
     return node
 
 
-def from_equinox(module: Any, *, sample: Any, task: Any = "classification",
+def from_equinox(module: Any, *, sample: Any, state: Any = None,
+                 task: Any = "classification",
                  name: str | None = None, batched: bool = False,
                  info: Mapping[str, Any] | None = None,
-                 init: Callable[[PRNGKey], Any] | None = None) -> Model:
+                 init: Callable[[PRNGKey], Any] | None = None,
+                 axis_name: str = "batch") -> Model:
     """An equinox module as a :class:`Model`.
 
     Evaluation runs the module in inference mode
@@ -151,6 +155,12 @@ def from_equinox(module: Any, *, sample: Any, task: Any = "classification",
         module: the module, with its (pretrained) weights.
         sample: an input batch (or its ``jax.ShapeDtypeStruct``), with a
             leading batch axis.
+        state: the ``eqx.nn.State`` of a stateful module (one holding
+            ``eqx.nn.BatchNorm``, from ``eqx.nn.make_with_state``), or
+            ``None``. The module is then called as ``module(x, state) ->
+            (outputs, state)``, mapped over the batch with ``axis_name``
+            (the name its ``BatchNorm`` layers were built with); the state
+            is frozen while evaluating and updated in training mode.
         task: the task (default ``"classification"``).
         name: a name for reports (default: the class name).
         batched: ``False`` (equinox's convention) maps the module over the
@@ -158,6 +168,7 @@ def from_equinox(module: Any, *, sample: Any, task: Any = "classification",
         info: leaf facts to declare (see :meth:`Model.with_info`).
         init: ``init(key) -> params`` (the partitioned array tree), for
             rebuild strategies; ``None`` if not needed.
+        axis_name: the batch axis name of a stateful module's ``vmap``.
 
     Returns:
         The :class:`Model`; ``model.to_native(params)`` is the module with
@@ -166,8 +177,8 @@ def from_equinox(module: Any, *, sample: Any, task: Any = "classification",
     Raises:
         ImportError: without equinox.
         TypeError: if ``module`` is not an equinox module.
-        ValueError: if the module holds ``eqx.nn.BatchNorm`` (its state is
-            an ``eqx.nn.State``; not supported yet).
+        ValueError: if the module holds ``eqx.nn.BatchNorm`` and no
+            ``state`` is given, or ``batched`` is combined with a state.
     """
     _require_equinox()
     if not isinstance(module, eqx.Module):
@@ -180,11 +191,20 @@ def from_equinox(module: Any, *, sample: Any, task: Any = "classification",
     _, train_static = eqx.partition(training, eqx.is_inexact_array)
     found = {}
     _walk(module, (), found)
-    if any(isinstance(owner, eqx.nn.BatchNorm) for owner in found.values()):
-        raise ValueError("module: equinox BatchNorm keeps its statistics in "
-                         "an eqx.nn.State, which from_equinox does not "
-                         "thread yet; wrap the model with from_apply(apply, "
-                         "params, state=..., sample=...) instead")
+    if state is None and any(isinstance(owner, eqx.nn.BatchNorm)
+                             for owner in found.values()):
+        raise ValueError("state: equinox BatchNorm keeps its statistics in "
+                         "an eqx.nn.State; build the module with "
+                         "module, state = eqx.nn.make_with_state(Net)(...) "
+                         "and pass from_equinox(module, state=state, ...)")
+    if state is not None:
+        if batched:
+            raise ValueError("batched: a stateful equinox module is mapped "
+                             "over the batch (its BatchNorm needs the axis "
+                             "name); leave batched=False")
+        return _stateful(params, static, train_static, state, sample,
+                         evaluating, task, name or type(module).__name__,
+                         init, info, axis_name)
 
     def native_apply(params, state, inputs, train, key):
         live = eqx.combine(params, train_static if train else static)
@@ -206,3 +226,32 @@ def from_equinox(module: Any, *, sample: Any, task: Any = "classification",
                            evaluating, eqx.is_inexact_array)),
                        task=task, name=name or type(module).__name__,
                        init=init, native=native, info=info)
+
+
+def _stateful(params, static, train_static, state, sample, evaluating, task,
+              name, init, info, axis_name) -> Model:
+    """A module called as ``module(x, state) -> (outputs, state)``."""
+
+    def native_apply(params, state, inputs, train, key):
+        live = eqx.combine(params, train_static if train else static)
+        if train and key is not None:
+            keys = jax.random.split(key, inputs.shape[0])
+            call = lambda x, s, k: live(x, s, key=k)
+            args = (inputs, state, keys)
+            in_axes = (0, None, 0)
+        else:
+            call = lambda x, s: live(x, s)
+            args = (inputs, state)
+            in_axes = (0, None)
+        outputs, state = jax.vmap(call, axis_name=axis_name, in_axes=in_axes,
+                                  out_axes=(0, None))(*args)
+        return outputs, state
+
+    def native(params):
+        return eqx.combine(params, static)
+
+    return build_model(native_apply, params, state, sample=sample,
+                       infos=_infer(evaluating, eqx.filter(
+                           evaluating, eqx.is_inexact_array)),
+                       task=task, name=name, init=init, native=native,
+                       info=info)

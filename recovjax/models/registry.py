@@ -70,8 +70,17 @@ BUILT_IN = tuple(_FACTORIES)
 """The networks recovjax ships (``lenet5``, ``mlp``, ``rescnn``, ``vit``)."""
 
 
+PretrainedLoader = Callable[..., Any]
+"""``loader(model, *, seed, zoo_dir, data_dir, progress) -> path``: the
+verified Orbax checkpoint of ``model``'s pretrained weights (pretraining it
+on first use)."""
+
+_PRETRAINED: dict[str, PretrainedLoader] = {}
+
+
 def register_model(name: str, factory: ModelFactory, *,
-                   overwrite: bool = False) -> None:
+                   overwrite: bool = False,
+                   pretrained: PretrainedLoader | None = None) -> None:
     """Register a model under a name that configs and the CLI can use.
 
     Args:
@@ -79,6 +88,12 @@ def register_model(name: str, factory: ModelFactory, *,
         factory: ``factory(num_classes, sample) -> Model``; the returned
             model's parameters may be abstract (see :func:`get_model`).
         overwrite: replace an existing registration.
+        pretrained: where a config naming this model without ``weights``
+            gets its pretrained weights: ``pretrained(model, *, seed,
+            zoo_dir, data_dir, progress) -> checkpoint directory`` for the
+            definition ``model`` (built for the config's data). ``None``:
+            the zoo pretrains it as an image classifier on the config's
+            dataset.
 
     Raises:
         ValueError: for an empty or malformed name, or a name already
@@ -94,8 +109,19 @@ def register_model(name: str, factory: ModelFactory, *,
         raise ValueError(f"model {name!r} is already registered"
                          + ("" if name in BUILT_IN else
                             "; pass overwrite=True to replace it"))
+    if pretrained is not None and not callable(pretrained):
+        raise TypeError(f"pretrained must be callable, got "
+                        f"{type(pretrained).__name__}")
     _FACTORIES[name] = factory
+    _PRETRAINED.pop(name, None)
+    if pretrained is not None:
+        _PRETRAINED[name] = pretrained
     _cached_model.cache_clear()
+
+
+def pretrained_loader(name: str) -> PretrainedLoader | None:
+    """The pretrained-weights loader registered with ``name``, or None."""
+    return _PRETRAINED.get(name)
 
 
 def _check_name(name: Any) -> None:

@@ -33,16 +33,18 @@ def _forward_batches(apply: ApplyFn, params: Params, batches: Array) -> Array:
 
 def teacher_logits(apply: ApplyFn, teacher_params: Params, images: Array, *,
                    batch_size: int = 500) -> Array:
-    """The teacher's logits for every image, computed in one compiled scan.
+    """The teacher's logits for every input, computed in one compiled scan.
 
     Args:
         apply: ``apply(params, x) -> logits``.
         teacher_params: the pretrained parameters.
-        images: ``float32[N, H, W, C]``.
+        images: ``[N, ...]`` inputs: images, or a task's model inputs
+            (``task.inputs(data)``, e.g. ``int32[N, T]`` tokens).
         batch_size: examples per forward pass.
 
     Returns:
-        ``float32[N, num_classes]``.
+        ``float32[N, ...]``: the logits of every input (``[N, num_classes]``
+        for images, ``[N, T, vocab_size]`` for tokens).
     """
     images = jnp.asarray(images)
     n = images.shape[0]
@@ -53,7 +55,7 @@ def teacher_logits(apply: ApplyFn, teacher_params: Params, images: Array, *,
     logits = _forward_batches(
         apply, teacher_params,
         padded.reshape((count, batch_size) + images.shape[1:]))
-    return logits.reshape((count * batch_size, -1))[:n]
+    return logits.reshape((count * batch_size,) + logits.shape[2:])[:n]
 
 
 def make_distill(apply: ApplyFn,
@@ -61,17 +63,19 @@ def make_distill(apply: ApplyFn,
                  temperature: float = 1.0, batch_size: int = DEFAULT_BATCH_SIZE,
                  steps: int | None = None, epochs: int | None = None,
                  mode: Mode = "all", eval_every: int | None = None,
-                 num_classes: int = 10):
+                 num_classes: int = 10, task=None):
     """:func:`~recovjax.recovery.make_finetune` with the distillation loss.
 
     The returned ``recover(key, params, mask, images, targets, weights,
     eval_batches=None, frozen=None)`` takes teacher logits (from
-    :func:`teacher_logits`) where fine-tuning takes labels.
+    :func:`teacher_logits`) where fine-tuning takes labels. With a
+    :class:`~recovjax.tasks.Task` other than classification, ``images`` is
+    the task's batch dict and the loss is the task's ``distill``.
     """
     return make_finetune(apply, optimizer, batch_size=batch_size, steps=steps,
                          epochs=epochs, mode=mode, eval_every=eval_every,
                          num_classes=num_classes, loss="distill",
-                         temperature=temperature)
+                         temperature=temperature, task=task)
 
 
 def distill(key: PRNGKey, apply: ApplyFn, params: Params,

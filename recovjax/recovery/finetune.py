@@ -24,12 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, PartitionSpec
 
-from recovjax import _checks
+from recovjax import _checks, runner
 from recovjax._types import Array, ApplyFn, Batches, Mask, Params, PRNGKey
 from recovjax.data import num_batches, shuffled_batches
 from recovjax.evaluate import cross_entropy, evaluate
+from recovjax.tasks import soft_cross_entropy
 
 Mode = Literal["all", "damaged", "undamaged"]
 MODES: tuple[str, ...] = ("all", "damaged", "undamaged")
@@ -105,10 +105,27 @@ def distill_loss(logits: Array, teacher_logits: Array,
     Returns:
         ``[N]`` divergences (zero where student and teacher agree).
     """
-    teacher = jax.nn.log_softmax(teacher_logits / temperature, axis=-1)
-    student = jax.nn.log_softmax(logits / temperature, axis=-1)
-    divergence = jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
-    return divergence * temperature ** 2
+    return soft_cross_entropy(logits, teacher_logits, temperature)
+
+
+def curve_metrics(apply: ApplyFn, params: Params, batches: Any,
+                  num_classes: int, task: Any = None) -> tuple[Array, Array]:
+    """``(accuracy, loss)`` of one model on test batches, for a curve point.
+
+    Args:
+        apply: ``apply(params, x) -> outputs``.
+        params: the parameters.
+        batches: :class:`~recovjax.Batches`, or a task's stacked batches.
+        num_classes: number of classes (classification).
+        task: a :class:`~recovjax.tasks.Task` other than classification, or
+            ``None``; its ``accuracy`` (NaN if it has none) and ``loss``.
+    """
+    if task is None:
+        metrics = evaluate(apply, params, batches, num_classes)
+        return metrics.accuracy, metrics.loss
+    from recovjax.tasks import evaluate_task
+    metrics = evaluate_task(task, apply, params, batches)
+    return metrics.get("accuracy", jnp.float32(jnp.nan)), metrics["loss"]
 
 
 def trainable_mask(mode: str, params: Params, mask: Mask | None,
@@ -354,7 +371,9 @@ def make_finetune(apply: ApplyFn,
         task: a :class:`recovjax.tasks.Task` other than classification
             (a language model's): ``images`` is then the recovery data as
             the task's batch dict of ``[N, ...]`` arrays (``labels`` is
-            ignored and may be ``None``), the loss is the task's, the
+            ignored and may be ``None``; with ``loss="distill"`` it holds
+            the teacher's outputs for every example and the loss is the
+            task's ``distill``), the loss is the task's, the
             ``weights`` keep (``> 0``) or drop each example (they are
             folded into the batch's ``"mask"``), and ``eval_batches`` are
             the task's stacked batches; curves report the task's
@@ -420,12 +439,21 @@ def make_finetune(apply: ApplyFn,
                                 key=step_key)
 
     def task_objective(params, state, batch, targets, weights, step_key):
-        del targets
         keep = weights > 0
-        batch = dict(batch, mask=(batch["mask"] > 0) & keep.reshape(
-            keep.shape + (1,) * (batch["mask"].ndim - 1)))
+        if "mask" in batch:
+            mask = (batch["mask"] > 0) & keep.reshape(
+                keep.shape + (1,) * (batch["mask"].ndim - 1))
+        else:  # e.g. a pad-id language model: the first key's shape
+            first = batch[task.keys[0]]
+            mask = jnp.broadcast_to(keep.reshape(
+                keep.shape + (1,) * (first.ndim - 1)), first.shape)
+        batch = dict(batch, mask=mask)
         outputs, state = forward(params, state, task.inputs(batch), step_key)
-        loss_sum, count = task.loss(outputs, batch)
+        if loss == "distill":
+            loss_sum, count = task.distill(outputs, targets, batch,
+                                           temperature)
+        else:
+            loss_sum, count = task.loss(outputs, batch)
         return loss_sum / jnp.maximum(count, 1).astype(jnp.float32), state
 
     def objective(params, state, images, targets, weights, step_key):
@@ -443,13 +471,7 @@ def make_finetune(apply: ApplyFn,
     def evaluate_with(params, state, batches):
         evaluated = apply if train_mode is None else (
             lambda p, x: train_mode.apply(p, state, x)[0])
-        if task is None:
-            metrics = evaluate(evaluated, params, batches, num_classes)
-            return metrics.accuracy, metrics.loss
-        from recovjax.tasks import evaluate_task
-        metrics = evaluate_task(task, evaluated, params, batches)
-        return (metrics.get("accuracy", jnp.float32(jnp.nan)),
-                metrics["loss"])
+        return curve_metrics(evaluated, params, batches, num_classes, task)
 
     def recover(key: PRNGKey, params: Params, mask: Mask | None,
                 images: Array, labels: Array, weights: Array,
@@ -471,6 +493,9 @@ def make_finetune(apply: ApplyFn,
         _checks.check_batch_size(batch_size, n)
         if loss == "cross_entropy" and task is None:
             _checks.check_labels(labels, num_classes)
+        if loss == "distill" and task is not None and task.distill is None:
+            raise ValueError(f"loss: task {task.name!r} has no distillation "
+                             "loss; give its Task a distill function")
         per_epoch = num_batches(n, batch_size)
         slots = total_steps(n, batch_size, steps=steps, epochs=epochs)
         indices, batch_weights = data_stream(
@@ -598,10 +623,6 @@ whole stack, whose batched matmuls and larger working set run slower per
 model-step.
 """
 
-AXIS = "models"
-"""Name of the mesh axis the model stack is sharded over."""
-
-
 def stack_recover(recover: Callable[..., FinetuneResult], *,
                   shared_data: bool = True, frozen: bool = False,
                   devices: Sequence[Any] | None = None,
@@ -647,65 +668,38 @@ def stack_recover(recover: Callable[..., FinetuneResult], *,
             ``group_size``.
     """
     _check_positive("group_size", group_size, allow_none=False)
-    device_list = list(jax.devices()) if devices is None else list(devices)
-    if not device_list:
-        raise ValueError("devices is empty")
+    device_list = runner.devices_of(devices)
     data_axis = None if shared_data else 0
     in_axes = (0, 0, 0, None, data_axis, data_axis, None)
     if frozen:
         in_axes = in_axes + (0,)
-    group = jax.vmap(recover, in_axes=in_axes)
     mapped = tuple(index for index, axis in enumerate(in_axes) if axis == 0)
+    others = tuple(index for index, axis in enumerate(in_axes) if axis != 0)
 
-    def local(*args):
-        count = jax.tree.leaves(args[0])[0].shape[0] // group_size
-        split = lambda tree: jax.tree.map(
-            lambda x: x.reshape((count, group_size) + x.shape[1:]), tree)
+    def one(point, shared):
+        # The runner's unit: one model, from its slice of the stack.
+        full = [None] * len(in_axes)
+        for index, value in zip(mapped, point):
+            full[index] = value
+        for index, value in zip(others, shared):
+            full[index] = value
+        return recover(*full)
 
-        def one_group(xs):
-            full = list(args)
-            for index, value in zip(mapped, xs):
-                full[index] = value
-            return group(*full)
+    program = runner.map_points(one, group_size=group_size,
+                                devices=device_list)
 
-        result = jax.lax.map(one_group,
-                             tuple(split(args[index]) for index in mapped))
-        return jax.tree.map(
-            lambda x: x.reshape((count * group_size,) + x.shape[2:]), result)
-
-    mesh = Mesh(np.asarray(device_list), (AXIS,))
-    specs = tuple(PartitionSpec(AXIS) if axis == 0 else PartitionSpec()
-                  for axis in in_axes)
-    compiled = jax.jit(jax.shard_map(
-        local, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(AXIS),
-        # The fine-tune's loop state starts from constants (zeros, iotas),
-        # which shard_map's replication typing does not cover; nothing here
-        # communicates across devices.
-        check_vma=False))
-    unit = group_size * len(device_list)
-
-    def prepare(args):
+    def split(args):
         args = _canonical(args)
         size = _checks.check_key(args[0], "keys", batched=True)
         for index in mapped[1:]:
             _check_model_axis(args[index], size, _STACKED_NAMES[index])
-        padded = -(-size // unit) * unit
-        if padded != size:
-            pad = lambda tree: jax.tree.map(
-                lambda x: jnp.concatenate(
-                    [x] + [x[-1:]] * (padded - size)), tree)
-            args = tuple(pad(arg) if axis == 0 else arg
-                         for arg, axis in zip(args, in_axes))
-        return args, size, padded
+        return (tuple(args[index] for index in mapped),
+                tuple(args[index] for index in others))
 
     def run(*args: Any) -> FinetuneResult:
-        args, size, padded = prepare(args)
-        result = compiled(*args)
-        if padded == size:
-            return result
-        return jax.tree.map(lambda x: x[:size], result)
+        return program(*split(args))
 
-    run.lower = lambda *args: compiled.lower(*prepare(args)[0])
+    run.lower = lambda *args: program.lower(*split(args))
     return run
 
 

@@ -141,6 +141,37 @@ def train_step_cost(apply: ApplyFn, params: Params, batch_shape: tuple[int, ...]
     return compiled_cost(step, params, opt_state, images, labels)
 
 
+def task_step_cost(task: Any, forward: ApplyFn, params: Params,
+                   batch: Any,
+                   optimizer: optax.GradientTransformation | None = None
+                   ) -> Cost:
+    """Cost of one fine-tuning step on a :class:`~recovjax.tasks.Task`.
+
+    Args:
+        task: the task.
+        forward: ``forward(params, inputs) -> outputs``.
+        params: parameters (or ``ShapeDtypeStruct`` leaves) of one model.
+        batch: one batch (arrays or ``ShapeDtypeStruct`` leaves, leading
+            batch axis) of the task's keys.
+        optimizer: optax transformation (default SGD with momentum).
+
+    Returns:
+        :class:`Cost` of the compiled step.
+    """
+    from recovjax.recovery.finetune import default_optimizer
+    from recovjax.tasks import mean_loss
+    optimizer = optimizer if optimizer is not None else default_optimizer()
+
+    def step(params, opt_state, batch):
+        value, grads = jax.value_and_grad(
+            lambda p: mean_loss(task, forward, p, batch))(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, value
+
+    opt_state = jax.eval_shape(optimizer.init, params)
+    return compiled_cost(step, params, opt_state, batch)
+
+
 class PeakMemory(NamedTuple):
     """Peak memory of this process.
 

@@ -55,9 +55,13 @@ def make_rebuild(init: InitFn, sample: Array, apply: ApplyFn,
                  optimizer: optax.GradientTransformation | None = None, *,
                  batch_size: int = DEFAULT_BATCH_SIZE,
                  steps: int | None = None, epochs: int | None = None,
-                 eval_every: int | None = None, num_classes: int = 10
-                 ) -> Callable[..., FinetuneResult]:
+                 eval_every: int | None = None, num_classes: int = 10,
+                 task=None) -> Callable[..., FinetuneResult]:
     """Re-initialise removed entries, then fine-tune everything.
+
+    ``sample`` is one batch of model inputs (for ``init``); ``task`` is a
+    :class:`~recovjax.tasks.Task` other than classification, as for
+    :func:`~recovjax.recovery.make_finetune`.
 
     Returns:
         ``recover(key, params, mask, images, labels, weights,
@@ -68,7 +72,8 @@ def make_rebuild(init: InitFn, sample: Array, apply: ApplyFn,
     """
     finetune = make_finetune(apply, optimizer, batch_size=batch_size,
                              steps=steps, epochs=epochs, mode="all",
-                             eval_every=eval_every, num_classes=num_classes)
+                             eval_every=eval_every, num_classes=num_classes,
+                             task=task)
 
     def recover(key: PRNGKey, params: Params, mask: Mask, images: Array,
                 labels: Array, weights: Array,

@@ -42,13 +42,12 @@ import optax
 from recovjax import _checks
 from recovjax._types import (Array, ApplyFn, Batches, Damage, InitFn, Params,
                              PRNGKey, Split)
-from recovjax.evaluate import evaluate
 from recovjax.recovery import restore as restore_lib
 from recovjax.recovery.distill import make_distill, teacher_logits
 from recovjax.recovery.finetune import (DEFAULT_BATCH_SIZE, Curve,
                                         budget_weights, check_eval_batches,
-                                        check_recovery_data, make_finetune,
-                                        stack_recover)
+                                        check_recovery_data, curve_metrics,
+                                        make_finetune, stack_recover)
 from recovjax.recovery.rebuild import make_rebuild
 
 
@@ -59,11 +58,16 @@ class RecoveryTask:
     Attributes:
         apply: ``apply(params, x) -> logits``.
         init: ``init(key, sample) -> params`` (for re-initialisation).
-        num_classes: number of classes.
-        images: ``float32[N, H, W, C]`` recovery data.
-        labels: ``int32[N]`` recovery labels.
+        num_classes: number of classes (classification).
+        images: the recovery data: ``float32[N, ...]`` images for
+            classification, or, for another ``task``, the task's batch dict
+            of ``[N, ...]`` arrays (``{"tokens", "mask"}`` for a language
+            model).
+        labels: ``int32[N]`` recovery labels; ``None`` for another task,
+            whose targets are in its batch.
         weights: ``float32[N]`` per-example weights (0 = dropped).
-        eval_batches: test batches for curves, or ``None``.
+        eval_batches: test batches for curves (a :class:`~recovjax.Batches`,
+            or the task's stacked batch dict), or ``None``.
         checkpoint: pretrained Orbax checkpoint directory, or ``None``.
         teacher: pretrained parameters for distillation; read from
             ``checkpoint`` when ``None``.
@@ -72,37 +76,76 @@ class RecoveryTask:
         model: the :class:`~recovjax.models.Model`, for strategies that
             train in its training mode (``train_mode=True``) or
             recalibrate its state; ``None`` if none is given.
+        task: the :class:`~recovjax.tasks.Task` trained and measured;
+            ``"classification"`` (or a classification task) is
+            classification with ``num_classes`` classes.
     """
 
     apply: ApplyFn
     init: InitFn
     num_classes: int
-    images: Array
-    labels: Array
+    images: Array | dict
+    labels: Array | None
     weights: Array
-    eval_batches: Batches | None = None
+    eval_batches: Batches | dict | None = None
     checkpoint: os.PathLike[str] | str | None = None
     teacher: Params | None = None
     param_shapes: Params | None = None
     model: Any = None
+    task: Any = "classification"
 
     def __post_init__(self) -> None:
         # Checked once here, on the host, so that no strategy call (and no
         # compiled program) needs to: a label out of range would otherwise
         # surface only as NaN losses and diverged=True.
-        sample = jax.ShapeDtypeStruct((1,) + tuple(self.images.shape[1:]),
-                                      self.images.dtype)
+        if self.general_task is None:
+            sample = jax.ShapeDtypeStruct(
+                (1,) + tuple(self.images.shape[1:]), self.images.dtype)
+        else:
+            sample = self._check_task_data()
         shapes = self.param_shapes
         if shapes is None:
             shapes = jax.eval_shape(
                 lambda x: self.init(jax.random.key(0), x), sample)
-        _checks.check_logit_width(self.apply, shapes, sample,
-                                  self.num_classes)
-        check_recovery_data(self.images, self.labels, self.weights,
-                            self.num_classes)
-        check_eval_batches(self.eval_batches, self.num_classes)
+        if self.general_task is None:
+            _checks.check_logit_width(self.apply, shapes, sample,
+                                      self.num_classes)
+            check_recovery_data(self.images, self.labels, self.weights,
+                                self.num_classes)
+            check_eval_batches(self.eval_batches, self.num_classes)
+        else:
+            # The task's static checks (output shapes) run while tracing.
+            task = self.general_task
+            batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+                (1,) + tuple(a.shape[1:]), a.dtype), self.images)
+            jax.eval_shape(lambda p, b: task.loss(
+                self.apply(p, task.inputs(b)), b), shapes, batch)
         # One model's parameter shapes, for the strategies' stack checks.
         object.__setattr__(self, "_model_shapes", shapes)
+
+    @property
+    def general_task(self):
+        """The task when it is not classification (batch dicts), or None."""
+        from recovjax.tasks import general_task
+        return general_task(self)
+
+    def inputs(self) -> Any:
+        """The model inputs of the recovery data (images, or the task's)."""
+        task = self.general_task
+        return self.images if task is None else task.inputs(self.images)
+
+    def _check_task_data(self):
+        from recovjax.tasks import check_batch
+        task = self.general_task
+        data = check_batch(task, self.images, "recovery data")
+        _checks.check_lengths("recovery data", weights=self.weights,
+                              **data)
+        if self.eval_batches is not None:
+            check_batch(task, self.eval_batches, "eval_batches",
+                        stacked=True)
+        inputs = task.inputs(jax.tree.map(lambda a: a[:1], data))
+        return jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), inputs)
 
 
 def _check_call(keys: PRNGKey, damage: Damage, task: RecoveryTask) -> int:
@@ -153,13 +196,32 @@ def make_task(model: Any, train: Split | Any, *,
             :class:`RecoveryTask`, which runs them on construction).
         TypeError: a budget key that is not a typed key.
     """
-    weights = getattr(train, "weights", None)
-    # The data are checked by RecoveryTask; the lengths are needed first.
-    _checks.check_lengths("recovery data", images=train.images,
-                          labels=train.labels, weights=weights)
-    images = jnp.asarray(train.images)
-    labels = jnp.asarray(train.labels)
-    weights = (jnp.ones(labels.shape[:1], jnp.float32) if weights is None
+    from recovjax.tasks import general_task
+    task = general_task(model)
+    general = task is not None
+    if general:
+        # Another task's recovery data: its batch dict of [N, ...] arrays.
+        if hasattr(train, "_asdict"):
+            train = train._asdict()
+        if not isinstance(train, dict):
+            raise TypeError(f"train: task {task.name!r} recovers on its "
+                            "batch dict of [N, ...] arrays (keys "
+                            f"{', '.join(task.keys)}), got "
+                            f"{type(train).__name__}")
+        data = {key: jnp.asarray(value) for key, value in train.items()
+                if key != "weights"}
+        weights = train.get("weights")
+        count = int(np.shape(next(iter(data.values())))[0]) if data else 0
+        images, labels = data, None
+    else:
+        weights = getattr(train, "weights", None)
+        # The data are checked by RecoveryTask; the lengths are needed first.
+        _checks.check_lengths("recovery data", images=train.images,
+                              labels=train.labels, weights=weights)
+        images = jnp.asarray(train.images)
+        labels = jnp.asarray(train.labels)
+        count = labels.shape[0]
+    weights = (jnp.ones((count,), jnp.float32) if weights is None
                else jnp.asarray(weights, jnp.float32))
     if budget is not None:
         if not isinstance(budget, tuple) or len(budget) != 2:
@@ -170,13 +232,16 @@ def make_task(model: Any, train: Split | Any, *,
         if not 0.0 <= float(fraction) <= 1.0:
             raise ValueError(f"budget fraction must be in [0, 1], got "
                              f"{fraction}")
-        weights = weights * budget_weights(key, labels.shape[0], fraction)
+        weights = weights * budget_weights(key, count, fraction)
+    if hasattr(eval_batches, "_asdict") and general:
+        eval_batches = eval_batches._asdict()
     return RecoveryTask(apply=model.forward, init=model.init,
                         num_classes=model.num_classes, images=images,
                         labels=labels, weights=weights,
                         eval_batches=eval_batches, checkpoint=checkpoint,
                         teacher=teacher,
-                        param_shapes=model.abstract_params(), model=model)
+                        param_shapes=model.abstract_params(), model=model,
+                        task=task if general else "classification")
 
 
 class RecoveryOutcome(NamedTuple):
@@ -217,9 +282,10 @@ def _stack_size(params: Params) -> int:
     return int(jax.tree.leaves(params)[0].shape[0])
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _evaluate_stack(apply, params, batches, num_classes):
-    return jax.vmap(lambda p: evaluate(apply, p, batches, num_classes))(params)
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _evaluate_stack(apply, params, batches, num_classes, task):
+    return jax.vmap(lambda p: curve_metrics(apply, p, batches, num_classes,
+                                            task))(params)
 
 
 def _static_curve(params: Params, task: RecoveryTask) -> Curve:
@@ -227,12 +293,12 @@ def _static_curve(params: Params, task: RecoveryTask) -> Curve:
     if task.eval_batches is None:
         empty = np.zeros((count, 0), np.float32)
         return Curve(np.zeros((count, 0), np.int32), empty, empty, empty)
-    metrics = _evaluate_stack(task.apply, params, task.eval_batches,
-                              task.num_classes)
+    accuracy, loss = _evaluate_stack(task.apply, params, task.eval_batches,
+                                     task.num_classes, task.general_task)
     return Curve(steps=np.zeros((count, 1), np.int32),
                  samples=np.zeros((count, 1), np.float32),
-                 accuracy=np.asarray(metrics.accuracy)[:, None],
-                 loss=np.asarray(metrics.loss)[:, None])
+                 accuracy=np.asarray(accuracy)[:, None],
+                 loss=np.asarray(loss)[:, None])
 
 
 def _outcome_without_training(params, task, restored_leaves, bytes_read,
@@ -297,7 +363,8 @@ def _training_strategy(name: str, build: Callable[[RecoveryTask], Callable],
                  ) -> RecoveryOutcome:
         _check_call(keys, damage, task)
         start = time.perf_counter()
-        cache_key = (task.apply, task.init, task.num_classes, task.model)
+        cache_key = (task.apply, task.init, task.num_classes, task.model,
+                     task.general_task)
         if cache_key not in compiled:
             compiled[cache_key] = stack_recover(build(task),
                                                 frozen=uses_frozen)
@@ -346,7 +413,7 @@ def _finetune_factory(mode: str):
                                  eval_every=eval_every,
                                  num_classes=task.num_classes,
                                  train_mode=task.model if train_mode
-                                 else None)
+                                 else None, task=task.general_task)
 
         name = "finetune" if mode == "all" else f"finetune_{mode}"
         return _training_strategy(name, build, uses_frozen=structural)
@@ -365,10 +432,15 @@ def _distill_factory(*, temperature: float = 1.0,
     cached: list[tuple[RecoveryTask, Array]] = []
 
     def build(task):
+        general = task.general_task
+        if general is not None and general.distill is None:
+            raise ValueError(f"distill: task {general.name!r} has no "
+                             "distillation loss; give its Task a distill "
+                             "function, or recover with finetune")
         return make_distill(task.apply, transform, temperature=temperature,
                             batch_size=batch_size, steps=steps, epochs=epochs,
                             eval_every=eval_every,
-                            num_classes=task.num_classes)
+                            num_classes=task.num_classes, task=general)
 
     def labels_of(task: RecoveryTask) -> Array:
         # Teacher logits are computed once per task object (kept alive here
@@ -380,7 +452,7 @@ def _distill_factory(*, temperature: float = 1.0,
                     _need_checkpoint(task, "distill"),
                     task._model_shapes).params
             cached[:] = [(task, teacher_logits(task.apply, teacher,
-                                               task.images))]
+                                               task.inputs()))]
         return cached[0][1]
 
     return _training_strategy("distill", build, uses_frozen=False,
@@ -403,10 +475,12 @@ def _rebuild_reinit_factory(*, optimizer: str | optax.GradientTransformation
                 "rebuild_reinit draws fresh parameters and the model has no "
                 "init; build it with init=... (from_apply, from_nnx, "
                 "from_equinox) or use rebuild_checkpoint")
-        return make_rebuild(task.init, task.images[:1], task.apply, transform,
+        sample = jax.tree.map(lambda a: a[:1], task.inputs())
+        return make_rebuild(task.init, sample, task.apply, transform,
                             batch_size=batch_size, steps=steps, epochs=epochs,
                             eval_every=eval_every,
-                            num_classes=task.num_classes)
+                            num_classes=task.num_classes,
+                            task=task.general_task)
 
     return _training_strategy("rebuild_reinit", build, uses_frozen=False)
 
@@ -529,7 +603,7 @@ def _recalibrate_factory(*, batch_size: int = DEFAULT_BATCH_SIZE,
                              batch_size=batch_size, steps=steps,
                              epochs=epochs, eval_every=eval_every,
                              num_classes=task.num_classes,
-                             train_mode=task.model)
+                             train_mode=task.model, task=task.general_task)
 
     return _training_strategy("recalibrate", build, uses_frozen=False)
 

@@ -1,0 +1,270 @@
+"""One runner for points: the sweep and every recovery strategy use it.
+
+A *point* is one unit of work: a damaged model to evaluate or to recover,
+described by a small pytree (its key, its amount, flags). The runner maps a
+pure per-point function over many points in one compiled program::
+
+    run = map_points(lambda point, shared: evaluate_point(point, *shared),
+                     group_size=1)
+    outputs = run(points, shared)   # leading axis: one entry per point
+
+The points are sharded over a one-axis :class:`jax.sharding.Mesh` of
+``devices`` (axis :data:`AXIS`) with ``shard_map``; on each device
+``lax.map`` walks over groups of ``group_size`` points, and a group runs
+under ``vmap``. ``shared`` (the pretrained parameters, the data, a
+checkpoint's values) is replicated, never copied per point, so what a
+program holds at once is one group's damaged copies, optimiser states and
+temporaries: memory does not grow with the number of points. A stack of
+points that is not a multiple of ``group_size * len(devices)`` is padded by
+repeating its last point, and the padding is dropped from the outputs.
+
+Every point is computed on one device as it would be alone, so results do
+not depend on the device count beyond how XLA compiles a reduction for
+it. :func:`group_size_for` picks a group size from XLA's own memory
+analysis of the compiled per-point program.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXIS = "points"
+"""Name of the mesh axis the points are sharded over."""
+
+PointFn = Callable[[Any, Any], Any]
+"""``fn(point, shared) -> outputs`` for one point (traceable)."""
+
+
+def devices_of(devices: Sequence[Any] | None) -> tuple[Any, ...]:
+    """The devices to run on (default: every device JAX shows).
+
+    Raises:
+        ValueError: for an empty sequence.
+    """
+    found = tuple(jax.devices() if devices is None else devices)
+    if not found:
+        raise ValueError("devices is empty")
+    return found
+
+
+def _count(points: Any) -> int:
+    leaves = jax.tree.leaves(points)
+    if not leaves:
+        raise ValueError("points: the pytree of points has no arrays")
+    sizes = {int(np.shape(leaf)[0]) if np.ndim(leaf) else -1
+             for leaf in leaves}
+    if len(sizes) != 1 or -1 in sizes:
+        raise ValueError("points: every array needs the same leading "
+                         f"points axis, got leading sizes {sorted(sizes)}")
+    return sizes.pop()
+
+
+def pad_points(points: Any, size: int) -> Any:
+    """``points`` padded to ``size`` entries by repeating the last one."""
+    count = _count(points)
+    if count == size:
+        return points
+    return jax.tree.map(lambda x: jnp.concatenate(
+        [x] + [x[-1:]] * (size - count)), points)
+
+
+def place(tree: Any, sharding: NamedSharding) -> Any:
+    """Put host or device arrays on ``sharding`` as global arrays.
+
+    ``make_array_from_callback`` builds global arrays, so the same code
+    serves one process and several (multi-host) processes.
+    """
+    def put(leaf):
+        if leaf is None:
+            return None
+        if jax.dtypes.issubdtype(getattr(leaf, "dtype", None),
+                                 jax.dtypes.prng_key):
+            return jax.device_put(leaf, sharding)
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding,
+                                            lambda index: host[index])
+
+    return jax.tree.map(put, tree)
+
+
+def shardings(devices: tuple[Any, ...]) -> tuple[NamedSharding,
+                                                   NamedSharding]:
+    """``(points sharded over devices, replicated)`` on the runner's mesh."""
+    mesh = Mesh(np.asarray(devices), (AXIS,))
+    return (NamedSharding(mesh, PartitionSpec(AXIS)),
+            NamedSharding(mesh, PartitionSpec()))
+
+
+class PointProgram:
+    """A per-point function compiled over stacks of points.
+
+    Attributes:
+        group_size: points per ``vmap`` group.
+        devices: the devices the points are sharded over.
+        unit: ``group_size * len(devices)``: stacks are padded to multiples.
+    """
+
+    def __init__(self, fn: PointFn, *, group_size: int,
+                 devices: tuple[Any, ...]):
+        if isinstance(group_size, bool) or not isinstance(
+                group_size, (int, np.integer)) or group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got "
+                             f"{group_size!r}")
+        self.group_size = int(group_size)
+        self.devices = devices
+        self.unit = self.group_size * len(devices)
+        group = jax.vmap(fn, in_axes=(0, None))
+        size = self.group_size
+
+        def local(points, shared):
+            count = _count(points) // size
+            grouped = jax.tree.map(
+                lambda x: x.reshape((count, size) + x.shape[1:]), points)
+            outputs = jax.lax.map(lambda xs: group(xs, shared), grouped)
+            return jax.tree.map(
+                lambda x: x.reshape((count * size,) + x.shape[2:]), outputs)
+
+        self.mesh = Mesh(np.asarray(devices), (AXIS,))
+        self.sharded, self.replicated = shardings(devices)
+        self._compiled = jax.jit(jax.shard_map(
+            local, mesh=self.mesh,
+            in_specs=(PartitionSpec(AXIS), PartitionSpec()),
+            out_specs=PartitionSpec(AXIS),
+            # Loop state made from constants (zeros, iotas) is not written
+            # for shard_map's replication types, and nothing here
+            # communicates across devices.
+            check_vma=False))
+
+    def padded_size(self, count: int) -> int:
+        """The stack size ``count`` points are padded to."""
+        return -(-int(count) // self.unit) * self.unit
+
+    def dispatch(self, points: Any, shared: Any) -> tuple[Any, int]:
+        """Start the program; ``(outputs with padding, number of points)``.
+
+        Nothing is read back, so a caller can dispatch the next stack
+        before it reads this one.
+        """
+        count = _count(points)
+        points = pad_points(points, self.padded_size(count))
+        return self._compiled(points, shared), count
+
+    def __call__(self, points: Any, shared: Any) -> Any:
+        """The outputs of every point (leading axis: the points)."""
+        outputs, count = self.dispatch(points, shared)
+        if _count(outputs) == count:
+            return outputs
+        return jax.tree.map(lambda x: x[:count], outputs)
+
+    def lower(self, points: Any, shared: Any):
+        """Lower the program for these points (for cost analysis)."""
+        count = _count(points)
+        return self._compiled.lower(
+            pad_points(points, self.padded_size(count)), shared)
+
+
+@functools.lru_cache(maxsize=64)
+def _program(fn: PointFn, group_size: int, devices: tuple) -> PointProgram:
+    return PointProgram(fn, group_size=group_size, devices=devices)
+
+
+def map_points(fn: PointFn, *, group_size: int = 1,
+               devices: Sequence[Any] | None = None) -> PointProgram:
+    """The runner for ``fn``: one compiled program over stacks of points.
+
+    Programs are cached by ``(fn, group_size, devices)``, so calling
+    :func:`map_points` again with the same function reuses the compiled
+    program.
+
+    Args:
+        fn: ``fn(point, shared) -> outputs``, pure and traceable: ``point``
+            is one point's slice of the stacked points, ``shared`` what all
+            points read (replicated).
+        group_size: points per ``vmap`` group (static).
+        devices: devices to shard the points over; default every device.
+
+    Returns:
+        A :class:`PointProgram`: ``program(points, shared) -> outputs``.
+
+    Raises:
+        ValueError: for a non-positive ``group_size`` or no devices.
+    """
+    return _program(fn, int(group_size) if isinstance(
+        group_size, (int, np.integer)) and not isinstance(group_size, bool)
+        else group_size, devices_of(devices))
+
+
+class MemoryEstimate(NamedTuple):
+    """What one point's program needs, from XLA or a fallback.
+
+    Attributes:
+        point_bytes: temporary bytes of one point's program (damaged
+            copies, optimiser state, activations).
+        source: ``"memory_analysis"`` or ``"fallback"`` (the backend gave
+            no analysis: three copies of the shared arrays' floats and the
+            outputs).
+    """
+
+    point_bytes: int
+    source: str
+
+
+def _tree_bytes(tree: Any) -> int:
+    return sum(int(np.prod(np.shape(leaf))) * np.dtype(leaf.dtype).itemsize
+               for leaf in jax.tree.leaves(tree)
+               if hasattr(leaf, "dtype") and not jax.dtypes.issubdtype(
+                   leaf.dtype, jax.dtypes.prng_key))
+
+
+def point_memory(fn: PointFn, point: Any, shared: Any) -> MemoryEstimate:
+    """Memory of one point's program, from ``compiled.memory_analysis()``.
+
+    Args:
+        fn: the per-point function.
+        point: one point (arrays or shape structs, no points axis).
+        shared: the shared inputs (arrays or shape structs).
+
+    Returns:
+        :class:`MemoryEstimate`.
+    """
+    try:
+        analysis = jax.jit(fn).lower(point, shared).compile(
+        ).memory_analysis()
+    except Exception:  # a backend without the analysis may raise anything
+        analysis = None
+    temp = getattr(analysis, "temp_size_in_bytes", None)
+    if temp is not None and temp >= 0:
+        output = getattr(analysis, "output_size_in_bytes", 0) or 0
+        return MemoryEstimate(int(temp) + int(output), "memory_analysis")
+    outputs = jax.eval_shape(fn, point, shared)
+    return MemoryEstimate(3 * _tree_bytes(shared) + _tree_bytes(outputs),
+                          "fallback")
+
+
+def group_size_for(fn: PointFn, point: Any, shared: Any, *, wanted: int,
+                   memory_budget_bytes: int) -> tuple[int, MemoryEstimate]:
+    """The largest group size up to ``wanted`` whose working set fits.
+
+    One point's program is compiled and measured (:func:`point_memory`)
+    only when ``wanted > 1``: a group of one always runs.
+
+    Returns:
+        ``(group size, estimate)``; the estimate is ``None`` when nothing
+        was measured.
+    """
+    if wanted <= 1:
+        return 1, None
+    estimate = point_memory(fn, point, shared)
+    fit = int(memory_budget_bytes) // max(1, estimate.point_bytes)
+    return max(1, min(int(wanted), fit)), estimate
+
+
+__all__ = ["AXIS", "MemoryEstimate", "PointProgram", "devices_of",
+           "group_size_for", "map_points", "pad_points", "place",
+           "point_memory", "shardings"]
