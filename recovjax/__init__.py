@@ -33,6 +33,7 @@ from recovjax.recovery import (RecoveryTask, finetune, get_strategy,
                                make_task, recovery_ratio, register_strategy,
                                strategy_names)
 from recovjax.results import ResultsTable, read_csv, read_json, summarize
+from recovjax.sensitivity import SensitivityResult, sensitivity
 from recovjax.sweep import SweepResult, damage_point, sweep
 
 __version__ = "0.1.0"
@@ -56,6 +57,7 @@ __all__ = [
     "Pretrained",
     "RecoveryTask",
     "ResultsTable",
+    "SensitivityResult",
     "Split",
     "SweepResult",
     "batch_split",
@@ -94,6 +96,7 @@ __all__ = [
     "save_pretrained",
     "strategy_names",
     "summarize",
+    "sensitivity",
     "sweep",
     "use_all_cores",
 ]

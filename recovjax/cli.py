@@ -136,6 +136,32 @@ def _command_sweep(args: argparse.Namespace) -> int:
     return _run(args, config)
 
 
+def _command_sensitivity(args: argparse.Namespace) -> int:
+    from recovjax.experiment import run_sensitivity
+    config = _load(args)
+    run_dir = pathlib.Path(args.run_dir or pathlib.Path("runs")
+                           / f"{config.name}-sensitivity")
+    layers = None if not args.layers else [
+        layer.strip() for layer in args.layers.split(",") if layer.strip()]
+    start = time.perf_counter()
+    table = run_sensitivity(config, run_dir, layers=layers, force=args.force,
+                            progress=not args.quiet,
+                            source=getattr(args, "source", None))
+    from recovjax.report import headline_metric
+    headline = headline_metric(table.rows)
+    lines = []
+    for row in table.select(stage="clean", metric=headline.name):
+        lines.append(f"clean {headline.name}: "
+                     f"{headline.show(row['value'], unit=True)}")
+    layers_seen = sorted({row["layer"] for row in table.rows if row["layer"]})
+    lines.append(f"{len(layers_seen)} layers x "
+                 f"{len({row['ratio'] for row in table.rows})} amounts "
+                 f"mapped; see {run_dir / 'report.md'}  "
+                 f"({time.perf_counter() - start:.1f} s)")
+    _say(args, "\n".join(lines))
+    return EXIT_OK
+
+
 def _command_recover(args: argparse.Namespace) -> int:
     config = _load(args)
     if config.recovery is None:
@@ -369,6 +395,15 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep", "damage and evaluate (no recovery)", _command_sweep,
         "experiment YAML file, e.g. experiments/security.yaml (required)")
     sweep.set_defaults(needs_config=True)
+    sensitivity = experiment_command(
+        "sensitivity", "damage one layer at a time: a layer x amount map",
+        _command_sensitivity,
+        "experiment YAML file; its damage kinds and amounts are mapped "
+        "(required)")
+    sensitivity.add_argument(
+        "--layers", metavar="A,B", default=None,
+        help="layers to map (default: every layer holding a kernel)")
+    sensitivity.set_defaults(needs_config=True)
     recover = experiment_command(
         "recover", "damage, evaluate, recover and evaluate again",
         _command_recover,

@@ -444,3 +444,70 @@ def _count_units(config: config_lib.ExperimentConfig) -> int:
             points = len(damage.ratios) * config.sweep.seeds
             units += len(config.recovery.strategies) * math.ceil(points / size)
     return units
+
+
+def run_sensitivity(config: config_lib.ExperimentConfig,
+                    run_dir: os.PathLike[str] | str, *,
+                    layers: Sequence[str] | None = None, force: bool = False,
+                    zoo_dir=None, progress: bool = True,
+                    source: str | os.PathLike[str] | None = None
+                    ) -> ResultsTable:
+    """A sensitivity map of every damage kind of ``config`` into ``run_dir``.
+
+    Each damage kind's amounts are the map's columns and ``layers`` its
+    rows (default: every layer holding a kernel); seeds and batch size come
+    from the config's ``sweep`` and ``evaluate``. The config's recovery is
+    not run. Checks, run-directory rules and outputs are those of
+    :func:`run_experiment` (``results.csv`` with a ``layer`` column, and a
+    report with the layer x amount heatmap).
+
+    Raises:
+        ConfigError: see :func:`check_config`; a damage kind without
+            per-leaf amounts, or an unknown layer (``layers: ...``).
+        RunConflictError, RunDirectoryError: as :func:`run_experiment`.
+    """
+    from recovjax.sensitivity import _layer_leaves, model_layers, sensitivity
+    config = dataclasses.replace(config, recovery=None)
+    check_config(config, source=source)
+    for index, damage in enumerate(config.damage):
+        if not getattr(get_damage(damage.kind, **damage.options),
+                       "per_leaf_amounts", False):
+            raise config_lib.ConfigError(
+                f"damage[{index}].kind: {damage.kind!r} takes one scalar "
+                "amount; a sensitivity map needs parameter damage with "
+                "per-leaf amounts (zero, gaussian_noise, bit_flip, ...)")
+    config_text = (config_lib.dump_config(config)
+                   + f"# sensitivity over layers: {list(layers or [])}\n")
+    check_run_directory(run_dir, config_text, force=force)
+    enable_compilation_cache()
+    experiment = Experiment(config, zoo_dir=zoo_dir, progress=progress)
+    chosen = (model_layers(experiment.model) if layers is None
+              else list(layers))
+    try:
+        _layer_leaves(experiment.model, experiment.params, chosen)
+    except ValueError as error:
+        raise config_lib.ConfigError(str(error)) from None
+    run = RunDirectory(run_dir, config_text, force=force)
+    rows: list[dict] = []
+    for position, damage in enumerate(config.damage):
+        label = damage.label or damage.kind
+        result = sensitivity(
+            experiment.model, experiment.params,
+            get_damage(damage.kind, **damage.options), list(damage.ratios),
+            layers=chosen, seeds=config.sweep.seeds,
+            data=experiment.batches, root_key=experiment.root,
+            damage_name=label, batch_size=config.evaluate.batch_size)
+        rows.extend(row for row in result.table.rows
+                    if row["stage"] != "clean" or position == 0)
+    table = ResultsTable(
+        rows=rows, config=config_lib.to_dict(config), root_seed=config.seed,
+        versions=_versions(), device_kind=_device_kind())
+    table.to_csv(run.path / "results.csv")
+    table.to_json(run.path / "results.json")
+    run.write("env.json", json.dumps(environment(), indent=1, sort_keys=True))
+    from recovjax.report import write_report
+    metric, higher_is_better = experiment.headline
+    write_report(run.path, table.rows, threshold=config.report.threshold,
+                 title=config.name, metric=metric,
+                 higher_is_better=higher_is_better)
+    return table

@@ -8,6 +8,10 @@ never drawn. Stage names follow the pipeline:
 rows at every evaluated ``step`` of its recovery curve, and its final rows
 (largest ``step``) are the result after recovery.
 
+Rows with a ``layer`` (a sensitivity map: one layer damaged at a time) make
+their own section, a layer x amount table and heatmap; every other table and
+plot shows the whole model only, so per-layer rows never mix into it.
+
 Every plot and table shows one *headline metric* (a :class:`Headline`):
 ``accuracy`` (higher is better, shown in %) for classifiers, ``perplexity``
 (lower is better, a plain number) for language models, or any metric the
@@ -22,11 +26,12 @@ import math
 import os
 import pathlib
 import re
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
 from recovjax._io import atomic_write, read_json_file
+from recovjax.results import _natural as _natural_key
 from recovjax.results import t_quantile
 
 RECOVERED = "recovered/"
@@ -195,6 +200,16 @@ def _group(rows: Iterable[dict], keys: Sequence[str]) -> dict[tuple, list]:
 
 def _select(rows, **where) -> list[dict]:
     return [r for r in rows if all(r[k] == v for k, v in where.items())]
+
+
+def _layer(row) -> str:
+    # Rows built by hand (or read from version 1 files) may lack a layer.
+    return row.get("layer", "")
+
+
+def _whole_model(rows) -> list[dict]:
+    """The rows of the whole model (no ``layer``)."""
+    return [r for r in rows if not _layer(r)]
 
 
 def final_rows(rows) -> list[dict]:
@@ -378,6 +393,21 @@ def plot_recovery_curves(rows, path: pathlib.Path,
     return path
 
 
+def _colour_map(headline: Headline) -> str:
+    """Brighter is better in either direction."""
+    return "magma" if headline.higher_is_better else "magma_r"
+
+
+def _colour_norm(headline: Headline, grid: np.ma.MaskedArray):
+    """The colour scale of a heatmap of shown values (``None``: the data's)."""
+    import matplotlib.colors
+    if headline.limits is not None:
+        return matplotlib.colors.Normalize(*headline.limits)
+    if headline.log_axis and grid.count() and grid.min() > 0:
+        return matplotlib.colors.LogNorm()
+    return None
+
+
 def plot_heatmap(rows, path: pathlib.Path, headline: Headline = ACCURACY
                  ) -> pathlib.Path | None:
     """Damage amount x recovery steps, coloured by the mean metric.
@@ -392,7 +422,6 @@ def plot_heatmap(rows, path: pathlib.Path, headline: Headline = ACCURACY
     Returns:
         ``path``, or ``None`` (nothing written) when no strategy has a curve.
     """
-    import matplotlib.colors
     import matplotlib.pyplot as plt
     strategies = _training_strategies(rows)
     panels = [(k, s) for k in _kinds(rows) for s in strategies[:1]
@@ -409,15 +438,9 @@ def plot_heatmap(rows, path: pathlib.Path, headline: Headline = ACCURACY
         steps = curves[ratios[0]][0]
         grid = np.ma.masked_invalid(_shown(headline, np.stack(
             [curves[r][1] for r in ratios])))
-        if headline.limits is not None:
-            norm = matplotlib.colors.Normalize(*headline.limits)
-        elif headline.log_axis and grid.count() and grid.min() > 0:
-            norm = matplotlib.colors.LogNorm()
-        else:
-            norm = None
         image = axis.imshow(grid, aspect="auto", origin="lower",
-                            cmap="magma" if headline.higher_is_better
-                            else "magma_r", norm=norm,
+                            cmap=_colour_map(headline),
+                            norm=_colour_norm(headline, grid),
                             extent=(steps[0], steps[-1], -0.5,
                                     len(ratios) - 0.5))
         axis.set_yticks(range(len(ratios)), [f"{r:g}" for r in ratios])
@@ -472,6 +495,137 @@ def plot_strategies(rows, path: pathlib.Path, headline: Headline = ACCURACY
     axis.set_title("Strategies at equal compute (mean over amounts and seeds)")
     axis.legend(fontsize=7, ncol=2)
     axis.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+class _SensitivityGrid(NamedTuple):
+    """One damage kind of a sensitivity map."""
+
+    damage: str
+    layers: list[str]
+    amounts: list[float]
+    means: np.ndarray  # (layer, amount) mean over seeds; NaN without rows
+    counts: np.ndarray  # (layer, amount) number of rows (seeds)
+
+
+def _sensitivity_grids(rows, headline: Headline) -> list[_SensitivityGrid]:
+    """The per-layer ``damaged`` rows of ``headline``, one grid per kind.
+
+    Kinds come in the order they first appear, layers in natural order
+    (``Dense_2`` before ``Dense_10``), amounts ascending.
+    """
+    found = [r for r in rows if _layer(r) and r["stage"] == "damaged"
+             and r["metric"] == headline.name]
+    grids = []
+    for kind in dict.fromkeys(r["damage"] for r in found):
+        groups = _group([r for r in found if r["damage"] == kind],
+                        ["layer", "ratio"])
+        layers = sorted({layer for layer, _ in groups}, key=_natural_key)
+        amounts = sorted({ratio for _, ratio in groups})
+        means = np.full((len(layers), len(amounts)), np.nan)
+        counts = np.zeros((len(layers), len(amounts)), dtype=int)
+        for (layer, ratio), group in groups.items():
+            cell = layers.index(layer), amounts.index(ratio)
+            means[cell] = np.mean([r["value"] for r in group])
+            counts[cell] = len(group)
+        grids.append(_SensitivityGrid(kind, layers, amounts, means, counts))
+    return grids
+
+
+def sensitivity_table(rows, headline: Headline = ACCURACY) -> list[str]:
+    """A markdown table of a sensitivity map: layer x amount, mean over seeds.
+
+    Only ``damaged`` rows with a non-empty ``layer`` count; one table per
+    damage kind (separated by a blank line), a line per layer (natural
+    order) and a column per damage amount.
+
+    Args:
+        rows: results rows (whole-model rows are ignored).
+        headline: the metric to show.
+
+    Returns:
+        The table's lines (``[]`` when no row has a layer). A cell without
+        rows is empty; a NaN mean (e.g. a diverged model) shows ``n/a``.
+
+    Example::
+
+        | damage | layer | 0.5 | 1 |
+        |---|---|---|---|
+        | gaussian_noise | Conv_0 | 81.25 | 40.10 |
+    """
+    lines = []
+    for grid in _sensitivity_grids(rows, headline):
+        header = ["damage", "layer"] + [f"{a:g}" for a in grid.amounts]
+        if lines:
+            lines.append("")
+        lines += ["| " + " | ".join(header) + " |",
+                  "|" + "---|" * len(header)]
+        for index, layer in enumerate(grid.layers):
+            cells = [grid.damage, layer] + [
+                headline.show(mean) if count else ""
+                for mean, count in zip(grid.means[index], grid.counts[index])]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot_sensitivity(rows, path: pathlib.Path, headline: Headline = ACCURACY
+                     ) -> pathlib.Path | None:
+    """A sensitivity map: layer x damage amount, coloured by the mean metric.
+
+    One panel per damage kind; each cell is the mean over seeds of the model
+    with only that layer damaged by that amount, annotated with its value.
+    The colour scale is the recovery heatmap's (brighter is better in either
+    direction; see :func:`plot_heatmap`).
+
+    Args:
+        rows: results rows; only ``damaged`` rows with a non-empty ``layer``
+            are drawn.
+        path: the PNG to write.
+        headline: the metric to colour by.
+
+    Returns:
+        ``path``, or ``None`` (nothing written) when no row has a layer.
+    """
+    import matplotlib.pyplot as plt
+    grids = _sensitivity_grids(rows, headline)
+    if not grids:
+        return None
+    columns = min(3, len(grids))
+    lines = math.ceil(len(grids) / columns)
+    width = max(5.6, 2.5 + 0.9 * max(len(g.amounts) for g in grids))
+    height = max(3.0, 1.6 + 0.4 * max(len(g.layers) for g in grids))
+    figure, axes = plt.subplots(lines, columns, squeeze=False,
+                                figsize=(width * columns, height * lines))
+    for axis, grid in zip(axes.flat, grids):
+        shown = np.ma.masked_invalid(_shown(headline, grid.means))
+        image = axis.imshow(shown, aspect="auto", cmap=_colour_map(headline),
+                            norm=_colour_norm(headline, shown))
+        image.autoscale_None()  # the final scale, for the text colours
+        rgba = np.asarray(image.cmap(image.norm(shown)))
+        # Light text on dark cells (luma of the cell colour).
+        dark = rgba[..., :3] @ np.asarray([0.299, 0.587, 0.114]) < 0.5
+        for (line, column), count in np.ndenumerate(grid.counts):
+            if not count:
+                continue
+            colour = ("white" if dark[line, column]
+                      and not np.ma.getmaskarray(shown)[line, column]
+                      else "black")
+            axis.text(column, line, headline.show(grid.means[line, column]),
+                      ha="center", va="center", fontsize=7, color=colour)
+        axis.set_xticks(range(len(grid.amounts)),
+                        [f"{a:g}" for a in grid.amounts])
+        axis.set_yticks(range(len(grid.layers)), grid.layers)
+        axis.set_xlabel("damage amount")
+        axis.set_ylabel("layer")
+        axis.set_title(grid.damage)
+        figure.colorbar(image, ax=axis, label=headline.label)
+    for axis in list(axes.flat)[len(grids):]:
+        axis.axis("off")
+    figure.suptitle(f"{headline.title} with one layer damaged (mean over "
+                    "seeds)", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -625,7 +779,12 @@ def write_report(run_dir: os.PathLike[str] | str, rows: list[dict] | None = None
     perplexity as a plain number. The metric-vs-amount plot is
     ``<metric>_vs_ratio.png`` (``accuracy_vs_ratio.png`` for accuracy); the
     others are ``recovery_curves.png``, ``recovery_heatmap.png`` and
-    ``strategies.png``.
+    ``strategies.png``. When rows have a ``layer`` (a sensitivity map), the
+    section "Sensitivity (layer x amount)" holds their table
+    (:func:`sensitivity_table`) and ``sensitivity.png``
+    (:func:`plot_sensitivity`); every other section shows the whole-model
+    rows only (and the whole-model summaries are left out when only the
+    clean model has such rows).
 
     Args:
         run_dir: a run directory holding ``results.csv`` (and optionally
@@ -668,6 +827,8 @@ def write_report(run_dir: os.PathLike[str] | str, rows: list[dict] | None = None
             raise FileNotFoundError(f"{results}: no results to report on")
         rows = read_rows(results)
     headline = headline_metric(rows, metric, higher_is_better)
+    layered = [r for r in rows if _layer(r)]
+    rows = _whole_model(rows)
     if not headline.higher_is_better and not (math.isfinite(threshold)
                                               and threshold > 0):
         raise ValueError(f"threshold: a lower-is-better {headline.name} needs "
@@ -692,21 +853,33 @@ def write_report(run_dir: os.PathLike[str] | str, rows: list[dict] | None = None
                  curves, run_dir / "recovery_heatmap.png", headline)),
              ("Strategies at equal compute", plot_strategies(
                  rows, run_dir / "strategies.png", headline))]
+    sensitivity = sensitivity_table(layered, headline)
+    sensitivity_plot = plot_sensitivity(layered, run_dir / "sensitivity.png",
+                                        headline)
     clean = _clean_value(rows, headline)
     text = [f"# {title or run_dir.name}", ""]
     if clean is not None:
         text += [f"Clean (pretrained) test {headline.name}: "
                  f"**{headline.show(clean, unit=True)}**.", ""]
-    text += [f"## {headline.title} (mean ± 95 % CI over seeds)", ""]
-    text += _summary_table(rows, headline) + [""]
-    text += ["## Robustness curve summary", ""] + _curve_summary(
-        rows, threshold, headline) + [""]
+    if _kinds(rows) or not sensitivity:
+        text += [f"## {headline.title} (mean ± 95 % CI over seeds)", ""]
+        text += _summary_table(rows, headline) + [""]
+        text += ["## Robustness curve summary", ""] + _curve_summary(
+            rows, threshold, headline) + [""]
     measures = _recovery_measures(rows)
     if measures:
         text += ["## Recovery", ""] + measures + [""]
     cost_lines = _cost_table(costs)
     if cost_lines:
         text += ["## Cost of recovery", ""] + cost_lines + [""]
+    if sensitivity:
+        caption = "Sensitivity (layer x amount)"
+        text += [f"## {caption}", "",
+                 f"Mean {headline.label} over seeds with one layer damaged "
+                 "at a time (a line per layer, a column per damage amount).",
+                 ""] + sensitivity + [""]
+        if sensitivity_plot is not None:
+            text += [f"![{caption}]({sensitivity_plot.name})", ""]
     for caption, plot in plots:
         if plot is not None:
             text += [f"## {caption}", "", f"![{caption}]({plot.name})", ""]

@@ -1,9 +1,14 @@
 """Results: a tidy long table, summaries over seeds, CSV and JSON files.
 
-One row per (damage kind, ratio, seed, stage, step, metric) with its value::
+One row per (damage kind, layer, ratio, seed, stage, step, metric) with its
+value::
 
-    damage,ratio,seed,stage,step,metric,value
-    zero,0.05,0,damaged,0,accuracy,0.9559999704360962
+    damage,layer,ratio,seed,stage,step,metric,value
+    zero,,0.05,0,damaged,0,accuracy,0.9559999704360962
+    gaussian_noise,Conv_0,0.5,0,damaged,0,accuracy,0.9120000004768372
+
+``layer`` is empty for the whole model (every row but those of a
+sensitivity map, which damages one layer at a time and names it).
 
 ``stage`` is ``clean`` (the undamaged model), ``damaged``, or a recovery
 stage such as ``recovered/finetune`` (whose ``step`` counts recovery steps;
@@ -14,13 +19,18 @@ metric.
 Alongside the rows a table records the run's ``config``, ``root_seed``, the
 library ``versions`` and the ``device_kind``. ``results.csv`` holds only the
 header and the rows, so any CSV reader takes it as it is
-(``pandas.read_csv("results.csv")`` gives the seven columns with their
-types); the metadata go into the sidecar ``results.meta.json`` next to it.
+(``pandas.read_csv("results.csv")`` gives the eight columns with their
+types, the whole model's empty ``layer`` as NaN; with
+``keep_default_na=False, na_values=["nan"]`` it stays ``""``); the
+metadata go into the sidecar ``results.meta.json`` next to it.
 ``results.json`` holds both. Files are written atomically and
 deterministically: the same table gives byte-identical files (no
 timestamps), and reading a file back gives the same table (floats are
 written as the shortest ``repr`` that round-trips; NaN and infinities as
 ``nan``, ``inf``, ``-inf``).
+
+Files of format version 1 (seven columns, no ``layer``) still read, every
+row with ``layer=""``.
 
 Reading checks every value, not only its type: accuracies outside
 ``[0, 1]``, negative losses, counts, steps or amounts are refused with an
@@ -44,11 +54,17 @@ import numpy as np
 
 from recovjax._io import atomic_write, read_json_file, read_text
 
-COLUMNS = ("damage", "ratio", "seed", "stage", "step", "metric", "value")
+COLUMNS = ("damage", "layer", "ratio", "seed", "stage", "step", "metric",
+           "value")
 """Columns of the tidy table, in file order."""
 
+VERSION_1_COLUMNS = ("damage", "ratio", "seed", "stage", "step", "metric",
+                     "value")
+"""Columns of format version 1 files (no ``layer``; still read)."""
+
 FORMAT = "recovjax-results"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_COLUMNS_OF_VERSION = {1: VERSION_1_COLUMNS, FORMAT_VERSION: COLUMNS}
 METADATA_FORMAT = "recovjax-results-metadata"
 """``format`` of the CSV's sidecar (see :func:`metadata_path`)."""
 _CSV_HEADER_PREFIX = "# " + FORMAT + " "
@@ -62,21 +78,26 @@ class ResultsFileError(ValueError):
         path: the file.
         line: the 1-based line, or ``None`` when unknown.
         column: the column name (one of :data:`COLUMNS`), or ``None``.
+        columns: the columns of the file, in its order (:data:`COLUMNS`, or
+            :data:`VERSION_1_COLUMNS` for a version 1 file); the message
+            numbers ``column`` by its place among them.
         reason: the message without the location.
     """
 
     def __init__(self, path: os.PathLike[str] | str, message: str, *,
                  line: int | None = None, column: str | None = None,
-                 where: str | None = None):
+                 where: str | None = None,
+                 columns: Sequence[str] = COLUMNS):
         self.path = pathlib.Path(path)
         self.line = line
         self.column = column
+        self.columns = tuple(columns)
         self.reason = message
         location = f"{self.path}:{line}" if line is not None else str(
             self.path)
         parts = [part for part in (
             where, None if column is None else
-            f"column {COLUMNS.index(column) + 1} ({column})") if part]
+            f"column {self.columns.index(column) + 1} ({column})") if part]
         super().__init__(": ".join([location] + (
             [", ".join(parts)] if parts else []) + [message]))
 
@@ -94,7 +115,8 @@ def metadata_path(csv_path: os.PathLike[str] | str) -> pathlib.Path:
 
 
 def make_row(*, damage: str, ratio: float, seed: int, stage: str,
-             metric: str, value: float, step: int = 0) -> dict[str, Any]:
+             metric: str, value: float, step: int = 0, layer: str = ""
+             ) -> dict[str, Any]:
     """One row with the column types of the table.
 
     Args:
@@ -105,24 +127,30 @@ def make_row(*, damage: str, ratio: float, seed: int, stage: str,
         metric: metric name.
         value: the value (any real; kept exactly as a Python float).
         step: recovery step (0 outside recovery).
+        layer: the one layer damaged (a sensitivity map's row), or ``""``
+            (the default) for the whole model.
 
     Returns:
         A dict with the keys of :data:`COLUMNS`.
 
     Raises:
-        TypeError: if a field has the wrong type (e.g. a non-integer seed).
+        TypeError: if a field has the wrong type (e.g. a non-integer seed or
+            a layer that is not a str).
     """
     for name, text in (("damage", damage), ("stage", stage),
                        ("metric", metric)):
         if not isinstance(text, str) or not text:
             raise TypeError(f"{name} must be a non-empty str, got {text!r}")
+    if not isinstance(layer, str):
+        raise TypeError(f"layer must be a str ('' for the whole model), got "
+                        f"{layer!r}")
     for name, number in (("seed", seed), ("step", step)):
         if isinstance(number, bool) or not isinstance(number,
                                                       (int, np.integer)):
             raise TypeError(f"{name} must be an int, got {number!r}")
-    return {"damage": damage, "ratio": float(ratio), "seed": int(seed),
-            "stage": stage, "step": int(step), "metric": metric,
-            "value": float(value)}
+    return {"damage": damage, "layer": layer, "ratio": float(ratio),
+            "seed": int(seed), "stage": stage, "step": int(step),
+            "metric": metric, "value": float(value)}
 
 
 def _natural(text: str) -> tuple:
@@ -136,8 +164,10 @@ _METRIC_ORDER = {"accuracy": 0, "loss": 1}
 
 def _row_order(row: Mapping[str, Any]) -> tuple:
     metric = row["metric"]
-    return (row["damage"], row["ratio"], row["seed"], _natural(row["stage"]),
-            row["step"], _METRIC_ORDER.get(metric, 2), _natural(metric))
+    # The whole model ("") before its layers.
+    return (row["damage"], _natural(row["layer"]), row["ratio"], row["seed"],
+            _natural(row["stage"]), row["step"], _METRIC_ORDER.get(metric, 2),
+            _natural(metric))
 
 
 def _fractions(metrics) -> tuple[float, float, np.ndarray]:
@@ -279,7 +309,9 @@ class ResultsTable:
     """The tidy long table of a sweep (or of a recovery run).
 
     Attributes:
-        rows: dicts with the keys of :data:`COLUMNS`, kept sorted.
+        rows: dicts with the keys of :data:`COLUMNS`, kept sorted (every
+            row goes through :func:`make_row`, so a row without a ``layer``
+            is a whole-model row, ``layer=""``).
         config: the run's configuration (JSON-ready; tuples become lists).
         root_seed: the integer seed of the root key, or ``None`` when the
             run was given a key.
@@ -341,7 +373,8 @@ class ResultsTable:
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(COLUMNS)
         for row in self.rows:
-            writer.writerow([row["damage"], _encode_float(row["ratio"]),
+            writer.writerow([row["damage"], row["layer"],
+                             _encode_float(row["ratio"]),
                              row["seed"], row["stage"], row["step"],
                              row["metric"], _encode_float(row["value"])])
         return out.getvalue()
@@ -474,32 +507,55 @@ def _field(column: str, text: Any) -> Any:
             return int(text)
         except ValueError:
             raise ValueError(f"expected an integer, got {text!r}") from None
+    if column == "layer":
+        # Empty: the whole model.
+        if not isinstance(text, str):
+            raise ValueError(f"expected a layer name ('' for the whole "
+                             f"model), got {text!r}")
+        return text
     if not isinstance(text, str) or not text:
         raise ValueError(f"expected a non-empty name, got {text!r}")
     return text
 
 
 def _typed(record: Sequence[Any], path: pathlib.Path, line: int | None,
-           where: str | None = None) -> dict[str, Any]:
-    if not isinstance(record, (list, tuple)) or len(record) != len(COLUMNS):
+           where: str | None = None, columns: Sequence[str] = COLUMNS
+           ) -> dict[str, Any]:
+    if not isinstance(record, (list, tuple)) or len(record) != len(columns):
         count = len(record) if isinstance(record, (list, tuple)) else "no"
         raise ResultsFileError(
-            path, f"expected {len(COLUMNS)} fields ({', '.join(COLUMNS)}), "
-            f"got {count}: {record!r}", line=line, where=where)
+            path, f"expected {len(columns)} fields ({', '.join(columns)}), "
+            f"got {count}: {record!r}", line=line, where=where,
+            columns=columns)
     fields = {}
-    for column, text in zip(COLUMNS, record):
+    for column, text in zip(columns, record):
         try:
             fields[column] = _field(column, text)
         except ValueError as error:
             raise ResultsFileError(path, str(error), line=line,
-                                   column=column, where=where) from None
-    row = make_row(**fields)
+                                   column=column, where=where,
+                                   columns=columns) from None
+    row = make_row(**fields)  # A version 1 record: layer "".
     problem = check_row(row)
     if problem is not None:
         column, message = problem
         raise ResultsFileError(path, message, line=line, column=column,
-                               where=where)
+                               where=where, columns=columns)
     return row
+
+
+def _version_columns(version: Any, path: pathlib.Path) -> tuple[str, ...]:
+    """The columns of format ``version``; an error names ``path``."""
+    if (not isinstance(version, int) or isinstance(version, bool)
+            or version not in _COLUMNS_OF_VERSION):
+        readable = " and ".join(str(v) for v in sorted(_COLUMNS_OF_VERSION))
+        raise ResultsFileError(path, f"format version {version!r}; this "
+                               f"recovjax reads versions {readable}")
+    return _COLUMNS_OF_VERSION[version]
+
+
+def _header_text(columns: Sequence[str]) -> str:
+    return ",".join(columns)
 
 
 def _from_metadata(rows, metadata: Mapping[str, Any], path: pathlib.Path
@@ -521,12 +577,11 @@ def _read_sidecar(path: pathlib.Path) -> dict[str, Any] | None:
     if not isinstance(document, dict) or (
             document.get("format") != METADATA_FORMAT):
         raise ResultsFileError(sidecar, f"not a {METADATA_FORMAT} document")
-    if document.get("version") != FORMAT_VERSION:
-        raise ResultsFileError(sidecar, f"format version "
-                               f"{document.get('version')!r}; this recovjax "
-                               f"reads version {FORMAT_VERSION}")
-    if tuple(document.get("columns", COLUMNS)) != COLUMNS:
-        raise ResultsFileError(sidecar, f"columns must be {list(COLUMNS)}")
+    version = document.get("version")
+    columns = _version_columns(version, sidecar)
+    if tuple(document.get("columns", columns)) != columns:
+        raise ResultsFileError(sidecar, f"columns must be {list(columns)} "
+                               f"(format version {version})")
     return document
 
 
@@ -535,11 +590,14 @@ def read_csv(path: os.PathLike[str] | str) -> ResultsTable:
 
     The metadata come from the sidecar :func:`metadata_path`
     (``results.meta.json``) when it exists; its row count must match the
-    CSV's. A CSV without a sidecar (e.g. written by another tool with the
+    CSV's, and the header must be the columns of the sidecar's format
+    version. A CSV without a sidecar (e.g. written by another tool with the
     same columns) reads with empty metadata (``config={}``,
-    ``root_seed=None``, no versions). A CSV of an earlier version, whose
-    first line is ``# recovjax-results {...}``, reads with the metadata of
-    that line.
+    ``root_seed=None``, no versions), and its header may be either
+    :data:`COLUMNS` or the version 1 :data:`VERSION_1_COLUMNS`. A CSV of an
+    earlier version, whose first line is ``# recovjax-results {...}``, reads
+    with the metadata of that line. Rows of version 1 files (no ``layer``
+    column) read with ``layer=""``.
 
     Args:
         path: the CSV file.
@@ -550,16 +608,19 @@ def read_csv(path: os.PathLike[str] | str) -> ResultsTable:
     Raises:
         FileNotFoundError: if the file does not exist.
         ResultsFileError: (a ``ValueError``) if the file is not UTF-8 text,
-            the header does not match :data:`COLUMNS`, a field has the wrong
-            type or an impossible value (see :func:`check_row`), or the
-            sidecar disagrees; the message names the file, the line and the
-            column, e.g. ``results.csv:5: column 7 (value): accuracy must be
-            in [0, 1] (or nan), got 4.23``.
+            the header is neither :data:`COLUMNS` nor
+            :data:`VERSION_1_COLUMNS` (or not the columns of the sidecar's
+            version), a field has the wrong type or an impossible value (see
+            :func:`check_row`), or the sidecar disagrees; the message names
+            the file, the line and the column (numbered as in the file),
+            e.g. ``results.csv:5: column 8 (value): accuracy must be in
+            [0, 1] (or nan), got 4.23``.
     """
     path = pathlib.Path(path)
     # Spreadsheets save UTF-8 CSV with a byte-order mark.
     text = read_text(path).removeprefix("\ufeff")
     metadata = _read_sidecar(path)
+    sidecar = metadata is not None
     first = 1  # The line number of the header.
     if text.startswith(_CSV_HEADER_PREFIX):
         line, _, text = text.partition("\n")
@@ -572,6 +633,15 @@ def read_csv(path: os.PathLike[str] | str) -> ResultsTable:
                                        line=1) from None
             if not isinstance(metadata, dict):
                 raise ResultsFileError(path, "bad metadata line", line=1)
+    if sidecar:  # Its version was checked by _read_sidecar.
+        layouts = [_COLUMNS_OF_VERSION[metadata["version"]]]
+        wanted = (f"{_header_text(layouts[0])} (the columns of format "
+                  f"version {metadata.get('version')}, as "
+                  f"{metadata_path(path).name} records)")
+    else:
+        layouts = [COLUMNS, VERSION_1_COLUMNS]
+        wanted = (f"{_header_text(COLUMNS)} (or, format version 1, "
+                  f"{_header_text(VERSION_1_COLUMNS)})")
     reader = csv.reader(io.StringIO(text, newline=""))
     rows, header, start = [], None, first
     try:
@@ -580,27 +650,27 @@ def read_csv(path: os.PathLike[str] | str) -> ResultsTable:
             start = first + reader.line_num  # where the next record begins
             if header is None:
                 header = tuple(record)
-                if header != COLUMNS:
+                if header not in layouts:
                     raise ResultsFileError(
-                        path, f"header must be {','.join(COLUMNS)}, got "
+                        path, f"header must be {wanted}, got "
                         f"{','.join(header) or 'an empty line'}", line=line)
                 continue
             if record:
-                rows.append(_typed(record, path, line))
+                rows.append(_typed(record, path, line, columns=header))
     except csv.Error as error:
         raise ResultsFileError(path, f"not CSV ({error})",
                                line=first + reader.line_num - 1) from None
     if header is None:
         raise ResultsFileError(path, f"empty file; expected the header "
-                               f"{','.join(COLUMNS)}", line=first)
+                               f"{wanted}", line=first)
     if metadata is not None and "rows" in metadata and (
             metadata["rows"] != len(rows)):
         raise ResultsFileError(
             path, f"holds {len(rows)} rows but {metadata_path(path).name} "
             f"records {metadata['rows']}: the CSV is cut short or was "
             "replaced without its sidecar")
-    return _from_metadata(rows, metadata or {}, metadata_path(path)
-                          if metadata is not None else path)
+    return _from_metadata(rows, metadata or {},
+                          metadata_path(path) if sidecar else path)
 
 
 def _row_lines(text: str, document: Mapping[str, Any]) -> list[int] | None:
@@ -645,6 +715,9 @@ def _skip(text: str, offset: int, *, allow_comma: bool) -> int:
 def read_json(path: os.PathLike[str] | str) -> ResultsTable:
     """Read a table written by :meth:`ResultsTable.to_json`.
 
+    Files of format version 1 (seven columns, no ``layer``) read with
+    ``layer=""`` in every row.
+
     Args:
         path: the JSON file.
 
@@ -654,16 +727,21 @@ def read_json(path: os.PathLike[str] | str) -> ResultsTable:
     Raises:
         FileNotFoundError: if the file does not exist.
         ResultsFileError: (a ``ValueError``) if it is not UTF-8 JSON, not a
-            recovjax results document, or a row has the wrong type or an
-            impossible value (see :func:`check_row`); the message names the
-            file, the row's line and index, and the column.
+            recovjax results document, of a format version other than 1 and
+            2, its ``columns`` are not those of its version, or a row has
+            the wrong type or an impossible value (see :func:`check_row`);
+            the message names the file, the row's line and index, and the
+            column.
     """
     path = pathlib.Path(path)
     text, document = read_json_file(path)
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise ResultsFileError(path, f"not a {FORMAT} JSON document")
-    if tuple(document.get("columns", ())) != COLUMNS:
-        raise ResultsFileError(path, f"columns must be {list(COLUMNS)}")
+    version = document.get("version")
+    columns = _version_columns(version, path)
+    if tuple(document.get("columns", ())) != columns:
+        raise ResultsFileError(path, f"columns must be {list(columns)} "
+                               f"(format version {version})")
     records = document.get("rows", [])
     if not isinstance(records, list):
         raise ResultsFileError(path, "rows must be a list")
@@ -671,14 +749,15 @@ def read_json(path: os.PathLike[str] | str) -> ResultsTable:
     rows = []
     for index, record in enumerate(records):
         try:
-            rows.append(_typed(record, path, None, where=f"rows[{index}]"))
+            rows.append(_typed(record, path, None, where=f"rows[{index}]",
+                               columns=columns))
         except ResultsFileError as error:
             lines = _row_lines(text, document) if lines is None else lines
             if not lines:
                 raise
             raise ResultsFileError(
-                path, error.reason, line=lines[index],
-                column=error.column, where=f"rows[{index}]") from None
+                path, error.reason, line=lines[index], column=error.column,
+                where=f"rows[{index}]", columns=columns) from None
     return _from_metadata(rows, document, path)
 
 
@@ -787,14 +866,17 @@ def _rows_of(table: ResultsTable | Iterable[Mapping[str, Any]]
 
 
 def summarize(table: ResultsTable | Iterable[Mapping[str, Any]],
-              metric: str = "accuracy", *, stage: str | None = None
-              ) -> list[Summary]:
+              metric: str = "accuracy", *, stage: str | None = None,
+              layer: str = "") -> list[Summary]:
     """Mean, standard deviation and 95 % CI over seeds.
 
     Args:
         table: a :class:`ResultsTable` or its rows.
         metric: the metric to summarise.
         stage: only this stage (``None``: every stage).
+        layer: only rows of this layer; the default ``""`` keeps the
+            whole-model rows, so a sensitivity map's per-layer rows never
+            mix into the whole model's means.
 
     Returns:
         One :class:`Summary` per (damage, ratio, stage, step), sorted.
@@ -807,7 +889,8 @@ def summarize(table: ResultsTable | Iterable[Mapping[str, Any]],
     groups: dict[tuple, list[float]] = {}
     for row in _rows_of(table):
         if row["metric"] != metric or (stage is not None and
-                                       row["stage"] != stage):
+                                       row["stage"] != stage) or (
+                row.get("layer", "") != layer):
             continue
         key = (row["damage"], row["ratio"], row["stage"], row["step"])
         groups.setdefault(key, []).append(float(row["value"]))
@@ -830,15 +913,16 @@ def summarize(table: ResultsTable | Iterable[Mapping[str, Any]],
     return out
 
 
-def _curves(table, metric: str, stage: str, damage: str | None
-            ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _curves(table, metric: str, stage: str, damage: str | None,
+            layer: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     curves: dict[str, list[tuple[float, float]]] = {}
-    for s in summarize(table, metric, stage=stage):
+    for s in summarize(table, metric, stage=stage, layer=layer):
         if damage is None or s.damage == damage:
             curves.setdefault(s.damage, []).append((s.ratio, s.mean))
     if damage is not None and damage not in curves:
+        where = f" of layer {layer!r}" if layer else ""
         raise ValueError(f"no {stage!r} rows of {metric!r} for damage "
-                         f"{damage!r}")
+                         f"{damage!r}{where}")
     return {kind: (np.asarray([r for r, _ in points]),
                    np.asarray([m for _, m in points]))
             for kind, points in curves.items()}
@@ -846,7 +930,8 @@ def _curves(table, metric: str, stage: str, damage: str | None
 
 def area_under_curve(table: ResultsTable | Iterable[Mapping[str, Any]],
                      metric: str = "accuracy", *, stage: str = "damaged",
-                     damage: str | None = None) -> dict[str, float]:
+                     damage: str | None = None, layer: str = ""
+                     ) -> dict[str, float]:
     """Normalised area under the mean-metric-vs-ratio curve of each kind.
 
     The trapezoid rule over the ratio grid of the mean over seeds, divided
@@ -860,6 +945,7 @@ def area_under_curve(table: ResultsTable | Iterable[Mapping[str, Any]],
         metric: the metric (default ``accuracy``).
         stage: the stage (default ``damaged``).
         damage: only this kind (``None``: every kind).
+        layer: only rows of this layer (default ``""``: the whole model).
 
     Returns:
         ``{damage kind: area}``.
@@ -868,8 +954,8 @@ def area_under_curve(table: ResultsTable | Iterable[Mapping[str, Any]],
         ValueError: if ``damage`` has no matching rows.
     """
     out = {}
-    for kind, (ratios, means) in _curves(table, metric, stage,
-                                         damage).items():
+    for kind, (ratios, means) in _curves(table, metric, stage, damage,
+                                         layer).items():
         span = float(ratios[-1] - ratios[0]) if ratios.size else 0.0
         if span <= 0:
             out[kind] = math.nan
@@ -882,8 +968,8 @@ def area_under_curve(table: ResultsTable | Iterable[Mapping[str, Any]],
 
 def ratio_at_threshold(table: ResultsTable | Iterable[Mapping[str, Any]],
                        threshold: float, metric: str = "accuracy", *,
-                       stage: str = "damaged", damage: str | None = None
-                       ) -> dict[str, float | None]:
+                       stage: str = "damaged", damage: str | None = None,
+                       layer: str = "") -> dict[str, float | None]:
     """The ratio at which the mean metric first falls below ``threshold``.
 
     Walking the ratio grid upwards, the first grid point whose mean over
@@ -897,6 +983,7 @@ def ratio_at_threshold(table: ResultsTable | Iterable[Mapping[str, Any]],
         metric: the metric (default ``accuracy``).
         stage: the stage (default ``damaged``).
         damage: only this kind (``None``: every kind).
+        layer: only rows of this layer (default ``""``: the whole model).
 
     Returns:
         ``{damage kind: ratio}``, with ``None`` for a kind that never falls
@@ -906,8 +993,8 @@ def ratio_at_threshold(table: ResultsTable | Iterable[Mapping[str, Any]],
         ValueError: if ``damage`` has no matching rows.
     """
     out: dict[str, float | None] = {}
-    for kind, (ratios, means) in _curves(table, metric, stage,
-                                         damage).items():
+    for kind, (ratios, means) in _curves(table, metric, stage, damage,
+                                         layer).items():
         out[kind] = None
         for index, (ratio, mean) in enumerate(zip(ratios, means)):
             if mean < threshold:

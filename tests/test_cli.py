@@ -524,3 +524,26 @@ def test_progress_in_a_log_prints_a_line_now_and_then(monkeypatch):
     assert 9 <= len(lines) <= 11
     assert lines[0].startswith("pretrain: [1/100] loss=1 ")
     assert lines[-1].startswith("pretrain: [100/100] loss=100 ")
+
+
+def test_sensitivity_command_maps_layers_into_a_run_directory(zoo, tmp_path):
+    from recovjax.results import read_csv
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY.replace("kind: zero", "kind: gaussian_noise"))
+    run_dir = tmp_path / "map"
+    result = recovjax("sensitivity", "--config", config, "--run-dir",
+                      run_dir, "--layers", "conv1,fc3", check=True)
+    assert "2 layers x" in result.stdout
+    table = read_csv(run_dir / "results.csv")
+    assert {row["layer"] for row in table.rows} == {"", "conv1", "fc3"}
+    assert (run_dir / "sensitivity.png").is_file()
+    assert "## Sensitivity" in (run_dir / "report.md").read_text()
+    bad = recovjax("sensitivity", "--config", config, "--run-dir",
+                   tmp_path / "bad", "--layers", "conv9")
+    assert bad.returncode == 2
+    assert "layers: 'conv9' is not a layer" in bad.stderr
+    assert not (tmp_path / "bad").exists()
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text(TINY.replace("kind: zero", "kind: remove_neurons"))
+    refused = recovjax("sensitivity", "--config", scalar)
+    assert refused.returncode == 2 and "per-leaf amounts" in refused.stderr

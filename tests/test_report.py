@@ -12,7 +12,8 @@ import math
 import pytest
 
 from recovjax.report import (ACCURACY, PERPLEXITY, best_strategies,
-                             headline_metric, write_report)
+                             headline_metric, plot_sensitivity,
+                             sensitivity_table, write_report)
 from recovjax.results import make_row
 
 PLOTS = ("recovery_curves.png", "recovery_heatmap.png", "strategies.png")
@@ -332,3 +333,113 @@ def test_lower_is_better_threshold_must_be_positive(tmp_path, threshold):
     with pytest.raises(ValueError, match=r"^threshold: .*perplexity"):
         write_report(tmp_path, _lm_rows(), threshold=threshold)
     assert not (tmp_path / "report.md").exists()
+
+
+SENSITIVITY = "## Sensitivity (layer x amount)"
+
+
+def _sensitivity_rows() -> list[dict]:
+    """A sensitivity map: 2 layers x 2 amounts x 2 seeds and the clean model.
+
+    Means over the seeds: Dense_10 at 0.5: 0.9, at 1.0: 0.7; Dense_2 at 0.5:
+    0.6, at 1.0: 0.25. Listed ``Dense_10`` first: the table sorts naturally.
+    """
+    rows = [make_row(damage="none", ratio=0.0, seed=0, stage="clean",
+                     metric="accuracy", value=0.95)]
+    values = {("Dense_10", 0.5): (0.92, 0.88), ("Dense_10", 1.0): (0.8, 0.6),
+              ("Dense_2", 0.5): (0.65, 0.55), ("Dense_2", 1.0): (0.3, 0.2)}
+    for (layer, amount), pair in values.items():
+        for seed, value in enumerate(pair):
+            rows.append(make_row(damage="gaussian_noise", layer=layer,
+                                 ratio=amount, seed=seed, stage="damaged",
+                                 metric="accuracy", value=value))
+    return rows
+
+
+def _section(report) -> list[str]:
+    lines = _lines(report)
+    start = lines.index(SENSITIVITY)
+    end = next((i for i in range(start + 1, len(lines))
+                if lines[i].startswith("## ")), len(lines))
+    return lines[start:end]
+
+
+def test_sensitivity_map_gets_its_own_section(tmp_path):
+    rows = _sensitivity_rows()
+    report = write_report(tmp_path, rows, title="map")
+    section = _section(report)
+    assert section[:3] == [SENSITIVITY, "", (
+        "Mean test accuracy (%) over seeds with one layer damaged at a time "
+        "(a line per layer, a column per damage amount).")]
+    table = [line for line in section if line.startswith("|")]
+    assert table == ["| damage | layer | 0.5 | 1 |", "|---|---|---|---|",
+                     "| gaussian_noise | Dense_2 | 60.00 | 25.00 |",
+                     "| gaussian_noise | Dense_10 | 90.00 | 70.00 |"]
+    assert "![Sensitivity (layer x amount)](sensitivity.png)" in section
+    assert (tmp_path / "sensitivity.png").stat().st_size > 0
+    assert table[2:] == sensitivity_table(rows, ACCURACY)[2:]
+    # The clean model is reported; no whole-model damage, so no summaries
+    # of it and no whole-model plots.
+    text = report.read_text()
+    assert "Clean (pretrained) test accuracy: **95.00 %**." in text
+    assert "## Accuracy (mean" not in text
+    assert "## Robustness curve summary" not in text
+    assert not (tmp_path / "accuracy_vs_ratio.png").exists()
+
+
+def test_per_layer_rows_stay_out_of_the_whole_model_sections(tmp_path):
+    (tmp_path / "costs.json").write_text(json.dumps(COSTS))
+    # The same damage kinds and amounts, one layer at a time: the
+    # whole-model tables must not change.
+    layered = [make_row(damage=kind, layer="Conv_0", ratio=ratio, seed=seed,
+                        stage="damaged", metric="accuracy", value=0.0)
+               for kind, ratio in (("zero", 0.25), ("noise", 0.1))
+               for seed in range(2)]
+    report = write_report(tmp_path, _accuracy_rows() + layered,
+                          title="baseline")
+    text = report.read_text()
+    before, _, after = text.partition(SENSITIVITY + "\n")
+    whole = ACCURACY_REPORT.split("## Accuracy vs damage amount")
+    assert before == whole[0]
+    assert after.endswith("## Accuracy vs damage amount" + whole[1])
+    # One table per damage kind, in the order the kinds appear.
+    tables = [
+        "| damage | layer | 0.25 |", "|---|---|---|",
+        "| zero | Conv_0 | 0.00 |", "",
+        "| damage | layer | 0.1 |", "|---|---|---|",
+        "| noise | Conv_0 | 0.00 |"]
+    assert sensitivity_table(layered, ACCURACY) == tables
+    assert _section(report)[4:] == tables + [
+        "", "![Sensitivity (layer x amount)](sensitivity.png)", ""]
+
+
+def test_no_layer_rows_no_sensitivity_section(tmp_path):
+    report = write_report(tmp_path, _accuracy_rows(), title="baseline")
+    assert SENSITIVITY not in _lines(report)
+    assert not (tmp_path / "sensitivity.png").exists()
+    assert sensitivity_table(_accuracy_rows(), ACCURACY) == []
+    assert plot_sensitivity(_accuracy_rows(), tmp_path / "s.png",
+                            ACCURACY) is None
+    assert not (tmp_path / "s.png").exists()
+    # Rows without a layer key at all (built by hand) are whole-model rows.
+    bare = [{k: v for k, v in row.items() if k != "layer"}
+            for row in _accuracy_rows()]
+    (tmp_path / "costs.json").write_text(json.dumps(COSTS))
+    assert write_report(tmp_path, bare, title="baseline").read_text() == (
+        ACCURACY_REPORT)
+
+
+def test_sensitivity_of_a_lower_is_better_metric(tmp_path):
+    rows = [make_row(damage="none", ratio=0.0, seed=0, stage="clean",
+                     metric="perplexity", value=10.0)]
+    for layer, values in (("block_0", (12.0, 14.0)),
+                          ("block_1", (math.inf, 30.0))):
+        for seed, value in enumerate(values):
+            rows.append(make_row(damage="zero", layer=layer, ratio=0.5,
+                                 seed=seed, stage="damaged",
+                                 metric="perplexity", value=value))
+    report = write_report(tmp_path, rows)
+    table = [line for line in _section(report) if line.startswith("|")]
+    assert table[2:] == ["| zero | block_0 | 13.00 |",
+                         "| zero | block_1 | inf |"]
+    assert (tmp_path / "sensitivity.png").is_file()

@@ -14,11 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recovjax.evaluate import Metrics
-from recovjax.results import (COLUMNS, ResultsFileError, ResultsTable,
-                              area_under_curve, make_row, metadata_path,
-                              metrics_rows, ratio_at_threshold, read_csv,
-                              read_json, read_rows, read_table, summarize,
-                              t_quantile)
+from recovjax.results import (COLUMNS, VERSION_1_COLUMNS, ResultsFileError,
+                              ResultsTable, area_under_curve, make_row,
+                              metadata_path, metrics_rows, ratio_at_threshold,
+                              read_csv, read_json, read_rows, read_table,
+                              summarize, t_quantile)
 
 
 def _table(values=(0.5, 0.7, 0.9), **metadata) -> ResultsTable:
@@ -122,10 +122,11 @@ def test_atomic_write_leaves_no_temporaries_and_replaces(tmp_path):
 
 def test_csv_without_metadata_line_reads(tmp_path):
     path = tmp_path / "plain.csv"
-    path.write_text(",".join(COLUMNS) + "\nzero,0.5,1,damaged,0,loss,nan\n")
+    path.write_text(",".join(COLUMNS) + "\nzero,,0.5,1,damaged,0,loss,nan\n")
     table = read_csv(path)
     assert table.root_seed is None and table.config == {}
     assert math.isnan(table.rows[0]["value"])
+    assert table.rows[0]["layer"] == ""
 
 
 def test_read_errors(tmp_path):
@@ -134,11 +135,14 @@ def test_read_errors(tmp_path):
     with pytest.raises(ValueError, match="header must be"):
         read_csv(bad_header)
     bad_row = tmp_path / "row.csv"
-    bad_row.write_text(",".join(COLUMNS) + "\nzero,x,1,damaged,0,loss,1\n")
-    with pytest.raises(ValueError, match="row.csv:2"):
+    bad_row.write_text(",".join(COLUMNS) + "\nzero,,x,1,damaged,0,loss,1\n")
+    with pytest.raises(ValueError, match=r"row.csv:2: column 3 \(ratio\)"):
         read_csv(bad_row)
     short = tmp_path / "short.csv"
-    short.write_text(",".join(COLUMNS) + "\nzero,0.5\n")
+    short.write_text(",".join(COLUMNS) + "\nzero,,0.5\n")
+    with pytest.raises(ValueError, match="expected 8 fields"):
+        read_csv(short)
+    short.write_text(",".join(VERSION_1_COLUMNS) + "\nzero,0.5\n")
     with pytest.raises(ValueError, match="expected 7 fields"):
         read_csv(short)
     other = tmp_path / "other.json"
@@ -150,7 +154,15 @@ def test_read_errors(tmp_path):
 
 
 def _lines(*rows: str) -> str:
-    return ",".join(COLUMNS) + "\n" + "".join(row + "\n" for row in rows)
+    """A plain CSV of format version 1 (seven columns, no ``layer``)."""
+    return (",".join(VERSION_1_COLUMNS) + "\n"
+            + "".join(row + "\n" for row in rows))
+
+
+def _layered(row: str, layer: str = "") -> str:
+    """A version 1 row with a ``layer`` field after the damage kind."""
+    damage, rest = row.split(",", 1)
+    return f"{damage},{layer},{rest}"
 
 
 GOOD = "zero,0.5,1,damaged,0,accuracy,0.5"
@@ -161,14 +173,15 @@ def test_csv_is_plain_and_pandas_reads_it(tmp_path):
     table = _special_table()
     path = table.to_csv(tmp_path / "results.csv")
     assert path.read_text().splitlines()[0] == ",".join(COLUMNS)
-    frame = pandas.read_csv(path)
+    frame = pandas.read_csv(path, keep_default_na=False, na_values=["nan"])
     assert tuple(frame.columns) == COLUMNS and len(frame) == len(table)
     for column in ("ratio", "value"):
         assert frame[column].dtype == np.float64, column
     for column in ("seed", "step"):
         assert frame[column].dtype == np.int64, column
-    for column in ("damage", "stage", "metric"):
+    for column in ("damage", "layer", "stage", "metric"):
         assert pandas.api.types.is_string_dtype(frame[column]), column
+    assert set(frame["layer"]) == {""}
     # The clean model's damage kind "none" stays a string, not a NaN.
     assert "none" in set(frame["damage"])
     for got, row in zip(frame.itertuples(index=False), table.rows):
@@ -218,10 +231,19 @@ def test_damaged_sidecar_is_named(tmp_path):
     with pytest.raises(ValueError, match=rf"^{sidecar}:\d+:\d+: not valid "
                        r"JSON \("):
         read_csv(path)
-    sidecar.write_text('{"format": "recovjax-results-metadata", "version": 1,'
+    sidecar.write_text('{"format": "recovjax-results-metadata", "version": 2,'
                        ' "root_seed": "seven", "rows": 3}')
     with pytest.raises(ResultsFileError, match=f"^{sidecar}: bad metadata"):
         read_csv(path)
+
+
+def _version_1_csv_text(table: ResultsTable) -> str:
+    """``table`` as version 1 wrote it: seven columns, no ``layer``."""
+    lines = table.to_csv_text().splitlines()
+    assert lines[0] == ",".join(COLUMNS)
+    assert all(line.split(",")[1] == "" for line in lines[1:])
+    return _lines(*(",".join(line.split(",")[:1] + line.split(",")[2:])
+                    for line in lines[1:]))
 
 
 def test_csv_of_the_earlier_format_still_reads(tmp_path):
@@ -229,7 +251,7 @@ def test_csv_of_the_earlier_format_still_reads(tmp_path):
     path = tmp_path / "old.csv"
     header = "# recovjax-results " + json.dumps(
         {"version": 1, **table.metadata()}, sort_keys=True)
-    path.write_text(header + "\n" + table.to_csv_text())
+    path.write_text(header + "\n" + _version_1_csv_text(table))
     assert read_csv(path) == table
     path.write_text(header + "\n" + _lines(GOOD, "zero,0.5,2,damaged,0,"
                                            "accuracy,4.23"))
@@ -301,15 +323,23 @@ def test_binary_file_is_named_not_a_bare_decode_error(tmp_path):
     ("zero,nan,1,damaged,0,loss,1", "ratio", "got nan"),
     ("zero,0.5,1,damaged,0,loss,x", "value", "expected a number, got 'x'"),
 ])
+@pytest.mark.parametrize("version", [1, 2])
 def test_impossible_values_are_refused_with_line_and_column(
-        tmp_path, row, column, fragment):
+        tmp_path, row, column, fragment, version):
     path = tmp_path / "results.csv"
-    path.write_text(_lines(GOOD, GOOD.replace(",1,", ",2,"), row))
+    rows = (GOOD, GOOD.replace(",1,", ",2,"), row)
+    columns = VERSION_1_COLUMNS
+    text = _lines(*rows)
+    if version == 2:  # The same rows of one layer; columns numbered anew.
+        columns = COLUMNS
+        text = ",".join(COLUMNS) + "\n" + "".join(
+            _layered(r, "Conv_0") + "\n" for r in rows)
+    path.write_text(text)
     with pytest.raises(ResultsFileError) as error:
         read_csv(path)
     message = str(error.value)
     assert message.startswith(
-        f"{path}:4: column {COLUMNS.index(column) + 1} ({column}): ")
+        f"{path}:4: column {columns.index(column) + 1} ({column}): ")
     assert fragment in message
     assert (error.value.path, error.value.line) == (path, 4)
 
@@ -339,23 +369,37 @@ def test_json_errors_name_line_row_and_column(tmp_path):
     table = _table()
     path = table.to_json(tmp_path / "results.json")
     document = json.loads(path.read_text())
-    document["rows"][2][6] = 4.23
+    document["rows"][2][7] = 4.23
     path.write_text(json.dumps(document, indent=1, sort_keys=True))
     line = next(number for number, text in enumerate(
         path.read_text().splitlines(), start=1) if "4.23" in text)
     with pytest.raises(ResultsFileError) as error:
         read_json(path)
-    # indent=1 puts each field on a line: the row's "[" is 7 lines earlier.
+    # indent=1 puts each field on a line: the row's "[" is 8 lines earlier.
     assert str(error.value) == (
-        f"{path}:{line - 7}: rows[2], column 7 (value): accuracy must be in "
+        f"{path}:{line - 8}: rows[2], column 8 (value): accuracy must be in "
         "[0, 1] (or nan), got 4.23")
     path.write_text(path.read_text()[:-20])
     with pytest.raises(ValueError, match=rf"^{path}:\d+:\d+: not valid JSON"):
         read_json(path)
-    document["rows"][2] = ["zero", 0.1, 2, "damaged", 0, "accuracy"]
+    document["rows"][2] = ["zero", "", 0.1, 2, "damaged", 0, "accuracy"]
     path.write_text(json.dumps(document))  # one line: still the right one
     with pytest.raises(ResultsFileError, match=rf"^{path}:1: rows\[2\]: "
-                       "expected 7 fields"):
+                       "expected 8 fields"):
+        read_json(path)
+    document["rows"][2] = ["zero", None, 0.1, 2, "damaged", 0, "accuracy",
+                           0.5]
+    path.write_text(json.dumps(document))
+    with pytest.raises(ResultsFileError, match=rf"^{path}:1: rows\[2\], "
+                       r"column 2 \(layer\): expected a layer name"):
+        read_json(path)
+    # A version 1 document numbers the columns without the layer.
+    old = {**document, "version": 1, "columns": list(VERSION_1_COLUMNS),
+           "rows": [row[:1] + row[2:] for row in document["rows"][:2]]
+           + [["zero", 0.1, 2, "damaged", 0, "accuracy", 4.23]]}
+    path.write_text(json.dumps(old))
+    with pytest.raises(ResultsFileError, match=rf"^{path}:1: rows\[2\], "
+                       r"column 7 \(value\): accuracy must be in"):
         read_json(path)
 
 
@@ -497,3 +541,171 @@ def test_round_trip_property(values, grid):
         json_path = table.to_json(pathlib.Path(directory) / "t.json")
         assert read_csv(csv_path) == table
         assert read_json(json_path) == table
+
+
+# --------------------------------------------------------------------------
+# The layer column (format version 2).
+# --------------------------------------------------------------------------
+
+
+def _layer_table() -> ResultsTable:
+    """A sensitivity map's rows: two layers, the clean model, one NaN."""
+    rows = [make_row(damage="none", ratio=0.0, seed=0, stage="clean",
+                     metric="accuracy", value=0.95)]
+    for layer in ("Dense_10", "Conv_0", "Dense_2"):
+        for seed, value in enumerate((0.5, math.nan)):
+            rows.append(make_row(damage="gaussian_noise", layer=layer,
+                                 ratio=0.5, seed=seed, stage="damaged",
+                                 metric="accuracy", value=value))
+    rows.append(make_row(damage="gaussian_noise", ratio=0.5, seed=0,
+                         stage="damaged", metric="accuracy", value=0.4))
+    # A layer name that needs quoting in CSV.
+    rows.append(make_row(damage="zero", layer='block "a",1', ratio=0.1,
+                         seed=0, stage="damaged", metric="loss", value=2.0))
+    return ResultsTable(rows=rows, config={"layers": ["Conv_0"]},
+                        root_seed=5, versions={"jax": "x"},
+                        device_kind="cpu x1")
+
+
+def test_layer_column_round_trips_in_csv_and_json(tmp_path):
+    table = _layer_table()
+    csv_path = table.to_csv(tmp_path / "results.csv")
+    json_path = table.to_json(tmp_path / "results.json")
+    assert read_csv(csv_path) == table and read_json(json_path) == table
+    assert csv_path.read_text().splitlines()[0] == (
+        "damage,layer,ratio,seed,stage,step,metric,value")
+    assert json.loads(json_path.read_text())["columns"] == list(COLUMNS)
+    assert json.loads(metadata_path(csv_path).read_text())["version"] == 2
+    back = read_csv(csv_path)
+    assert {row["layer"] for row in back.rows} == {
+        "", "Conv_0", "Dense_2", "Dense_10", 'block "a",1'}
+    # The whole model first, then the layers in natural order.
+    noise = [row["layer"] for row in back.rows
+             if row["damage"] == "gaussian_noise" and row["seed"] == 0]
+    assert noise == ["", "Conv_0", "Dense_2", "Dense_10"]
+    shuffled = ResultsTable(rows=list(reversed(table.rows)),
+                            **table.metadata())
+    assert shuffled.to_csv_text() == table.to_csv_text()
+    assert shuffled.to_json_text() == table.to_json_text()
+    shuffled.to_csv(tmp_path / "again.csv")
+    assert (tmp_path / "again.csv").read_bytes() == csv_path.read_bytes()
+
+
+def test_version_1_files_read_with_an_empty_layer(tmp_path):
+    table = _table()
+    # A version 1 CSV and its sidecar, as recovjax wrote them.
+    path = tmp_path / "results.csv"
+    path.write_text(_lines("zero,0.1,0,damaged,0,accuracy,0.5",
+                           "zero,0.1,1,damaged,0,accuracy,0.7",
+                           "zero,0.1,2,damaged,0,accuracy,0.9"))
+    sidecar = json.loads(table.to_metadata_text())
+    sidecar.update(version=1, columns=list(VERSION_1_COLUMNS))
+    metadata_path(path).write_text(json.dumps(sidecar))
+    back = read_csv(path)
+    assert back == table and back.metadata() == table.metadata()
+    assert all(row["layer"] == "" for row in back.rows)
+    # A plain version 1 CSV without its sidecar.
+    metadata_path(path).unlink()
+    assert read_csv(path).rows == table.rows
+    # A version 1 JSON document.
+    document = json.loads(table.to_json_text())
+    document.update(version=1, columns=list(VERSION_1_COLUMNS),
+                    rows=[row[:1] + row[2:] for row in document["rows"]])
+    json_path = tmp_path / "results.json"
+    json_path.write_text(json.dumps(document))
+    assert read_json(json_path) == table
+    # Written again, it is a version 2 file.
+    assert json.loads(read_json(json_path).to_json_text())["version"] == 2
+
+
+def test_version_and_columns_must_agree(tmp_path):
+    path = _table().to_csv(tmp_path / "results.csv")
+    sidecar = metadata_path(path)
+    document = json.loads(sidecar.read_text())
+    # A version 1 sidecar next to an eight-column CSV: replaced without it.
+    sidecar.write_text(json.dumps({**document, "version": 1,
+                                   "columns": list(VERSION_1_COLUMNS)}))
+    with pytest.raises(ResultsFileError, match=rf"^{path}:1: header must be "
+                       r"damage,ratio,seed,stage,step,metric,value \(the "
+                       r"columns of format version 1, as results.meta.json "
+                       r"records\), got damage,layer,"):
+        read_csv(path)
+    sidecar.write_text(json.dumps({**document, "version": 1}))
+    with pytest.raises(ResultsFileError, match=rf"^{sidecar}: columns must "
+                       r"be .* \(format version 1\)"):
+        read_csv(path)
+    for version in (3, None, "2", True):
+        sidecar.write_text(json.dumps({**document, "version": version}))
+        with pytest.raises(ResultsFileError, match=rf"^{sidecar}: format "
+                           rf"version {version!r}; this recovjax reads "
+                           "versions 1 and 2$"):
+            read_csv(path)
+    json_path = _table().to_json(tmp_path / "results.json")
+    document = json.loads(json_path.read_text())
+    json_path.write_text(json.dumps({**document, "version": 1}))
+    with pytest.raises(ResultsFileError, match=rf"^{json_path}: columns must "
+                       r"be \['damage', 'ratio',"):
+        read_json(json_path)
+    json_path.write_text(json.dumps({**document, "version": 3}))
+    with pytest.raises(ResultsFileError, match="format version 3"):
+        read_json(json_path)
+    # Without a sidecar the header is either layout, nothing else.
+    sidecar.unlink()
+    path.write_text("damage,layer,ratio,seed,stage,step,metric\n")
+    with pytest.raises(ResultsFileError, match=rf"^{path}:1: header must be "
+                       r"damage,layer,ratio,seed,stage,step,metric,value \(or"
+                       r", format version 1, damage,ratio,"):
+        read_csv(path)
+
+
+def test_make_row_layer_and_select_by_layer():
+    row = make_row(damage="zero", ratio=0.1, seed=0, stage="damaged",
+                   metric="loss", value=1.0)
+    assert row["layer"] == "" and tuple(row) == COLUMNS
+    for bad in (None, 3, ("Conv_0",)):
+        with pytest.raises(TypeError, match=r"layer must be a str \('' for "
+                           "the whole model\\), got"):
+            make_row(damage="zero", layer=bad, ratio=0.1, seed=0,
+                     stage="damaged", metric="loss", value=1.0)
+    table = _layer_table()
+    conv = table.select(layer="Conv_0")
+    assert [row["seed"] for row in conv] == [0, 1]
+    assert all(row["layer"] == "Conv_0" for row in conv)
+    whole = table.select(layer="", stage="damaged")
+    assert [row["value"] for row in whole] == [0.4]
+    assert table.select(layer="absent") == []
+
+
+def test_rows_without_a_layer_key_are_whole_model_rows():
+    from recovjax.recovery.finetune import Curve, FinetuneResult
+    from recovjax.recovery.measure import recovery_records
+    curve = Curve(steps=np.array([[0, 5]]), samples=np.array([[0.0, 500]]),
+                  accuracy=np.array([[0.5, 0.9]]),
+                  loss=np.array([[1.0, 0.4]]))
+    result = FinetuneResult(params=None, curve=curve, losses=np.zeros((1, 5)),
+                            diverged=np.array([False]),
+                            diverged_step=np.array([-1]))
+    records = recovery_records(result, damage="zero", ratios=[0.1],
+                               seeds=[0], clean_accuracy=0.9)
+    assert all("layer" not in record for record in records)
+    table = ResultsTable(rows=records)
+    assert len(table) == len(records)
+    assert {row["layer"] for row in table.rows} == {""}
+    assert len(table.select(layer="")) == len(records)
+
+
+def test_summaries_keep_the_whole_model_apart_from_its_layers():
+    table = _layer_table()
+    (whole,) = summarize(table, "accuracy", stage="damaged")
+    assert whole.mean == 0.4 and whole.n == 1
+    (conv,) = summarize(table, "accuracy", stage="damaged", layer="Conv_0")
+    assert conv.n == 2 and math.isnan(conv.mean)
+    rows = _curve([(0.0, [1.0]), (1.0, [0.0])]) + [
+        make_row(damage="zero", layer="Conv_0", ratio=r, seed=0,
+                 stage="damaged", metric="accuracy", value=1.0)
+        for r in (0.0, 1.0)]
+    assert area_under_curve(rows) == {"zero": pytest.approx(0.5)}
+    assert area_under_curve(rows, layer="Conv_0") == {"zero": 1.0}
+    assert ratio_at_threshold(rows, 0.5, layer="Conv_0") == {"zero": None}
+    with pytest.raises(ValueError, match="for damage 'zero' of layer 'x'"):
+        area_under_curve(rows, damage="zero", layer="x")
