@@ -97,30 +97,42 @@ class SelfAttention(nn.Module):
     """
 
     num_heads: int
+    causal: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         dim = x.shape[-1]
+        if dim % self.num_heads:
+            raise ValueError(f"num_heads: {self.num_heads} heads do not "
+                             f"divide the width {dim}")
         head_dim = dim // self.num_heads
         project = lambda name: nn.DenseGeneral(
             (self.num_heads, head_dim), name=name)(x)
         query, key, value = project("query"), project("key"), project("value")
         logits = jnp.einsum("bqhd,bkhd->bhqk", query, key) / jnp.sqrt(
             jnp.asarray(head_dim, x.dtype))
+        if self.causal:
+            length = x.shape[-2]
+            allowed = jnp.tril(jnp.ones((length, length), bool))
+            # The most negative finite number, not -inf: a row is never
+            # empty (the diagonal is allowed), and exp() of it is zero.
+            logits = jnp.where(allowed, logits, jnp.finfo(logits.dtype).min)
         weights = nn.softmax(logits, axis=-1)
         heads = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
         return nn.DenseGeneral(dim, axis=(-2, -1), name="out")(heads)
 
 
 class EncoderLayer(nn.Module):
-    """Pre-LayerNorm transformer encoder layer."""
+    """Pre-LayerNorm transformer layer (causal attention if ``causal``)."""
 
     num_heads: int
     mlp_dim: int
+    causal: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        x = x + SelfAttention(self.num_heads, name="attention")(
+        x = x + SelfAttention(self.num_heads, causal=self.causal,
+                              name="attention")(
             nn.LayerNorm(name="norm1")(x))
         h = nn.LayerNorm(name="norm2")(x)
         h = nn.Dense(self.mlp_dim, name="mlp1")(h)

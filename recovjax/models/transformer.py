@@ -30,64 +30,36 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from recovjax._types import Array, Params, PRNGKey
+from recovjax.models.networks import EncoderLayer, SelfAttention
 
 
-class CausalSelfAttention(nn.Module):
+class CausalSelfAttention(SelfAttention):
     """Multi-head causal self-attention with the per-head parameter layout.
 
     Position ``q`` attends to positions ``k <= q`` only. The layout is that
-    of :class:`~recovjax.models.networks.SelfAttention`: one head is one
-    slice along the ``heads`` axis of ``query``, ``key``, ``value`` (kernel
-    ``[dim, heads, head_dim]``) and ``out`` (kernel ``[heads, head_dim,
-    dim]``).
+    of :class:`~recovjax.models.networks.SelfAttention` (this is it, with
+    ``causal=True``): one head is one slice along the ``heads`` axis of
+    ``query``, ``key``, ``value`` (kernel ``[dim, heads, head_dim]``) and
+    ``out`` (kernel ``[heads, head_dim, dim]``).
 
     Attributes:
         num_heads: number of heads; must divide the input width.
     """
 
-    num_heads: int
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        dim = x.shape[-1]
-        if dim % self.num_heads:
-            raise ValueError(f"num_heads: {self.num_heads} heads do not "
-                             f"divide the width {dim}")
-        head_dim = dim // self.num_heads
-        project = lambda name: nn.DenseGeneral(
-            (self.num_heads, head_dim), name=name)(x)
-        query, key, value = project("query"), project("key"), project("value")
-        logits = jnp.einsum("bqhd,bkhd->bhqk", query, key) / jnp.sqrt(
-            jnp.asarray(head_dim, x.dtype))
-        length = x.shape[-2]
-        causal = jnp.tril(jnp.ones((length, length), bool))
-        # The most negative finite number, not -inf: a row is never empty
-        # (the diagonal is allowed), and exp() of it is exactly zero.
-        logits = jnp.where(causal, logits, jnp.finfo(logits.dtype).min)
-        weights = nn.softmax(logits, axis=-1)
-        heads = jnp.einsum("bhqk,bkhd->bqhd", weights, value)
-        return nn.DenseGeneral(dim, axis=(-2, -1), name="out")(heads)
+    causal: bool = True
 
 
-class DecoderBlock(nn.Module):
-    """Pre-LayerNorm residual block: ``x + attn(ln(x))``, ``x + mlp(ln(x))``.
+class DecoderBlock(EncoderLayer):
+    """Pre-LayerNorm residual block: ``x + attn(ln(x))``, ``x + mlp(ln(x))``,
+    with causal attention (:class:`~recovjax.models.networks.EncoderLayer`
+    with ``causal=True``).
 
     Attributes:
         num_heads: attention heads.
         mlp_dim: hidden width of the GELU MLP.
     """
 
-    num_heads: int
-    mlp_dim: int
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        x = x + CausalSelfAttention(self.num_heads, name="attention")(
-            nn.LayerNorm(name="norm1")(x))
-        h = nn.LayerNorm(name="norm2")(x)
-        h = nn.Dense(self.mlp_dim, name="mlp1")(h)
-        h = nn.Dense(x.shape[-1], name="mlp2")(nn.gelu(h))
-        return x + h
+    causal: bool = True
 
 
 class TransformerLM(nn.Module):

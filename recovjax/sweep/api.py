@@ -26,8 +26,10 @@ from recovjax.sweep.plan import (DEFAULT_BATCH_SIZE, DEFAULT_MEMORY_BUDGET,
 from recovjax.sweep.program import (DamageOp, _fetch, chunk_program,
                                     point_fn)
 
+
 CLEAN = "none"
 """Damage name of the undamaged model's rows (stage ``clean``)."""
+
 
 class SweepPoint(NamedTuple):
     """One point of a sweep.
@@ -43,6 +45,7 @@ class SweepPoint(NamedTuple):
     ratio_index: int
     ratio: float
     seed: int
+
 
 class ChunkResult(NamedTuple):
     """What one finished chunk streams out.
@@ -64,6 +67,7 @@ class ChunkResult(NamedTuple):
     rows: list[dict[str, Any]]
     clean_rows: tuple[dict[str, Any], ...] = ()
 
+
 @dataclasses.dataclass
 class SweepResult:
     """What :func:`sweep` returns.
@@ -77,6 +81,7 @@ class SweepResult:
     table: ResultsTable
     plan: SweepPlan
     seconds: float
+
 
 def _seeds(seeds: int | Sequence[int]) -> list[int]:
     if isinstance(seeds, (int, np.integer)) and not isinstance(seeds, bool):
@@ -97,6 +102,7 @@ def _seeds(seeds: int | Sequence[int]) -> list[int]:
         raise ValueError(f"seeds must be distinct, got {values}")
     return [int(seed) for seed in values]
 
+
 def _ratios(ratios: Sequence[float]) -> list[float]:
     values = [float(r) for r in np.asarray(ratios, dtype=np.float64).ravel()]
     if not values:
@@ -107,12 +113,14 @@ def _ratios(ratios: Sequence[float]) -> list[float]:
                              f"{ratio}")
     return values
 
+
 @functools.lru_cache(maxsize=None)
 def _registered(name: str) -> DamageOp:
     # Damage operators are pure and settled at construction, so one op per
     # name can be reused; reusing it keeps the compiled programs cached.
     from recovjax.damage import get_damage
     return get_damage(name)
+
 
 def _damages(damages: Mapping[str, DamageOp] | Sequence[str] | str
              ) -> dict[str, DamageOp]:
@@ -155,6 +163,7 @@ def _damages(damages: Mapping[str, DamageOp] | Sequence[str] | str
                 "(recovjax.damage.damage_names('params'))")
     return out
 
+
 def _check_fractions(kinds: Mapping[str, DamageOp], ratios: Sequence[float]
                      ) -> None:
     # The CLI's rule, for the Python API: a fraction-valued kind (ratio,
@@ -169,6 +178,7 @@ def _check_fractions(kinds: Mapping[str, DamageOp], ratios: Sequence[float]
             raise ValueError(f"ratios: damage {name!r} takes a {amount} in "
                              f"[0, 1] (a fraction), got {high}")
 
+
 def _check_data(model, batches) -> None:
     # Once per sweep, on the host: the programs get the batches traced.
     require_model(model)
@@ -179,10 +189,12 @@ def _check_data(model, batches) -> None:
     _checks.check_labels(batches.labels, model.num_classes, "data.labels",
                          where=batches.mask)
 
+
 def _batch_size(batches) -> int:
     leaf = batches.labels if isinstance(batches, Batches) else next(
         iter(batches.values()))
     return int(np.shape(leaf)[1])
+
 
 def _num_examples(model, batches) -> int:
     if isinstance(batches, Batches):
@@ -191,10 +203,12 @@ def _num_examples(model, batches) -> int:
     return int(np.asarray(mask).astype(bool).sum()) if mask is not None \
         else int(np.prod(np.shape(next(iter(batches.values())))[:2]))
 
+
 def _rows(metrics, **where) -> list[dict[str, Any]]:
     if isinstance(metrics, Mapping):
         return task_rows(metrics, **where)
     return metrics_rows(metrics, **where)
+
 
 def _batches(data, batch_size: int):
     if isinstance(data, Mapping):
@@ -209,13 +223,6 @@ def _batches(data, batch_size: int):
                     "model with another task, a dict of stacked batches), "
                     f"got {type(data).__name__}")
 
-def _devices(devices) -> list:
-    if devices is None:
-        return list(jax.devices())
-    devices = list(devices)
-    if not devices:
-        raise ValueError("devices is empty")
-    return devices
 
 def damage_point(model, params: Params, *, damage: DamageOp | str,
                  ratio: float, ratio_index: int, seed: int,
@@ -277,11 +284,13 @@ def damage_point(model, params: Params, *, damage: DamageOp | str,
                       (params, batches))
     return jax.tree.map(lambda x: np.asarray(x)[0], jax.device_get(metrics))
 
+
 def _layout(names: Sequence[str], ratios: Sequence[float],
             seeds: Sequence[int]) -> dict[str, list[SweepPoint]]:
     return {name: [SweepPoint(name, index, ratio, seed)
                    for index, ratio in enumerate(ratios) for seed in seeds]
             for name in names}
+
 
 def iter_sweep(model, params: Params, *,
                damages: Mapping[str, DamageOp] | Sequence[str] | str,
@@ -318,7 +327,7 @@ def iter_sweep(model, params: Params, *,
     batches = _batches(data, batch_size)
     _check_data(model, batches)
     check_params(model, params)
-    device_list = _devices(devices)
+    device_list = list(runner.devices_of(devices))
     layout = _layout(list(kinds), ratio_values, seed_values)
     num_points = len(ratio_values) * len(seed_values)
     clean_slots = 1 if include_clean else 0
@@ -400,16 +409,19 @@ def iter_sweep(model, params: Params, *,
     if previous is not None:
         yield finish(*previous)
 
+
 def library_versions() -> dict[str, str]:
     """Versions of Python and the libraries the numbers depend on."""
     from recovjax.pretrain import library_versions as versions
     return versions()
 
+
 def device_description(devices: Sequence | None = None) -> str:
     """``"<device kind> x<count>"`` of the devices a sweep runs on."""
-    device_list = _devices(devices)
+    device_list = list(runner.devices_of(devices))
     kinds = sorted({device.device_kind for device in device_list})
     return f"{'/'.join(kinds)} x{len(device_list)}"
+
 
 def sweep(model, params: Params, *,
           damages: Mapping[str, DamageOp] | Sequence[str] | str,

@@ -17,6 +17,7 @@ import numpy as np
 from recovjax import _checks
 from recovjax._types import PRNGKey
 
+
 def damage_id(name: str) -> int:
     """Stable integer identity of a damage kind: CRC-32 of its name (31 bits).
 
@@ -28,6 +29,7 @@ def damage_id(name: str) -> int:
         number, whatever other kinds are swept.
     """
     return zlib.crc32(name.encode("utf-8")) & 0x7FFFFFFF
+
 
 def point_key(root_key: PRNGKey, damage: str, ratio_index: int, seed: int
               ) -> PRNGKey:
@@ -47,7 +49,9 @@ def point_key(root_key: PRNGKey, damage: str, ratio_index: int, seed: int
     key = jax.random.fold_in(key, ratio_index)
     return jax.random.fold_in(key, seed)
 
+
 _THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
 
 def _threefry_fold_in(key_data: np.ndarray, data: np.ndarray) -> np.ndarray:
     # jax.random.fold_in for threefry2x32 keys, in NumPy, for many keys at
@@ -68,6 +72,7 @@ def _threefry_fold_in(key_data: np.ndarray, data: np.ndarray) -> np.ndarray:
             x[1] = x[1] + schedule[(block + 2) % 3] + np.uint32(block + 1)
     return np.stack(x, axis=1)
 
+
 def _fold_on_host(root_key: PRNGKey, kind_id: int, ratio_indices: np.ndarray,
                   seeds: np.ndarray) -> PRNGKey | None:
     # point_key for many points without a device round trip per key, when
@@ -84,6 +89,7 @@ def _fold_on_host(root_key: PRNGKey, kind_id: int, ratio_indices: np.ndarray,
                               ratio_indices.astype(np.uint32))
     point = _threefry_fold_in(ratio, seeds.astype(np.uint32))
     return jax.random.wrap_key_data(point, impl="threefry2x32")
+
 
 def point_keys(root_key: PRNGKey, damage: str, ratio_indices: Sequence[int],
                seeds: Sequence[int]) -> PRNGKey:
@@ -129,6 +135,7 @@ def point_keys(root_key: PRNGKey, damage: str, ratio_indices: Sequence[int],
     return jax.random.wrap_key_data(np.stack(data),
                                     impl=jax.random.key_impl(root_key))
 
+
 def _seed_key(seed: int) -> PRNGKey:
     # jax.random.key(seed) without compiling a program for it: a
     # threefry2x32 key of a seed in [0, 2**31) holds the words (0, seed).
@@ -137,6 +144,7 @@ def _seed_key(seed: int) -> PRNGKey:
         return jax.random.wrap_key_data(np.asarray([0, seed], np.uint32),
                                         impl="threefry2x32")
     return jax.random.key(seed)
+
 
 def _root(root_key: PRNGKey | int) -> tuple[PRNGKey, int | None]:
     if isinstance(root_key, bool):

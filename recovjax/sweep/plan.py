@@ -11,6 +11,7 @@ import dataclasses
 
 import numpy as np
 
+
 DEFAULT_BATCH_SIZE = 100
 """Evaluation batch size (examples per forward pass of one model).
 
@@ -19,6 +20,7 @@ Chosen with :data:`DEFAULT_VMAP_SIZE` by ``benchmarks/bench_sweep.py`` on a
 model's activations in cache; W1's steady state took 1.75-1.83 s with
 batches of 100 against 1.92 s (200), 2.0-2.2 s (250) and 1.9-2.1 s (50).
 """
+
 
 DEFAULT_VMAP_SIZE = 1
 """Points damaged and evaluated together under ``vmap`` on one device.
@@ -31,11 +33,14 @@ On accelerators wider groups win; raise ``vmap_size`` there (it is capped
 by ``memory_budget_bytes``).
 """
 
+
 DEFAULT_CHUNK_POINTS = 100
 """Most points per device in a default chunk (see :func:`plan_sweep`)."""
 
+
 DEFAULT_MEMORY_BUDGET = 1 << 30
 """Bytes a chunk's working set may take (1 GiB)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class SweepPlan:
@@ -57,6 +62,7 @@ class SweepPlan:
     num_devices: int
     batch_size: int
     model_bytes: int
+
 
 def plan_sweep(model_bytes: int, num_points: int, *, num_devices: int = 1,
                batch_size: int = DEFAULT_BATCH_SIZE,

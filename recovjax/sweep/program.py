@@ -21,8 +21,10 @@ from recovjax import tasks as tasks_lib
 from recovjax._types import Damage, Params, PRNGKey
 from recovjax.evaluate import MetricFn, evaluate
 
+
 DamageOp = Callable[[PRNGKey, Params, Any], Damage]
 """``op(key, params, amount) -> Damage``: the damage contract."""
+
 
 def _accepts_info(op: Callable) -> bool:
     # recovjax's operators take the model's leaf metadata; a user's plain
@@ -33,6 +35,7 @@ def _accepts_info(op: Callable) -> bool:
         return False
     return "info" in parameters or any(
         p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
 
 @functools.lru_cache(maxsize=64)
 def point_fn(model, op: DamageOp, metric_fn: MetricFn | None):
@@ -61,10 +64,12 @@ def point_fn(model, op: DamageOp, metric_fn: MetricFn | None):
 
     return one
 
+
 def chunk_program(model, op: DamageOp, metric_fn: MetricFn | None,
                    vmap_size: int, devices: tuple) -> runner.PointProgram:
     return runner.map_points(point_fn(model, op, metric_fn),
                              group_size=vmap_size, devices=devices)
+
 
 def _fetch(tree):
     if jax.process_count() > 1:
