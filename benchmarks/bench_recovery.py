@@ -237,6 +237,33 @@ def bench_vmapped(setup: Setup, apply, **options) -> dict[str, Any]:
             "diverged": int(np.asarray(result.diverged).sum())}
 
 
+def bench_api(setup: Setup) -> dict[str, Any]:
+    """W2 through the API a user calls: a strategy on re-derived damage.
+
+    ``get_strategy("finetune")`` and :func:`recovjax.recover_damage`: every
+    damaged copy is made on device, inside the recovery program, from the
+    same keys and ratios as the stack the other rows share.
+    """
+    from recovjax.damage import get_damage
+    from recovjax.models import get_model
+    from recovjax.recovery import get_strategy, make_task, recover_damage
+    task = make_task(get_model("lenet5"), setup.dataset.train)
+    strategy = get_strategy("finetune", optimizer=_optimizer(),
+                            steps=setup.steps, batch_size=BATCH)
+    ratios = jnp.asarray([r for r, _ in setup.points], jnp.float32)
+    op = get_damage("zero")
+
+    def run():
+        return recover_damage(strategy, task, op, setup.pretrained.params,
+                              damage_keys=setup.damage_keys, amounts=ratios,
+                              keys=setup.order_keys)
+
+    _, first = _timed(run)
+    result, steady = _timed(run)
+    return {"first": first, "steady": steady,
+            "diverged": int(np.asarray(result.diverged).sum())}
+
+
 def bench_chunked(setup: Setup, apply, chunk: int = 10) -> dict[str, Any]:
     """W2 as ``count / chunk`` calls of one vmapped program of ``chunk``."""
     from recovjax.recovery import make_finetune, stack_recover
@@ -450,6 +477,8 @@ def main(argv: list[str] | None = None) -> str:
     library_name, library_apply = next(iter(formulations().items()))
     log(f"fastest formulation: {best['name']}; W2 vmapped ...")
     vmapped = bench_vmapped(setup, library_apply)
+    log("W2 through the API ...")
+    api = bench_api(setup)
     log("W2 one device ...")
     one_device = bench_vmapped(setup, library_apply,
                                devices=jax.devices()[:1])
@@ -518,6 +547,8 @@ def main(argv: list[str] | None = None) -> str:
     runs = [(f"recovjax `stack_recover` (one program, 20 models, "
              f"sharded over all {devices} device{'s' if devices > 1 else ''})",
              vmapped),
+            ("recovjax API: `recover_damage` with strategy `finetune`, "
+             "each damaged copy re-derived on device, all devices", api),
             ("recovjax `stack_recover`, 1 device", one_device),
             ("recovjax one `vmap` over all 20 models, 1 device", whole_vmap),
             ("recovjax 2 chunks of 10", chunked),

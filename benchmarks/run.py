@@ -14,7 +14,8 @@ import subprocess
 import sys
 
 HERE = pathlib.Path(__file__).resolve().parent
-SCRIPTS = ("bench_damage.py", "bench_sweep.py", "bench_recovery.py")
+SCRIPTS = ("bench_damage.py", "bench_sweep.py", "bench_recovery.py",
+           "bench_memory.py")
 
 
 def main() -> int:

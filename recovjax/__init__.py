@@ -22,6 +22,7 @@ from recovjax.damage import damage_names, get_damage, register_damage
 from recovjax.data import (batch_split, dataset_names, load_arrays,
                            load_dataset, register_dataset)
 from recovjax.evaluate import Metrics, evaluate, evaluate_stack
+from recovjax._malloc import fix_mmap_threshold
 from recovjax.experiment import run_experiment
 from recovjax.language import load_pretrained_lm, pretrain_lm
 from recovjax.models import (LeafInfo, Model, from_apply, from_equinox,
@@ -30,8 +31,8 @@ from recovjax.models import (LeafInfo, Model, from_apply, from_equinox,
 from recovjax.models.saving import load_weights, save_pretrained
 from recovjax.pretrain import Pretrained, load_pretrained
 from recovjax.recovery import (RecoveryTask, finetune, get_strategy,
-                               make_task, recovery_ratio, register_strategy,
-                               strategy_names)
+                               make_task, recover_damage, recovery_ratio,
+                               register_strategy, strategy_names)
 from recovjax.results import ResultsTable, read_csv, read_json, summarize
 from recovjax.sensitivity import SensitivityResult, sensitivity
 from recovjax.sweep import SweepResult, damage_point, sweep
@@ -67,6 +68,7 @@ __all__ = [
     "evaluate",
     "evaluate_stack",
     "finetune",
+    "fix_mmap_threshold",
     "from_apply",
     "from_equinox",
     "from_linen",
@@ -85,6 +87,7 @@ __all__ = [
     "pretrain_lm",
     "read_csv",
     "read_json",
+    "recover_damage",
     "recovery_ratio",
     "register_damage",
     "register_dataset",

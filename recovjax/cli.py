@@ -508,8 +508,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               "(see experiments/)", file=sys.stderr)
         return EXIT_USER_ERROR
     _quiet_logs()
+    from recovjax._malloc import fix_mmap_threshold
     from recovjax.cores import use_all_cores
     use_all_cores()  # one CPU device per core, before JAX starts
+    fix_mmap_threshold()  # freed working sets go back to the system
     from recovjax._progress import is_terminal
     if not is_terminal(sys.stderr):
         # Logs get plain lines, not TFDS's redrawn bars.

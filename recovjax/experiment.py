@@ -18,7 +18,6 @@ compared on the same data order. Data damage of the recovery data uses
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -33,7 +32,6 @@ import numpy as np
 
 from recovjax import config as config_lib
 from recovjax._compile_cache import enable_compilation_cache
-from recovjax._types import Damage
 from recovjax.data import batch_split
 from recovjax.damage import damage_spec, get_damage
 from recovjax.evaluate import evaluate
@@ -41,7 +39,7 @@ from recovjax import checkpoints, sources
 from recovjax.models import pretrained_loader
 from recovjax.tasks import evaluate_task, general_task
 from recovjax.pretrain import Pretrained, load_pretrained
-from recovjax.recovery import get_strategy, make_task
+from recovjax.recovery import get_strategy, make_task, recover_damage
 from recovjax.recovery.measure import (peak_memory, recovery_records,
                                        task_step_cost, train_step_cost)
 from recovjax.recovery.registry import make_optimizer
@@ -53,7 +51,6 @@ from recovjax.validation import (check_config, strategy_arguments,
 
 RECOVERY_STREAM = 0x5EC0
 """``fold_in`` tag of a point's recovery key (data order, re-init)."""
-
 
 
 @dataclasses.dataclass
@@ -78,6 +75,7 @@ class Experiment:
     def __init__(self, config: config_lib.ExperimentConfig, *,
                  zoo_dir=None, progress: bool = True):
         self.config = config
+        self._ops: dict[str, Any] = {}
         self.data = sources.resolve_dataset(config.dataset, config.data_dir,
                                             config.dataset_options)
         sample, classes = sources.dataset_sample_of(self.data)
@@ -210,20 +208,30 @@ class Experiment:
                          eval_batches=self.batches, budget=budget,
                          teacher=self.params)
 
-    def damaged_stack(self, damage: config_lib.DamageConfig,
-                      points: Sequence[tuple]):
-        """Re-create the sweep's damaged models of ``points`` (same keys)."""
+    def damage_op(self, damage: config_lib.DamageConfig):
+        """The damage operator of ``damage`` (one object per damage, so
+        that its compiled programs are reused across recovery groups)."""
         label = damage.label or damage.kind
-        op = get_damage(damage.kind, **damage.options)
+        if label not in self._ops:
+            self._ops[label] = get_damage(damage.kind, **damage.options)
+        return self._ops[label]
+
+    def recover(self, strategy, task, damage: config_lib.DamageConfig,
+                points: Sequence[tuple]):
+        """Recover the sweep's damaged models of ``points`` (same keys).
+
+        Each damaged model is re-derived on device from its point key and
+        ratio, inside the program that recovers it.
+        """
+        label = damage.label or damage.kind
         keys = point_keys(self.root, label, [index for index, _, _ in points],
                           [seed for _, _, seed in points])
         ratios = jnp.asarray([ratio for _, ratio, _ in points], jnp.float32)
-        damage_op = functools.partial(op, info=self.model.info)
-        stacked = jax.jit(jax.vmap(damage_op, in_axes=(0, None, 0)))(
-            keys, self.params, ratios)
         recovery_keys = jax.vmap(
             lambda key: jax.random.fold_in(key, RECOVERY_STREAM))(keys)
-        return recovery_keys, Damage(stacked.params, stacked.mask)
+        return recover_damage(strategy, task, self.damage_op(damage),
+                              self.params, damage_keys=keys, amounts=ratios,
+                              keys=recovery_keys)
 
 
 def _pad(points: list, size: int) -> list:
@@ -374,10 +382,9 @@ def run_experiment(config: config_lib.ExperimentConfig,
                                 tag,
                                 spec.data or config.recovery.data)
                         padded = _pad(group, group_size)
-                        keys, damaged = experiment.damaged_stack(damage,
-                                                                 padded)
                         start = time.perf_counter()
-                        outcome = recover(keys, damaged, task)
+                        outcome = experiment.recover(recover, task, damage,
+                                                     padded)
                         seconds = time.perf_counter() - start
                         part_rows = _recovery_rows(
                             outcome, group, len(group), label=label,

@@ -37,6 +37,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 AXIS = "points"
 """Name of the mesh axis the points are sharded over."""
 
+DEFAULT_CHUNK_POINTS = 100
+"""Most points per device in one call of a compiled program.
+
+A longer stack runs as several calls of one program over balanced chunks.
+XLA:CPU's resident memory grows with the trip count of a long loop within
+one execution (``benchmarks/bench_memory.py``: a 1,000-point recovery in
+one call peaked 25 % above a 100-point one; in chunks it stays flat), and
+equal chunks keep one compiled shape whatever the number of points.
+"""
+
 PointFn = Callable[[Any, Any], Any]
 """``fn(point, shared) -> outputs`` for one point (traceable)."""
 
@@ -111,12 +121,16 @@ class PointProgram:
     """
 
     def __init__(self, fn: PointFn, *, group_size: int,
-                 devices: tuple[Any, ...]):
-        if isinstance(group_size, bool) or not isinstance(
-                group_size, (int, np.integer)) or group_size < 1:
-            raise ValueError(f"group_size must be a positive int, got "
-                             f"{group_size!r}")
+                 devices: tuple[Any, ...],
+                 chunk_points: int = DEFAULT_CHUNK_POINTS):
+        for name, value in (("group_size", group_size),
+                            ("chunk_points", chunk_points)):
+            if isinstance(value, bool) or not isinstance(
+                    value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got "
+                                 f"{value!r}")
         self.group_size = int(group_size)
+        self.chunk_points = int(chunk_points)
         self.devices = devices
         self.unit = self.group_size * len(devices)
         group = jax.vmap(fn, in_axes=(0, None))
@@ -142,25 +156,51 @@ class PointProgram:
             check_vma=False))
 
     def padded_size(self, count: int) -> int:
-        """The stack size ``count`` points are padded to."""
-        return -(-int(count) // self.unit) * self.unit
+        """The stack size one call pads ``count`` points to."""
+        return self.chunk_size(count) if count > 0 else self.unit
 
-    def dispatch(self, points: Any, shared: Any) -> tuple[Any, int]:
-        """Start the program; ``(outputs with padding, number of points)``.
+    def dispatch(self, points: Any, shared: Any, size: int | None = None
+                 ) -> tuple[Any, int]:
+        """Start one call; ``(outputs with padding, number of points)``.
 
+        The points are padded to ``size`` (default :meth:`padded_size`).
         Nothing is read back, so a caller can dispatch the next stack
         before it reads this one.
         """
         count = _count(points)
-        points = pad_points(points, self.padded_size(count))
+        points = pad_points(points, size or self.padded_size(count))
         return self._compiled(points, shared), count
 
+    def chunk_size(self, count: int) -> int:
+        """Points per call for a stack of ``count``: at most
+        ``chunk_points`` per device, in as few balanced chunks as that
+        allows, a multiple of :attr:`unit`."""
+        per_device = -(-int(count) // len(self.devices))
+        chunks = -(-per_device // self.chunk_points)
+        size = -(-int(count) // chunks)
+        return -(-size // self.unit) * self.unit
+
     def __call__(self, points: Any, shared: Any) -> Any:
-        """The outputs of every point (leading axis: the points)."""
-        outputs, count = self.dispatch(points, shared)
-        if _count(outputs) == count:
-            return outputs
-        return jax.tree.map(lambda x: x[:count], outputs)
+        """The outputs of every point (leading axis: the points).
+
+        A stack longer than :meth:`chunk_size` runs as several calls of one
+        program. Each call is dispatched before the previous one is waited
+        for, and no more than those two are in flight: queuing every call
+        at once would let their working sets pile up.
+        """
+        count = _count(points)
+        size = self.chunk_size(count)
+        parts = []
+        for start in range(0, count, size):
+            chunk = jax.tree.map(lambda x: x[start:start + size], points)
+            parts.append(self.dispatch(chunk, shared, size))
+            if len(parts) > 1:
+                jax.block_until_ready(parts[-2][0])
+        outputs = [jax.tree.map(lambda x, n=n: x[:n], out)
+                   if _count(out) != n else out for out, n in parts]
+        if len(outputs) == 1:
+            return outputs[0]
+        return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outputs)
 
     def lower(self, points: Any, shared: Any):
         """Lower the program for these points (for cost analysis)."""
@@ -170,12 +210,21 @@ class PointProgram:
 
 
 @functools.lru_cache(maxsize=64)
-def _program(fn: PointFn, group_size: int, devices: tuple) -> PointProgram:
-    return PointProgram(fn, group_size=group_size, devices=devices)
+def _program(fn: PointFn, group_size: int, devices: tuple,
+             chunk_points: int) -> PointProgram:
+    return PointProgram(fn, group_size=group_size, devices=devices,
+                        chunk_points=chunk_points)
+
+
+def _positive_int(value: Any) -> Any:
+    # ints pass as ints (cache keys); anything else reaches the checks.
+    return int(value) if isinstance(value, (int, np.integer)) and not (
+        isinstance(value, bool)) else value
 
 
 def map_points(fn: PointFn, *, group_size: int = 1,
-               devices: Sequence[Any] | None = None) -> PointProgram:
+               devices: Sequence[Any] | None = None,
+               chunk_points: int = DEFAULT_CHUNK_POINTS) -> PointProgram:
     """The runner for ``fn``: one compiled program over stacks of points.
 
     Programs are cached by ``(fn, group_size, devices)``, so calling
@@ -188,16 +237,18 @@ def map_points(fn: PointFn, *, group_size: int = 1,
             points read (replicated).
         group_size: points per ``vmap`` group (static).
         devices: devices to shard the points over; default every device.
+        chunk_points: most points per device in one call
+            (:data:`DEFAULT_CHUNK_POINTS`).
 
     Returns:
         A :class:`PointProgram`: ``program(points, shared) -> outputs``.
 
     Raises:
-        ValueError: for a non-positive ``group_size`` or no devices.
+        ValueError: for a non-positive ``group_size`` or ``chunk_points``,
+            or no devices.
     """
-    return _program(fn, int(group_size) if isinstance(
-        group_size, (int, np.integer)) and not isinstance(group_size, bool)
-        else group_size, devices_of(devices))
+    return _program(fn, _positive_int(group_size), devices_of(devices),
+                    _positive_int(chunk_points))
 
 
 class MemoryEstimate(NamedTuple):
@@ -265,6 +316,6 @@ def group_size_for(fn: PointFn, point: Any, shared: Any, *, wanted: int,
     return max(1, min(int(wanted), fit)), estimate
 
 
-__all__ = ["AXIS", "MemoryEstimate", "PointProgram", "devices_of",
+__all__ = ["AXIS", "DEFAULT_CHUNK_POINTS", "MemoryEstimate", "PointProgram", "devices_of",
            "group_size_for", "map_points", "pad_points", "place",
            "point_memory", "shardings"]

@@ -171,12 +171,10 @@ def sensitivity(model, params: Params, damage: Any, amounts: Sequence[float],
     device_list = runner.devices_of(devices)
     program = runner.map_points(point_fn(model, damage, None),
                                 group_size=group_size, devices=device_list)
-    sharded, replicated = runner.shardings(device_list)
-    points = runner.pad_points((keys, one_hot, clean),
-                               program.padded_size(len(clean)))
-    points = runner.place(points, sharded)
+    _, replicated = runner.shardings(device_list)
     shared = runner.place((params, batches), replicated)
-    host = jax.tree.map(np.asarray, jax.device_get(program(points, shared)))
+    host = jax.tree.map(np.asarray, jax.device_get(
+        program((keys, one_hot, clean), shared)))
 
     rows = []
     for position, (layer, index, seed) in enumerate(grid):

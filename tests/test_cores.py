@@ -56,3 +56,10 @@ def test_bad_counts_are_named(monkeypatch):
     from recovjax import cores
     with pytest.raises(ValueError, match="JAX_NUM_CPU_DEVICES: must be"):
         cores._requested()
+
+
+def test_the_mmap_threshold_is_fixed_or_reported_unavailable():
+    from recovjax._malloc import fix_mmap_threshold
+    assert fix_mmap_threshold() in (True, False)
+    with pytest.raises(ValueError, match="size"):
+        fix_mmap_threshold(0)

@@ -84,3 +84,9 @@ def test_bad_arguments_are_named(lenet, trained_lenet, small_mnist):
     with pytest.raises(ValueError, match="ratios"):
         sensitivity(lenet, trained_lenet, "zero", [1.5],
                     data=small_mnist.test)
+
+
+def test_the_public_names_are_pinned():
+    assert recovjax.sensitivity is sensitivity
+    assert recovjax.use_all_cores is not None
+    assert recovjax.recover_damage.__module__ == "recovjax.recovery.points"

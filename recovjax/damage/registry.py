@@ -197,6 +197,20 @@ def damage_spec(name: str) -> DamageSpec:
     return _REGISTRY[name]
 
 
+def accepts_info(op: Callable) -> bool:
+    """Whether ``op`` takes the model's leaf metadata (``info=``).
+
+    recovjax's operators do; a user's plain ``op(key, params, amount)``
+    need not.
+    """
+    try:
+        parameters = inspect.signature(op).parameters
+    except (TypeError, ValueError):
+        return False
+    return "info" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
 def get_damage(name: str, *, check: bool = False, **options: Any
                ) -> Callable:
     """Build a registered damage operator.

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recovjax._types import Array, Params, PRNGKey
+from recovjax._types import Params, PRNGKey
 from recovjax.models import graph
 from recovjax.models.info import (InfoError, LeafInfo, info_by_path,
                                   info_tree, override, paths_of)

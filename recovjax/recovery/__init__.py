@@ -13,7 +13,10 @@ from recovjax.recovery.measure import (Cost, PeakMemory, compiled_cost,
                                        steps_to_fraction, train_step_cost)
 from recovjax.recovery.rebuild import (make_rebuild, rebuild_from_checkpoint,
                                        rebuild_reinit, reinitialize)
-from recovjax.recovery.registry import (RecoveryOutcome, RecoveryTask,
+from recovjax.recovery.points import (PointOutcome, Prepared,
+                                     recover_damage)
+from recovjax.recovery.registry import (PointStrategy, RecoveryOutcome,
+                                        RecoveryTask,
                                         compose, get_strategy, make_task,
                                         register_strategy, strategy_names,
                                         strategy_options)
@@ -30,6 +33,9 @@ __all__ = [
     "Curve",
     "FinetuneResult",
     "PeakMemory",
+    "PointOutcome",
+    "PointStrategy",
+    "Prepared",
     "RecoveryOutcome",
     "RecoveryTask",
     "RestoreResult",
@@ -55,6 +61,7 @@ __all__ = [
     "rebuild_from_checkpoint",
     "rebuild_reinit",
     "run_seed_experiment",
+    "recover_damage",
     "recovery_ratio",
     "recovery_records",
     "register_strategy",

@@ -15,9 +15,13 @@ its arguments before it runs: keys that are not typed keys (``TypeError``
 
 ``damage`` is a stacked :class:`~recovjax.Damage`; ``task`` a
 :class:`RecoveryTask` holding the model, the recovery data, the test batches
-and the pretrained checkpoint. Fine-tuning strategies compile one vmapped
-program per strategy object and reuse it on later calls with the same
-shapes, so a sweep should get a strategy once and call it many times.
+and the pretrained checkpoint. Every built-in strategy is a
+:class:`PointStrategy`: a per-model function run by the one runner
+(:mod:`recovjax.recovery.points`), compiled once per strategy object and
+reused on later calls with the same shapes, so a sweep should get a
+strategy once and call it many times.
+:func:`~recovjax.recovery.recover_damage` runs the same function on damage
+re-derived on device, without a stack.
 
 Names: ``finetune``, ``finetune_damaged``, ``finetune_undamaged``,
 ``restore_full``, ``restore_leaves``, ``restore_entries``, ``detect_restore``,
@@ -42,12 +46,12 @@ import optax
 from recovjax import _checks
 from recovjax._types import (Array, ApplyFn, Batches, Damage, InitFn, Params,
                              PRNGKey, Split)
+from recovjax.recovery import points
 from recovjax.recovery import restore as restore_lib
 from recovjax.recovery.distill import make_distill, teacher_logits
 from recovjax.recovery.finetune import (DEFAULT_BATCH_SIZE, Curve,
                                         budget_weights, check_eval_batches,
-                                        check_recovery_data, curve_metrics,
-                                        make_finetune, stack_recover)
+                                        check_recovery_data, make_finetune)
 from recovjax.recovery.rebuild import make_rebuild
 
 
@@ -278,39 +282,67 @@ class Strategy(Protocol):
                  ) -> RecoveryOutcome: ...
 
 
-def _stack_size(params: Params) -> int:
-    return int(jax.tree.leaves(params)[0].shape[0])
+class PointStrategy:
+    """A strategy with a point form, runnable on any stream of points.
+
+    ``strategy(keys, damage, task)`` recovers a stack of damaged models;
+    ``strategy.prepare(task, candidates)`` gives the per-model function and
+    its shared inputs (:class:`~recovjax.recovery.points.Prepared`), which
+    :func:`~recovjax.recovery.points.recover_damage` runs on damage
+    re-derived on device.
+    """
+
+    def __init__(self, name: str,
+                 prepare: Callable[[RecoveryTask, points.Candidates],
+                                   points.Prepared]):
+        self.__name__ = name
+        self._prepare = prepare
+
+    def __repr__(self) -> str:
+        return f"<recovery strategy {self.__name__}>"
+
+    def prepare(self, task: RecoveryTask,
+                candidates: points.Candidates) -> points.Prepared:
+        """The per-model function and the shared inputs for ``task``.
+
+        Args:
+            task: the recovery task.
+            candidates: ``candidates(kind) -> leaf paths`` a restore may need
+                to read (see :data:`~recovjax.recovery.points.Candidates`).
+        """
+        return self._prepare(task, candidates)
+
+    def __call__(self, keys: PRNGKey, damage: Damage, task: RecoveryTask
+                 ) -> RecoveryOutcome:
+        _check_call(keys, damage, task)
+        start = time.perf_counter()
+
+        def candidates(kind: str) -> list[str]:
+            if kind == "bits":
+                return points.differing_leaves(task, damage.params)
+            return restore_lib.damaged_leaf_paths(damage.mask)
+
+        prepared = self.prepare(task, candidates)
+        result = jax.block_until_ready(points.run_stacked(
+            prepared, keys, damage.params, damage.mask))
+        return outcome_of(result, prepared, time.perf_counter() - start)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _evaluate_stack(apply, params, batches, num_classes, task):
-    return jax.vmap(lambda p: curve_metrics(apply, p, batches, num_classes,
-                                            task))(params)
-
-
-def _static_curve(params: Params, task: RecoveryTask) -> Curve:
-    count = _stack_size(params)
-    if task.eval_batches is None:
-        empty = np.zeros((count, 0), np.float32)
-        return Curve(np.zeros((count, 0), np.int32), empty, empty, empty)
-    accuracy, loss = _evaluate_stack(task.apply, params, task.eval_batches,
-                                     task.num_classes, task.general_task)
-    return Curve(steps=np.zeros((count, 1), np.int32),
-                 samples=np.zeros((count, 1), np.float32),
-                 accuracy=np.asarray(accuracy)[:, None],
-                 loss=np.asarray(loss)[:, None])
-
-
-def _outcome_without_training(params, task, restored_leaves, bytes_read,
-                              seconds) -> RecoveryOutcome:
-    count = _stack_size(params)
+def outcome_of(result: points.PointOutcome, prepared: points.Prepared,
+               seconds: float) -> RecoveryOutcome:
+    """A stacked point outcome as a :class:`RecoveryOutcome`."""
+    flags = jax.device_get(result.restored)
+    restored = tuple(sorted(name for name, flag in flags.items()
+                            if np.any(flag)))
     return RecoveryOutcome(
-        params=params, curve=_static_curve(params, task),
-        losses=np.zeros((count, 0), np.float32),
-        diverged=np.zeros((count,), bool),
-        diverged_step=np.full((count,), -1, np.int32),
-        restored_leaves=tuple(restored_leaves), bytes_read=int(bytes_read),
-        seconds=seconds)
+        params=result.params, curve=result.curve, losses=result.losses,
+        diverged=result.diverged, diverged_step=result.diverged_step,
+        restored_leaves=restored, bytes_read=int(prepared.bytes_read),
+        seconds=seconds, state=result.state)
+
+
+def _evaluator(task: RecoveryTask) -> points.Evaluator:
+    return points.Evaluator(task.apply, task.num_classes, task.general_task)
 
 
 def _need_checkpoint(task: RecoveryTask, name: str):
@@ -355,34 +387,36 @@ def make_optimizer(optimizer: str | optax.GradientTransformation,
 
 def _training_strategy(name: str, build: Callable[[RecoveryTask], Callable],
                        uses_frozen: bool, labels_of: Callable | None = None
-                       ) -> Strategy:
-    """A strategy running one vmapped, jitted function, compiled once."""
-    compiled: dict[Any, Callable] = {}
+                       ) -> PointStrategy:
+    """A strategy running one fine-tuning function per model.
 
-    def strategy(keys: PRNGKey, damage: Damage, task: RecoveryTask
-                 ) -> RecoveryOutcome:
-        _check_call(keys, damage, task)
-        start = time.perf_counter()
+    The function is built once per model and task kind, so tasks that
+    differ only in their data share one compiled program.
+    """
+    built: dict[Any, points.PointStrategyFn] = {}
+
+    def prepare(task: RecoveryTask, candidates) -> points.Prepared:
+        del candidates  # trains; reads no checkpoint leaves
         cache_key = (task.apply, task.init, task.num_classes, task.model,
                      task.general_task)
-        if cache_key not in compiled:
-            compiled[cache_key] = stack_recover(build(task),
-                                                frozen=uses_frozen)
-        run = compiled[cache_key]
-        labels = task.labels if labels_of is None else labels_of(task)
-        args = (keys, damage.params, damage.mask, task.images, labels,
-                task.weights, task.eval_batches)
-        if uses_frozen:
-            args = args + (damage.mask,)
-        result = jax.block_until_ready(run(*args))
-        return RecoveryOutcome(
-            params=result.params, curve=result.curve, losses=result.losses,
-            diverged=result.diverged, diverged_step=result.diverged_step,
-            restored_leaves=(), bytes_read=0,
-            seconds=time.perf_counter() - start, state=result.state)
+        if cache_key not in built:
+            recover = build(task)
 
-    strategy.__name__ = name
-    return strategy
+            def fn(key, params, mask, shared):
+                images, labels, weights, eval_batches = shared
+                frozen = (mask,) if uses_frozen else ()
+                return points.trained(recover(key, params, mask, images,
+                                              labels, weights, eval_batches,
+                                              *frozen))
+
+            built[cache_key] = fn
+        labels = task.labels if labels_of is None else labels_of(task)
+        return points.Prepared(
+            fn=built[cache_key],
+            shared=(task.images, labels, task.weights, task.eval_batches),
+            trains=True, bytes_read=0)
+
+    return PointStrategy(name, prepare)
 
 
 def _finetune_factory(mode: str):
@@ -485,101 +519,55 @@ def _rebuild_reinit_factory(*, optimizer: str | optax.GradientTransformation
     return _training_strategy("rebuild_reinit", build, uses_frozen=False)
 
 
-@jax.jit
-def _stack_trees(trees: list[Params]) -> Params:
-    """Stack trees along a new leading axis (one compiled program)."""
-    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+def _restore_strategy(name: str, kind: str, *,
+                      leaves: tuple[str, ...] | None = None,
+                      block_size: int = 1) -> PointStrategy:
+    """A restore from the checkpoint, reading only the leaves it needs."""
 
+    def prepare(task: RecoveryTask, candidates) -> points.Prepared:
+        _need_checkpoint(task, name)
+        if kind == "full":
+            names = sorted(restore_lib._flat(task._model_shapes))
+        elif leaves is not None:
+            names = sorted(set(leaves))
+        else:
+            names = list(candidates("bits" if kind == "detect" else "mask"))
+        values, bytes_read = points.read_checkpoint(task, names, name)
+        fn = points.restore_fn(kind, _evaluator(task), leaves, block_size)
+        return points.Prepared(fn=fn, shared=(values, task.eval_batches),
+                               trains=False, bytes_read=bytes_read)
 
-@functools.partial(jax.jit, static_argnums=1)
-def _broadcast_tree(tree: Params, count: int) -> Params:
-    return jax.tree.map(
-        lambda leaf: jnp.broadcast_to(leaf, (count,) + leaf.shape), tree)
-
-
-def _unstack(params: Params, index: int) -> Params:
-    return jax.tree.map(lambda leaf: leaf[index], params)
+    return PointStrategy(name, prepare)
 
 
 def _restore_full_factory() -> Strategy:
     """Replace every model by the checkpoint's parameters."""
-
-    def strategy(keys, damage, task):
-        _check_call(keys, damage, task)
-        start = time.perf_counter()
-        shapes = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
-            leaf.shape[1:], leaf.dtype), damage.params)
-        result = restore_lib.restore_full(
-            _need_checkpoint(task, "restore_full"), shapes)
-        count = _stack_size(damage.params)
-        params = _broadcast_tree(result.params, count)
-        return _outcome_without_training(params, task, result.restored_leaves,
-                                         result.bytes_read,
-                                         time.perf_counter() - start)
-
-    return strategy
+    return _restore_strategy("restore_full", "full")
 
 
 def _restore_leaves_factory(*, leaves: list[str] | tuple[str, ...] | None
                             = None) -> Strategy:
     """Restore the named leaves (default: every leaf the mask touches)."""
-
-    def strategy(keys, damage, task):
-        _check_call(keys, damage, task)
-        start = time.perf_counter()
-        names = (restore_lib.damaged_leaf_paths(damage.mask) if leaves is None
-                 else list(leaves))
-        result = restore_lib.restore_leaves(
-            _need_checkpoint(task, "restore_leaves"), damage.params, names,
-            stacked=True)
-        return _outcome_without_training(result.params, task,
-                                         result.restored_leaves,
-                                         result.bytes_read,
-                                         time.perf_counter() - start)
-
-    return strategy
+    return _restore_strategy("restore_leaves", "leaves", leaves=None if (
+        leaves is None) else tuple(sorted(set(leaves))))
 
 
 def _restore_entries_factory(name: str = "restore_entries") -> Callable:
     def factory() -> Strategy:
         """Restore exactly the masked entries from the checkpoint."""
-
-        def strategy(keys, damage, task):
-            _check_call(keys, damage, task)
-            start = time.perf_counter()
-            result = restore_lib.restore_entries(
-                _need_checkpoint(task, name), damage.params, damage.mask,
-                stacked=True)
-            return _outcome_without_training(result.params, task,
-                                             result.restored_leaves,
-                                             result.bytes_read,
-                                             time.perf_counter() - start)
-
-        return strategy
+        return _restore_strategy(name, "entries")
 
     return factory
 
 
 def _detect_restore_factory(*, block_size: int = 1) -> Strategy:
     """Find damaged blocks by comparison with the checkpoint; no mask used."""
-
-    def strategy(keys, damage, task):
-        _check_call(keys, damage, task)
-        start = time.perf_counter()
-        directory = _need_checkpoint(task, "detect_restore")
-        restored, leaves, total = [], set(), 0
-        for index in range(_stack_size(damage.params)):
-            result = restore_lib.detect_and_restore(
-                directory, _unstack(damage.params, index),
-                block_size=block_size)
-            restored.append(result.params)
-            leaves.update(result.restored_leaves)
-            total += result.bytes_read
-        params = _stack_trees(restored)
-        return _outcome_without_training(params, task, sorted(leaves), total,
-                                         time.perf_counter() - start)
-
-    return strategy
+    if isinstance(block_size, bool) or not isinstance(
+            block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got "
+                         f"{block_size!r}")
+    return _restore_strategy("detect_restore", "detect",
+                             block_size=block_size)
 
 
 def _recalibrate_factory(*, batch_size: int = DEFAULT_BATCH_SIZE,
@@ -697,12 +685,34 @@ def compose(*strategies: Strategy) -> Strategy:
     last stage's curve when it trained (otherwise the last curve from a
     training stage, else the final evaluation), the summed bytes read and
     time, the union of restored leaves, and ``diverged`` from any stage.
+    Stages with a point form (every built-in strategy) run as one program
+    per model; others run one after the other on the stack.
 
     Raises:
         ValueError: if no strategy is given.
     """
     if not strategies:
         raise ValueError("compose needs at least one strategy")
+    if all(isinstance(stage, PointStrategy) for stage in strategies):
+        def prepare(task: RecoveryTask, candidates) -> points.Prepared:
+            stages, trained_before = [], False
+            for stage in strategies:
+                # After a training stage every leaf may differ.
+                seen = (lambda kind: sorted(restore_lib._flat(
+                    task._model_shapes)) if kind == "bits"
+                    else candidates(kind)) if trained_before else candidates
+                stages.append(stage.prepare(task, seen))
+                trained_before = trained_before or stages[-1].trains
+            trains = tuple(stage.trains for stage in stages)
+            return points.Prepared(
+                fn=points.compose_fn(tuple(stage.fn for stage in stages),
+                                     trains),
+                shared=tuple(stage.shared for stage in stages),
+                trains=any(trains),
+                bytes_read=sum(stage.bytes_read for stage in stages))
+
+        return PointStrategy("+".join(stage.__name__ for stage in strategies),
+                             prepare)
 
     def composed(keys: PRNGKey, damage: Damage, task: RecoveryTask
                  ) -> RecoveryOutcome:

@@ -25,7 +25,8 @@ from recovjax._types import Damage, Dataset, Params, Split
 from recovjax.data import batch_split, load_dataset
 from recovjax.evaluate import evaluate
 from recovjax.models import get_model
-from recovjax.recovery.finetune import make_finetune, stack_recover
+from recovjax.recovery.points import recover_damage
+from recovjax.recovery.registry import get_strategy, make_task
 from recovjax.recovery.measure import recovery_ratio, recovery_records
 
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447,
@@ -182,21 +183,22 @@ def run_seed_experiment(seeds: int = 10, *, model: str = "lenet5",
     damage_keys = jax.vmap(lambda key: jax.random.fold_in(key, 0))(keys)
     order_keys = jax.vmap(lambda key: jax.random.fold_in(key, 1))(keys)
     eval_batches = batch_split(test, eval_batch_size)
-    images, labels = jnp.asarray(train.images), jnp.asarray(train.labels)
-    weights = jnp.ones(labels.shape, jnp.float32)
+    task = make_task(network, train, eval_batches=eval_batches)
 
     start = time.perf_counter()
     clean = jax.jit(lambda p: evaluate(network.forward, p, eval_batches,
                                        network.num_classes))(
                                            pretrained_params)
-    damage = jax.jit(jax.vmap(damage_op, in_axes=(0, None, None)))(
-        damage_keys, pretrained_params, jnp.float32(ratio))
-    recover = make_finetune(
-        network.forward, optax.sgd(learning_rate, momentum=momentum or None),
+    strategy = get_strategy(
+        "finetune", optimizer=optax.sgd(learning_rate,
+                                        momentum=momentum or None),
         batch_size=batch_size, epochs=epochs, steps=steps,
-        eval_every=eval_every, num_classes=network.num_classes)
-    result = stack_recover(recover)(order_keys, damage.params, damage.mask,
-                                    images, labels, weights, eval_batches)
+        eval_every=eval_every)
+    # Each seed's damaged model is re-derived inside the recovery program.
+    result = recover_damage(strategy, task, damage_op, pretrained_params,
+                            damage_keys=damage_keys,
+                            amounts=jnp.full((seeds,), ratio, jnp.float32),
+                            keys=order_keys)
     result, clean = jax.device_get((result, clean))
     seconds = time.perf_counter() - start
 

@@ -9,7 +9,6 @@ one runner of :mod:`recovjax.runner`.
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any, Callable
 
 import jax
@@ -19,22 +18,12 @@ import numpy as np
 from recovjax import runner
 from recovjax import tasks as tasks_lib
 from recovjax._types import Damage, Params, PRNGKey
+from recovjax.damage.registry import accepts_info
 from recovjax.evaluate import MetricFn, evaluate
 
 
 DamageOp = Callable[[PRNGKey, Params, Any], Damage]
 """``op(key, params, amount) -> Damage``: the damage contract."""
-
-
-def _accepts_info(op: Callable) -> bool:
-    # recovjax's operators take the model's leaf metadata; a user's plain
-    # ``op(key, params, amount)`` need not.
-    try:
-        parameters = inspect.signature(op).parameters
-    except (TypeError, ValueError):
-        return False
-    return "info" in parameters or any(
-        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 @functools.lru_cache(maxsize=64)
@@ -47,7 +36,7 @@ def point_fn(model, op: DamageOp, metric_fn: MetricFn | None):
     in a chunk and needs no program of its own. Cached, so that the
     runner's compiled program is reused for the same model and operator.
     """
-    extra = {"info": model.info} if _accepts_info(op) else {}
+    extra = {"info": model.info} if accepts_info(op) else {}
     forward, task = model.forward, tasks_lib.general_task(model)
     num_classes = model.num_classes if task is None else None
 
