@@ -253,7 +253,12 @@ def _command_list(args: argparse.Namespace) -> int:
     out.append("datasets:")
     out.append(f"  {'NAME':<22}{'KIND':<11}STATUS")
     for name in dataset_names():
-        if name in EMBEDDED:
+        if name == "fashion_mnist":
+            kind = "local"
+            status = ("ready (built on first use from the IDX files)"
+                      if dataset_prepared(name) else
+                      "NO FILES here (apt-get install dataset-fashion-mnist)")
+        elif name in EMBEDDED:
             kind, status = "embedded", "ready (built on first use)"
         else:
             kind = "catalogue"

