@@ -95,12 +95,46 @@ def place(tree: Any, sharding: NamedSharding) -> Any:
             return None
         if jax.dtypes.issubdtype(getattr(leaf, "dtype", None),
                                  jax.dtypes.prng_key):
-            return jax.device_put(leaf, sharding)
+            # Typed keys travel as their raw data: device_put cannot target
+            # devices of other processes, make_array_from_callback can.
+            data = put(jax.random.key_data(leaf))
+            return jax.random.wrap_key_data(data,
+                                            impl=jax.random.key_impl(leaf))
         host = np.asarray(leaf)
         return jax.make_array_from_callback(host.shape, sharding,
                                             lambda index: host[index])
 
     return jax.tree.map(put, tree)
+
+
+def fetch(tree: Any) -> Any:
+    """Host (numpy) copies of a tree of arrays, from every process.
+
+    With several processes each holds only its own points' outputs; they
+    are gathered (``process_allgather``), so every process gets the whole
+    tree.
+    """
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        def gather(leaf):
+            if np.size(leaf) == 0:  # nothing to gather; keep the shape
+                return np.zeros(np.shape(leaf), leaf.dtype)
+            return np.asarray(multihost_utils.process_allgather(
+                leaf, tiled=True))
+
+        return jax.tree.map(gather, tree)
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _global(tree: Any, sharding: NamedSharding) -> Any:
+    """``tree`` as global arrays on ``sharding`` when several processes
+    run (leaves already global stay); unchanged in one process."""
+    if jax.process_count() == 1:
+        return tree
+    return jax.tree.map(
+        lambda leaf: leaf if isinstance(leaf, jax.Array) and not (
+            leaf.is_fully_addressable) else place(leaf, sharding), tree)
 
 
 def shardings(devices: tuple[Any, ...]) -> tuple[NamedSharding,
@@ -169,7 +203,8 @@ class PointProgram:
         """
         count = _count(points)
         points = pad_points(points, size or self.padded_size(count))
-        return self._compiled(points, shared), count
+        return self._compiled(_global(points, self.sharded),
+                              _global(shared, self.replicated)), count
 
     def chunk_size(self, count: int) -> int:
         """Points per call for a stack of ``count``: at most
@@ -316,6 +351,6 @@ def group_size_for(fn: PointFn, point: Any, shared: Any, *, wanted: int,
     return max(1, min(int(wanted), fit)), estimate
 
 
-__all__ = ["AXIS", "DEFAULT_CHUNK_POINTS", "MemoryEstimate", "PointProgram", "devices_of",
-           "group_size_for", "map_points", "pad_points", "place",
-           "point_memory", "shardings"]
+__all__ = ["AXIS", "DEFAULT_CHUNK_POINTS", "MemoryEstimate", "PointProgram",
+           "devices_of", "fetch", "group_size_for", "map_points",
+           "pad_points", "place", "point_memory", "shardings"]

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from recovjax import _checks
+from recovjax import _checks, runner
 from recovjax._types import (Array, ApplyFn, Batches, Damage, InitFn, Params,
                              PRNGKey, Split)
 from recovjax.recovery import points
@@ -330,12 +330,21 @@ class PointStrategy:
 
 def outcome_of(result: points.PointOutcome, prepared: points.Prepared,
                seconds: float) -> RecoveryOutcome:
-    """A stacked point outcome as a :class:`RecoveryOutcome`."""
-    flags = jax.device_get(result.restored)
+    """A stacked point outcome as a :class:`RecoveryOutcome`.
+
+    Everything but the parameters comes back to the host, gathered from
+    every process; the parameters stay on device in one process and are
+    gathered too when several run.
+    """
+    params = result.params
+    result = runner.fetch(result._replace(params=None))
+    if jax.process_count() > 1 and params is not None:
+        params = runner.fetch(params)
+    flags = result.restored
     restored = tuple(sorted(name for name, flag in flags.items()
                             if np.any(flag)))
     return RecoveryOutcome(
-        params=result.params, curve=result.curve, losses=result.losses,
+        params=params, curve=result.curve, losses=result.losses,
         diverged=result.diverged, diverged_step=result.diverged_step,
         restored_leaves=restored, bytes_read=int(prepared.bytes_read),
         seconds=seconds, state=result.state)

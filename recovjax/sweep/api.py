@@ -23,7 +23,7 @@ from recovjax.results import ResultsTable, metrics_rows, task_rows
 from recovjax.sweep.keys import _root, point_keys
 from recovjax.sweep.plan import (DEFAULT_BATCH_SIZE, DEFAULT_MEMORY_BUDGET,
                                  DEFAULT_VMAP_SIZE, SweepPlan, plan_sweep)
-from recovjax.sweep.program import (DamageOp, _fetch, chunk_program,
+from recovjax.sweep.program import (DamageOp, chunk_program,
                                     point_fn)
 
 
@@ -370,7 +370,7 @@ def iter_sweep(model, params: Params, *,
 
     def finish(name: str, points: list[SweepPoint], clean: bool,
                pending) -> ChunkResult:
-        host = jax.tree.map(np.asarray, _fetch(pending))
+        host = runner.fetch(pending)
         rows = []
         for index, point in enumerate(points):
             one = jax.tree.map(lambda x: x[index], host)

@@ -58,12 +58,3 @@ def chunk_program(model, op: DamageOp, metric_fn: MetricFn | None,
                    vmap_size: int, devices: tuple) -> runner.PointProgram:
     return runner.map_points(point_fn(model, op, metric_fn),
                              group_size=vmap_size, devices=devices)
-
-
-def _fetch(tree):
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        return jax.tree.map(np.asarray,
-                            multihost_utils.process_allgather(tree,
-                                                              tiled=True))
-    return jax.device_get(tree)
