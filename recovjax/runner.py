@@ -37,6 +37,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 AXIS = "points"
 """Name of the mesh axis the points are sharded over."""
 
+MODEL_AXIS = "model"
+"""Name of the mesh axis the shared arrays (parameters) are sharded over."""
+
+MIN_SHARDED_SIZE = 1 << 14
+"""Entries a shared leaf needs before the default rule shards it."""
+
+PartitionRule = Callable[[str, Any], Any]
+"""``rule(path, leaf) -> PartitionSpec | None`` for a shared leaf (``None``:
+the default, :func:`default_partition`)."""
+
 DEFAULT_CHUNK_POINTS = 100
 """Most points per device in one call of a compiled program.
 
@@ -137,6 +147,40 @@ def _global(tree: Any, sharding: NamedSharding) -> Any:
             leaf.is_fully_addressable) else place(leaf, sharding), tree)
 
 
+def default_partition(leaf: Any, model_devices: int) -> PartitionSpec:
+    """The default rule: a leaf of at least :data:`MIN_SHARDED_SIZE`
+    entries is split along its largest axis that ``model_devices``
+    divides; smaller leaves (and those without such an axis) are
+    replicated."""
+    shape = tuple(np.shape(leaf))
+    if model_devices == 1 or int(np.prod(shape)) < MIN_SHARDED_SIZE:
+        return PartitionSpec()
+    axes = [axis for axis in np.argsort(shape, kind="stable")[::-1]
+            if shape[axis] % model_devices == 0]
+    if not axes:
+        return PartitionSpec()
+    spec = [None] * len(shape)
+    spec[int(axes[0])] = MODEL_AXIS
+    return PartitionSpec(*spec)
+
+
+def make_mesh(devices: tuple[Any, ...], model_devices: int = 1) -> Mesh:
+    """The runner's mesh: points x model (``model_devices`` per point).
+
+    Raises:
+        ValueError: ``model_devices`` not a positive divisor of the devices.
+    """
+    if isinstance(model_devices, bool) or not isinstance(
+            model_devices, (int, np.integer)) or model_devices < 1 or (
+            len(devices) % model_devices):
+        raise ValueError(f"model_devices must be a positive divisor of the "
+                         f"{len(devices)} devices, got {model_devices!r}")
+    if model_devices == 1:
+        return Mesh(np.asarray(devices), (AXIS,))
+    return Mesh(np.asarray(devices).reshape(-1, int(model_devices)),
+                (AXIS, MODEL_AXIS))
+
+
 def shardings(devices: tuple[Any, ...]) -> tuple[NamedSharding,
                                                    NamedSharding]:
     """``(points sharded over devices, replicated)`` on the runner's mesh."""
@@ -156,7 +200,9 @@ class PointProgram:
 
     def __init__(self, fn: PointFn, *, group_size: int,
                  devices: tuple[Any, ...],
-                 chunk_points: int = DEFAULT_CHUNK_POINTS):
+                 chunk_points: int = DEFAULT_CHUNK_POINTS,
+                 model_devices: int = 1,
+                 partition: PartitionRule | None = None):
         for name, value in (("group_size", group_size),
                             ("chunk_points", chunk_points)):
             if isinstance(value, bool) or not isinstance(
@@ -166,7 +212,11 @@ class PointProgram:
         self.group_size = int(group_size)
         self.chunk_points = int(chunk_points)
         self.devices = devices
-        self.unit = self.group_size * len(devices)
+        self.mesh = make_mesh(devices, model_devices)
+        self.model_devices = int(model_devices)
+        self.partition = partition
+        self.points_devices = len(devices) // self.model_devices
+        self.unit = self.group_size * self.points_devices
         group = jax.vmap(fn, in_axes=(0, None))
         size = self.group_size
 
@@ -178,16 +228,52 @@ class PointProgram:
             return jax.tree.map(
                 lambda x: x.reshape((count * size,) + x.shape[2:]), outputs)
 
-        self.mesh = Mesh(np.asarray(devices), (AXIS,))
-        self.sharded, self.replicated = shardings(devices)
+        self.sharded = NamedSharding(self.mesh, PartitionSpec(AXIS))
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        # With a model axis only the points axis is manual: XLA partitions
+        # each point's computation over the model axis (GSPMD).
+        manual = {} if self.model_devices == 1 else {"axis_names": {AXIS}}
         self._compiled = jax.jit(jax.shard_map(
             local, mesh=self.mesh,
             in_specs=(PartitionSpec(AXIS), PartitionSpec()),
             out_specs=PartitionSpec(AXIS),
             # Loop state made from constants (zeros, iotas) is not written
             # for shard_map's replication types, and nothing here
-            # communicates across devices.
-            check_vma=False))
+            # communicates across the points axis.
+            check_vma=False, **manual))
+
+    def shared_sharding(self, shared: Any) -> Any:
+        """The sharding of every shared leaf: replicated, or split over the
+        model axis by :attr:`partition` (default
+        :func:`default_partition`)."""
+        if self.model_devices == 1:
+            return jax.tree.map(lambda _: self.replicated, shared)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(shared)
+        specs = []
+        for path, leaf in flat:
+            spec = None if self.partition is None else self.partition(
+                jax.tree_util.keystr(path), leaf)
+            specs.append(NamedSharding(self.mesh, spec if spec is not None
+                                       else default_partition(
+                                           leaf, self.model_devices)))
+        return jax.tree_util.tree_unflatten(treedef, specs)
+
+    def place_shared(self, shared: Any) -> Any:
+        """``shared`` on its shardings (:meth:`shared_sharding`)."""
+        if self.model_devices == 1 and jax.process_count() == 1:
+            return shared
+        targets = self.shared_sharding(shared)
+
+        def put(leaf, sharding):
+            if isinstance(leaf, jax.Array) and (
+                    leaf.sharding == sharding or not leaf.is_fully_addressable):
+                return leaf
+            if jax.process_count() == 1 and not jax.dtypes.issubdtype(
+                    getattr(leaf, "dtype", None), jax.dtypes.prng_key):
+                return jax.device_put(leaf, sharding)
+            return place(leaf, sharding)
+
+        return jax.tree.map(put, shared, targets)
 
     def padded_size(self, count: int) -> int:
         """The stack size one call pads ``count`` points to."""
@@ -204,13 +290,13 @@ class PointProgram:
         count = _count(points)
         points = pad_points(points, size or self.padded_size(count))
         return self._compiled(_global(points, self.sharded),
-                              _global(shared, self.replicated)), count
+                              self.place_shared(shared)), count
 
     def chunk_size(self, count: int) -> int:
         """Points per call for a stack of ``count``: at most
         ``chunk_points`` per device, in as few balanced chunks as that
         allows, a multiple of :attr:`unit`."""
-        per_device = -(-int(count) // len(self.devices))
+        per_device = -(-int(count) // self.points_devices)
         chunks = -(-per_device // self.chunk_points)
         size = -(-int(count) // chunks)
         return -(-size // self.unit) * self.unit
@@ -246,9 +332,11 @@ class PointProgram:
 
 @functools.lru_cache(maxsize=64)
 def _program(fn: PointFn, group_size: int, devices: tuple,
-             chunk_points: int) -> PointProgram:
+             chunk_points: int, model_devices: int,
+             partition: PartitionRule | None) -> PointProgram:
     return PointProgram(fn, group_size=group_size, devices=devices,
-                        chunk_points=chunk_points)
+                        chunk_points=chunk_points,
+                        model_devices=model_devices, partition=partition)
 
 
 def _positive_int(value: Any) -> Any:
@@ -259,7 +347,9 @@ def _positive_int(value: Any) -> Any:
 
 def map_points(fn: PointFn, *, group_size: int = 1,
                devices: Sequence[Any] | None = None,
-               chunk_points: int = DEFAULT_CHUNK_POINTS) -> PointProgram:
+               chunk_points: int = DEFAULT_CHUNK_POINTS,
+               model_devices: int = 1,
+               partition: PartitionRule | None = None) -> PointProgram:
     """The runner for ``fn``: one compiled program over stacks of points.
 
     Programs are cached by ``(fn, group_size, devices)``, so calling
@@ -274,6 +364,13 @@ def map_points(fn: PointFn, *, group_size: int = 1,
         devices: devices to shard the points over; default every device.
         chunk_points: most points per device in one call
             (:data:`DEFAULT_CHUNK_POINTS`).
+        model_devices: devices each point's computation is split over
+            (the mesh is ``len(devices) / model_devices`` points x
+            ``model_devices`` model); the shared arrays are sharded over
+            the model axis by ``partition``.
+        partition: ``rule(path, leaf) -> PartitionSpec | None`` for the
+            shared leaves (``None`` and a rule's ``None``:
+            :func:`default_partition`, the largest axis of large leaves).
 
     Returns:
         A :class:`PointProgram`: ``program(points, shared) -> outputs``.
@@ -283,7 +380,8 @@ def map_points(fn: PointFn, *, group_size: int = 1,
             or no devices.
     """
     return _program(fn, _positive_int(group_size), devices_of(devices),
-                    _positive_int(chunk_points))
+                    _positive_int(chunk_points),
+                    _positive_int(model_devices), partition)
 
 
 class MemoryEstimate(NamedTuple):
@@ -352,5 +450,6 @@ def group_size_for(fn: PointFn, point: Any, shared: Any, *, wanted: int,
 
 
 __all__ = ["AXIS", "DEFAULT_CHUNK_POINTS", "MemoryEstimate", "PointProgram",
-           "devices_of", "fetch", "group_size_for", "map_points",
+           "MODEL_AXIS", "default_partition", "devices_of", "fetch",
+           "group_size_for", "make_mesh", "map_points",
            "pad_points", "place", "point_memory", "shardings"]

@@ -396,7 +396,8 @@ def touched_leaves(op: Callable, params: Params, damage_keys: PRNGKey,
 def recover_damage(strategy: Any, task: Any, op: Callable, params: Params,
                    *, damage_keys: PRNGKey, amounts: Any, keys: PRNGKey,
                    return_params: bool = False, group_size: int = 1,
-                   devices: Sequence[Any] | None = None):
+                   devices: Sequence[Any] | None = None,
+                   model_devices: int = 1, partition=None):
     """Damage and recover many models, each damage re-derived on device.
 
     Point ``i`` is the model ``op(damage_keys[i], params, amounts[i])``,
@@ -421,6 +422,10 @@ def recover_damage(strategy: Any, task: Any, op: Callable, params: Params,
             memory then grows with ``M``).
         group_size: models per ``vmap`` group.
         devices: devices to shard the points over (default all).
+        model_devices: devices each model is split over (a points x model
+            mesh; see :func:`recovjax.runner.map_points`).
+        partition: ``rule(path, leaf) -> PartitionSpec | None`` for the
+            shared leaves on the model axis.
 
     Returns:
         :class:`~recovjax.recovery.RecoveryOutcome`; ``params`` is ``None``
@@ -463,7 +468,8 @@ def recover_damage(strategy: Any, task: Any, op: Callable, params: Params,
     prepared = prepare(task, candidates)
     program = runner.map_points(
         _damaged_point(prepared.fn, op, info, return_params),
-        group_size=group_size, devices=devices)
+        group_size=group_size, devices=devices, model_devices=model_devices,
+        partition=partition)
     result = jax.block_until_ready(program(
         (damage_keys, amounts, keys), (params, prepared.shared)))
     return outcome_of(result, prepared, time.perf_counter() - start)

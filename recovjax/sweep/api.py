@@ -300,6 +300,7 @@ def iter_sweep(model, params: Params, *,
                chunk_size: int | None = None, vmap_size: int | None = None,
                memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
                devices: Sequence | None = None,
+               model_devices: int = 1, partition=None,
                metric_fn: MetricFn | None = None,
                plan: list | None = None,
                include_clean: bool = False) -> Iterator[ChunkResult]:
@@ -339,15 +340,19 @@ def iter_sweep(model, params: Params, *,
         model_bytes = runner.point_memory(
             point_fn(model, next(iter(kinds.values())), metric_fn), point,
             (params, batches)).point_bytes
+    mesh = runner.make_mesh(tuple(device_list), model_devices)
     the_plan = plan_sweep(model_bytes, num_points + clean_slots,
-                          num_devices=len(device_list),
+                          num_devices=int(mesh.shape[runner.AXIS]),
                           batch_size=_batch_size(batches),
                           chunk_size=chunk_size, vmap_size=vmap_size,
                           memory_budget_bytes=memory_budget_bytes)
     if plan is not None:
         plan.append(the_plan)
-    sharded, replicated = runner.shardings(tuple(device_list))
-    shared = runner.place((params, batches), replicated)
+    first = chunk_program(model, next(iter(kinds.values())), metric_fn,
+                          the_plan.vmap_size, tuple(device_list),
+                          model_devices, partition)
+    sharded = first.sharded
+    shared = first.place_shared((params, batches))
     size = the_plan.chunk_size
 
     def padded_slots(name: str, points: list[SweepPoint], clean: bool
@@ -362,7 +367,8 @@ def iter_sweep(model, params: Params, *,
         flags = np.zeros((size,), np.bool_)
         flags[len(points):len(points) + clean] = True
         program = chunk_program(model, kinds[name], metric_fn,
-                                 the_plan.vmap_size, tuple(device_list))
+                                 the_plan.vmap_size, tuple(device_list),
+                                 model_devices, partition)
         points = runner.place(
             (keys, np.asarray([p.ratio for p in padded], np.float32), flags),
             sharded)
@@ -431,6 +437,7 @@ def sweep(model, params: Params, *,
           chunk_size: int | None = None, vmap_size: int | None = None,
           memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
           devices: Sequence | None = None,
+          model_devices: int = 1, partition=None,
           metric_fn: MetricFn | None = None,
           on_chunk: Callable[[ChunkResult], None] | None = None,
           include_clean: bool = True,
@@ -463,7 +470,13 @@ def sweep(model, params: Params, *,
         vmap_size: points vectorised together per device (default
             :data:`DEFAULT_VMAP_SIZE`, lowered to fit the budget).
         memory_budget_bytes: working-set budget of one group of models.
-        devices: devices to shard the model axis over (default: all).
+        devices: devices to shard the points over (default: all).
+        model_devices: devices each point is split over: the mesh is
+            ``len(devices) / model_devices`` points x ``model_devices``
+            model, and the parameters are sharded over the model axis
+            (see :func:`recovjax.runner.map_points`).
+        partition: ``rule(path, leaf) -> PartitionSpec | None`` overriding
+            how a shared leaf is sharded over the model axis.
         metric_fn: user metric ``metric_fn(logits, labels, mask) -> sum``
             (see :func:`recovjax.evaluate.evaluate`), reported as
             ``custom``.
@@ -509,7 +522,8 @@ def sweep(model, params: Params, *,
                             seeds=seeds, data=batches, root_key=root,
                             chunk_size=chunk_size, vmap_size=vmap_size,
                             memory_budget_bytes=memory_budget_bytes,
-                            devices=devices, metric_fn=metric_fn,
+                            devices=devices, model_devices=model_devices,
+                            partition=partition, metric_fn=metric_fn,
                             plan=plans, include_clean=include_clean):
         rows.extend(chunk.rows)
         clean_rows.extend(chunk.clean_rows)

@@ -55,6 +55,9 @@ def point_fn(model, op: DamageOp, metric_fn: MetricFn | None):
 
 
 def chunk_program(model, op: DamageOp, metric_fn: MetricFn | None,
-                   vmap_size: int, devices: tuple) -> runner.PointProgram:
+                   vmap_size: int, devices: tuple, model_devices: int = 1,
+                   partition=None) -> runner.PointProgram:
     return runner.map_points(point_fn(model, op, metric_fn),
-                             group_size=vmap_size, devices=devices)
+                             group_size=vmap_size, devices=devices,
+                             model_devices=model_devices,
+                             partition=partition)
