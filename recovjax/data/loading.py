@@ -264,21 +264,41 @@ def _load_embedded(name: str, root: pathlib.Path) -> Dataset:
     return _load_mnist5k(root)
 
 
-def _load_fashion_mnist(root: pathlib.Path) -> Dataset:
-    prepared = (root / _BUILDER_DIRS["fashion_mnist"]
-                / str(FashionMnistIdx.VERSION))
+def prepared_builder(builder_class, root: pathlib.Path,
+                     prepared: pathlib.Path, what: str = "dataset",
+                     **options):
+    """A local TFDS builder, prepared (once) under ``root``.
+
+    Args:
+        builder_class: the builder (``Mnist5k``, ``FashionMnistIdx``, ...).
+        root: the data directory.
+        prepared: its version directory (for the error message).
+        what: what it prepares, for the message (``"dataset"``).
+        **options: further builder arguments (``config=``, ...).
+
+    Raises:
+        DatasetCorruptedError: its ``dataset_info.json`` cannot be read.
+    """
     try:
-        builder = FashionMnistIdx(data_dir=str(root),
-                                  file_format="array_record")
+        builder = builder_class(data_dir=str(root),
+                                file_format="array_record", **options)
     except Exception as error:  # TFDS reads dataset_info.json here.
         if not (prepared / "dataset_info.json").is_file():
             raise
         raise DatasetCorruptedError(
             prepared / "dataset_info.json",
-            f"cannot read the prepared dataset's description ({error})"
+            f"cannot read the prepared {what}'s description ({error})"
             ) from error
     if not builder.is_prepared():
-        builder.download_and_prepare()
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(verify_ssl=False))
+    return builder
+
+
+def _load_fashion_mnist(root: pathlib.Path) -> Dataset:
+    prepared = (root / _BUILDER_DIRS["fashion_mnist"]
+                / str(FashionMnistIdx.VERSION))
+    builder = prepared_builder(FashionMnistIdx, root, prepared)
     dataset = _from_builder("fashion_mnist", builder)
     for split, count in fashion_mnist.COUNTS.items():
         found = getattr(dataset, split).labels.size
@@ -291,18 +311,7 @@ def _load_fashion_mnist(root: pathlib.Path) -> Dataset:
 
 def _load_mnist5k(root: pathlib.Path) -> Dataset:
     prepared = root / "mnist5k" / str(Mnist5k.VERSION)
-    try:
-        builder = Mnist5k(data_dir=str(root), file_format="array_record")
-    except Exception as error:  # TFDS reads dataset_info.json here.
-        if not (prepared / "dataset_info.json").is_file():
-            raise
-        raise DatasetCorruptedError(
-            prepared / "dataset_info.json",
-            f"cannot read the prepared dataset's description ({error})"
-            ) from error
-    if not builder.is_prepared():
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(verify_ssl=False))
+    builder = prepared_builder(Mnist5k, root, prepared)
     dataset = _from_builder("mnist5k", builder)
     for split, per_class in (("train", mnist5k.TRAIN_PER_CLASS),
                              ("test", mnist5k.TEST_PER_CLASS)):

@@ -56,7 +56,7 @@ from recovjax._checks import check_batch_size
 from recovjax._io import move_aside
 from recovjax._types import Array, PRNGKey
 from recovjax.data.batching import num_batches
-from recovjax.data.loading import DatasetCorruptedError
+from recovjax.data.loading import DatasetCorruptedError, prepared_builder
 
 logger = logging.getLogger(__name__)
 
@@ -496,19 +496,8 @@ def load_text(name: str = NAME, *,
 
 def _load(root: pathlib.Path, config: PysourceConfig) -> TextDataset:
     prepared = root / NAME / config.name / str(Pysource.VERSION)
-    try:
-        builder = Pysource(config=config, data_dir=str(root),
-                           file_format="array_record")
-    except Exception as error:  # TFDS reads dataset_info.json here.
-        if not (prepared / "dataset_info.json").is_file():
-            raise
-        raise DatasetCorruptedError(
-            prepared / "dataset_info.json",
-            f"cannot read the prepared corpus's description ({error})"
-            ) from error
-    if not builder.is_prepared():
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(verify_ssl=False))
+    builder = prepared_builder(Pysource, root, prepared, "corpus",
+                               config=config)
     files = tuple(record for record, _ in read_sources(
         config.modules, source_dir=config.source_dir,
         max_file_bytes=config.max_file_bytes))
