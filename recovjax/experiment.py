@@ -409,12 +409,7 @@ def run_experiment(config: config_lib.ExperimentConfig,
                     rows.extend(run.read_part(name))
                     tick(f"recovered {label} with {tag}")
 
-    table = ResultsTable(
-        rows=rows, config=config_lib.to_dict(config), root_seed=config.seed,
-        versions=_versions(), device_kind=_device_kind())
-    table.to_csv(run.path / "results.csv")
-    table.to_json(run.path / "results.json")
-    run.write("env.json", json.dumps(environment(), indent=1, sort_keys=True))
+    table = _write_results(run, rows, config)
     run.write("costs.json", json.dumps(_all_costs(run), indent=1,
                                        sort_keys=True))
     from recovjax.report import write_report
@@ -422,6 +417,19 @@ def run_experiment(config: config_lib.ExperimentConfig,
     write_report(run.path, table.rows, threshold=config.report.threshold,
                  title=config.name, metric=metric,
                  higher_is_better=higher_is_better)
+    return table
+
+
+def _write_results(run: RunDirectory, rows: list[dict],
+                   config: config_lib.ExperimentConfig) -> ResultsTable:
+    """The tidy table, as ``results.csv`` and ``results.json``, and
+    ``env.json``."""
+    table = ResultsTable(
+        rows=rows, config=config_lib.to_dict(config), root_seed=config.seed,
+        versions=_versions(), device_kind=_device_kind())
+    table.to_csv(run.path / "results.csv")
+    table.to_json(run.path / "results.json")
+    run.write("env.json", json.dumps(environment(), indent=1, sort_keys=True))
     return table
 
 
@@ -506,12 +514,7 @@ def run_sensitivity(config: config_lib.ExperimentConfig,
             damage_name=label, batch_size=config.evaluate.batch_size)
         rows.extend(row for row in result.table.rows
                     if row["stage"] != "clean" or position == 0)
-    table = ResultsTable(
-        rows=rows, config=config_lib.to_dict(config), root_seed=config.seed,
-        versions=_versions(), device_kind=_device_kind())
-    table.to_csv(run.path / "results.csv")
-    table.to_json(run.path / "results.json")
-    run.write("env.json", json.dumps(environment(), indent=1, sort_keys=True))
+    table = _write_results(run, rows, config)
     from recovjax.report import write_report
     metric, higher_is_better = experiment.headline
     write_report(run.path, table.rows, threshold=config.report.threshold,
