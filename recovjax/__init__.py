@@ -19,9 +19,11 @@ from recovjax.checkpoints import (CheckpointCorruptedError, CheckpointError,
 from recovjax.config import ConfigError, ExperimentConfig, load_config
 from recovjax.cores import use_all_cores
 from recovjax.damage import damage_names, get_damage, register_damage
-from recovjax.data import (batch_split, dataset_names, load_arrays,
-                           load_dataset, register_dataset)
-from recovjax.evaluate import Metrics, evaluate, evaluate_stack
+from recovjax.data import (BatchStream, batch_split, dataset_names,
+                           load_arrays, load_dataset, register_dataset,
+                           stream_dataset)
+from recovjax.evaluate import (Metrics, evaluate, evaluate_stack,
+                               evaluate_stream)
 from recovjax._malloc import fix_mmap_threshold
 from recovjax.experiment import run_experiment
 from recovjax.language import load_pretrained_lm, pretrain_lm
@@ -40,6 +42,7 @@ from recovjax.sweep import SweepResult, damage_point, sweep
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchStream",
     "Batches",
     "CheckpointCorruptedError",
     "CheckpointError",
@@ -67,6 +70,7 @@ __all__ = [
     "dataset_names",
     "evaluate",
     "evaluate_stack",
+    "evaluate_stream",
     "finetune",
     "fix_mmap_threshold",
     "from_apply",
@@ -98,6 +102,7 @@ __all__ = [
     "save_checkpoint",
     "save_pretrained",
     "strategy_names",
+    "stream_dataset",
     "summarize",
     "sensitivity",
     "sweep",

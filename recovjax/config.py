@@ -80,6 +80,10 @@ class SweepConfig:
     chunk_size: int | None = _field(None, low=1,
                                     help="models per compiled call")
     memory_budget_mb: float = _field(512.0, low=1.0, high=1e9)
+    model_devices: int = _field(
+        1, low=1, high=COUNT_MAX,
+        help="devices each damaged model is split over (a points x model "
+             "mesh); divides the device count")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +93,12 @@ class EvaluateConfig:
     batch_size: int = _field(100, low=1, high=COUNT_MAX)
     test_examples: int | None = _field(None, low=1,
                                        help="use the first N test images")
+    stream: bool = _field(
+        False, help="sweeps read the test split block by block from its "
+                    "TFDS source instead of loading it (TFDS-built "
+                    "classification datasets)")
+    block_batches: int = _field(4, low=1, high=COUNT_MAX,
+                                help="batches per streamed block")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,6 +17,7 @@ NaN logit, as NumPy does), and the loss is reported as the ``inf`` or
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -179,33 +180,32 @@ def evaluate(apply: ApplyFn, params: Params, batches: Batches,
     return _evaluate(apply, params, batches, num_classes, metric_fn)
 
 
-def _evaluate(apply: ApplyFn, params: Params, batches: Batches,
-              num_classes: int, metric_fn: MetricFn | None) -> Metrics:
-    """:func:`evaluate` after its checks."""
+class Totals(NamedTuple):
+    """The running totals of an evaluation, carried from batch to batch.
 
-    def accumulate(totals, batch):
-        images, labels, mask = batch
-        valid = mask > 0
-        logits = apply(params, images)
-        # The logit width is static: checked while tracing, at no cost.
-        _checks.check_logits_shape(logits.shape, num_classes)
-        # where, not multiply: padding must not turn a finite total into NaN.
-        hit = valid & (jnp.argmax(logits, axis=-1) == labels)
-        loss = jnp.where(valid, cross_entropy(logits, labels), 0.0)
-        classes = jnp.arange(num_classes)
-        in_class = valid[:, None] & (labels[:, None] == classes)
-        correct, loss_total, class_correct, class_count, custom = totals
-        if metric_fn is not None:
-            custom = jax.tree.map(
-                lambda t, s: t + jnp.asarray(s, t.dtype), custom,
-                metric_fn(logits, labels, valid))
-        return (correct + hit.sum(dtype=jnp.int32),
-                loss_total + loss.sum(dtype=jnp.float32),
-                class_correct + (in_class & hit[:, None]).sum(
-                    0, dtype=jnp.int32),
-                class_count + in_class.sum(0, dtype=jnp.int32),
-                custom), None
+    Attributes:
+        correct: ``int32`` correctly classified examples.
+        loss_sum: ``float32`` sum of the per-example losses.
+        class_correct: ``int32[num_classes]`` correct examples per class.
+        class_count: ``int32[num_classes]`` examples per class.
+        custom: the user metric's running sums, or ``None``.
+    """
 
+    correct: Array
+    loss_sum: Array
+    class_correct: Array
+    class_count: Array
+    custom: Any = None
+
+
+def start_totals(apply: ApplyFn, params: Params, batches: Batches,
+                 num_classes: int, metric_fn: MetricFn | None = None
+                 ) -> Totals:
+    """Zero totals for ``batches``-shaped data (traceable).
+
+    The user metric's sums take the shape and (at least float32) dtype of
+    what ``metric_fn`` returns for one batch.
+    """
     custom = None
     if metric_fn is not None:
         shapes = jax.eval_shape(
@@ -220,20 +220,69 @@ def _evaluate(apply: ApplyFn, params: Params, batches: Batches,
                                                            jnp.float32)),
             shapes)
     zeros = jnp.zeros((num_classes,), jnp.int32)
-    start = (jnp.int32(0), jnp.float32(0), zeros, zeros, custom)
-    (correct, loss, class_correct, class_count, custom), _ = jax.lax.scan(
-        accumulate, start, (batches.images, batches.labels, batches.mask))
-    count = class_count.sum()
+    return Totals(jnp.int32(0), jnp.float32(0), zeros, zeros, custom)
+
+
+def accumulate(apply: ApplyFn, params: Params, batches: Batches,
+               num_classes: int, totals: Totals,
+               metric_fn: MetricFn | None = None) -> Totals:
+    """``totals`` plus those of every batch of ``batches``, in order.
+
+    One ``lax.scan`` over the batches; traceable. Accumulating blocks of
+    batches one after another from :func:`start_totals` performs the same
+    additions, in the same order, as accumulating all of them at once.
+    """
+
+    def step(totals, batch):
+        images, labels, mask = batch
+        valid = mask > 0
+        logits = apply(params, images)
+        # The logit width is static: checked while tracing, at no cost.
+        _checks.check_logits_shape(logits.shape, num_classes)
+        # where, not multiply: padding must not turn a finite total into NaN.
+        hit = valid & (jnp.argmax(logits, axis=-1) == labels)
+        loss = jnp.where(valid, cross_entropy(logits, labels), 0.0)
+        classes = jnp.arange(num_classes)
+        in_class = valid[:, None] & (labels[:, None] == classes)
+        custom = totals.custom
+        if metric_fn is not None:
+            custom = jax.tree.map(
+                lambda t, s: t + jnp.asarray(s, t.dtype), custom,
+                metric_fn(logits, labels, valid))
+        return Totals(totals.correct + hit.sum(dtype=jnp.int32),
+                      totals.loss_sum + loss.sum(dtype=jnp.float32),
+                      totals.class_correct + (in_class & hit[:, None]).sum(
+                          0, dtype=jnp.int32),
+                      totals.class_count + in_class.sum(0, dtype=jnp.int32),
+                      custom), None
+
+    totals, _ = jax.lax.scan(step, Totals(*totals),
+                             (batches.images, batches.labels, batches.mask))
+    return totals
+
+
+def finish(totals: Totals) -> Metrics:
+    """The :class:`Metrics` of finished totals (traceable)."""
+    count = totals.class_count.sum(-1)
     denominator = count.astype(jnp.float32)
+    custom = totals.custom
     if custom is not None:
         custom = jax.tree.map(lambda t: t / denominator, custom)
-    return Metrics(accuracy=correct / denominator,
-                   loss=loss / denominator,
-                   per_class_accuracy=class_correct / class_count.astype(
-                       jnp.float32),
-                   count=count, custom=custom, correct=correct,
-                   class_correct=class_correct, class_count=class_count,
-                   loss_sum=loss)
+    return Metrics(accuracy=totals.correct / denominator,
+                   loss=totals.loss_sum / denominator,
+                   per_class_accuracy=totals.class_correct
+                   / totals.class_count.astype(jnp.float32),
+                   count=count, custom=custom, correct=totals.correct,
+                   class_correct=totals.class_correct,
+                   class_count=totals.class_count, loss_sum=totals.loss_sum)
+
+
+def _evaluate(apply: ApplyFn, params: Params, batches: Batches,
+              num_classes: int, metric_fn: MetricFn | None) -> Metrics:
+    """:func:`evaluate` after its checks."""
+    start = start_totals(apply, params, batches, num_classes, metric_fn)
+    return finish(accumulate(apply, params, batches, num_classes, start,
+                             metric_fn))
 
 
 def evaluate_stack(apply: ApplyFn, stacked_params: Params, batches: Batches,
@@ -292,3 +341,54 @@ def evaluate_stack(apply: ApplyFn, stacked_params: Params, batches: Batches,
     if vmap_size is None:
         return jax.vmap(one)(stacked_params)
     return jax.lax.map(one, stacked_params, batch_size=vmap_size)
+
+
+def evaluate_stream(apply: ApplyFn, params: Params, stream,
+                    num_classes: int, *, metric_fn: MetricFn | None = None
+                    ) -> Metrics:
+    """Evaluate one model over a :class:`~recovjax.data.BatchStream`.
+
+    The stream is read block by block; one compiled program adds each
+    block to the running totals (:func:`accumulate`), so only the blocks
+    being read and evaluated are in memory, and the metrics equal those of
+    :func:`evaluate` over the same batches held at once.
+
+    Args:
+        apply: ``apply(params, x) -> logits``, such as ``model.forward``.
+        params: the model's parameters.
+        stream: the evaluation data.
+        num_classes: number of classes.
+        metric_fn: optional user metric (see :func:`evaluate`).
+
+    Returns:
+        :class:`Metrics` of scalars (device arrays).
+
+    Raises:
+        ValueError: for a stream of another number of classes, a model
+            whose logits are not ``num_classes`` wide, or a label outside
+            ``[0, num_classes)`` (raised when its block is read).
+    """
+    if getattr(stream, "num_classes", num_classes) != num_classes:
+        raise ValueError(f"stream: has {stream.num_classes} classes, "
+                         f"num_classes is {num_classes}")
+    program = _stream_program(apply, num_classes, metric_fn)
+    totals = None
+    for block in stream:
+        _check(block, num_classes)
+        if totals is None:
+            _checks.check_logit_width(apply, params, _batch_struct(block),
+                                      num_classes)
+            totals = jax.jit(start_totals, static_argnums=(0, 3, 4))(
+                apply, params, block, num_classes, metric_fn)
+        totals = program(params, block, totals)
+    if totals is None:
+        raise ValueError(f"stream: {getattr(stream, 'name', 'it')} yielded "
+                         "no blocks")
+    return jax.jit(finish)(totals)
+
+
+@functools.lru_cache(maxsize=32)
+def _stream_program(apply: ApplyFn, num_classes: int,
+                    metric_fn: MetricFn | None):
+    return jax.jit(lambda params, block, totals: accumulate(
+        apply, params, block, num_classes, totals, metric_fn))

@@ -33,8 +33,10 @@ import numpy as np
 from recovjax import config as config_lib
 from recovjax._compile_cache import enable_compilation_cache
 from recovjax.data import batch_split
+from recovjax.data.loading import dataset_features
+from recovjax.data.stream import stream_dataset
 from recovjax.damage import damage_spec, get_damage
-from recovjax.evaluate import evaluate
+from recovjax.evaluate import evaluate, evaluate_stream
 from recovjax import checkpoints, sources
 from recovjax.models import pretrained_loader
 from recovjax.tasks import evaluate_task, general_task
@@ -76,9 +78,21 @@ class Experiment:
                  zoo_dir=None, progress: bool = True):
         self.config = config
         self._ops: dict[str, Any] = {}
-        self.data = sources.resolve_dataset(config.dataset, config.data_dir,
-                                            config.dataset_options)
-        sample, classes = sources.dataset_sample_of(self.data)
+        self._data = None
+        self.stream = None
+        evaluation = config.evaluate
+        if evaluation.stream:
+            # The sweep reads the test split block by block; the whole
+            # dataset is loaded only if a recovery needs its train split.
+            self.stream = stream_dataset(
+                config.dataset, "test", batch_size=evaluation.batch_size,
+                block_batches=evaluation.block_batches,
+                examples=evaluation.test_examples, data_dir=config.data_dir)
+            shape, classes = dataset_features(config.dataset,
+                                              data_dir=config.data_dir)
+            sample = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
+        else:
+            sample, classes = sources.dataset_sample_of(self.data)
         model = sources.resolve_model(config.model, classes, sample)
         model = sources.resolve_task(model, config.task, config.task_options)
         loader = (None if sources.is_import_path(config.model)
@@ -115,17 +129,33 @@ class Experiment:
         self.model = model
         self.params = self.pretrained.params
         self.task = general_task(model)
-        batch_size = config.evaluate.batch_size
-        if self.task is None:
-            self.test = sources.subset(self.data.test,
-                                       config.evaluate.test_examples)
-            self.batches = batch_split(self.test, batch_size)
-        else:
-            self.batches = sources.task_batches(
-                self.data, self.data.test, batch_size,
-                config.evaluate.test_examples)
+        self._batches = None
         self.root = jax.random.key(config.seed)
         self._step_flops: float | None = None
+
+    @property
+    def data(self):
+        """The dataset, loaded on first use."""
+        if self._data is None:
+            config = self.config
+            self._data = sources.resolve_dataset(
+                config.dataset, config.data_dir, config.dataset_options)
+        return self._data
+
+    @property
+    def batches(self):
+        """The test batches in memory (built on first use)."""
+        if self._batches is None:
+            evaluation = self.config.evaluate
+            if self.task is None:
+                self._batches = batch_split(
+                    sources.subset(self.data.test, evaluation.test_examples),
+                    evaluation.batch_size)
+            else:
+                self._batches = sources.task_batches(
+                    self.data, self.data.test, evaluation.batch_size,
+                    evaluation.test_examples)
+        return self._batches
 
     @property
     def headline(self) -> tuple[str, bool]:
@@ -163,9 +193,13 @@ class Experiment:
             metrics = jax.jit(lambda p: evaluate_task(
                 self.task, self.model.forward, p, self.batches))(self.params)
             return task_rows(jax.device_get(metrics), **where)
-        metrics = jax.jit(evaluate, static_argnums=(0, 3))(
-            self.model.forward, self.params, self.batches,
-            self.model.num_classes)
+        if self.stream is not None:
+            metrics = evaluate_stream(self.model.forward, self.params,
+                                      self.stream, self.model.num_classes)
+        else:
+            metrics = jax.jit(evaluate, static_argnums=(0, 3))(
+                self.model.forward, self.params, self.batches,
+                self.model.num_classes)
         return metrics_rows(jax.device_get(metrics), **where)
 
     def points(self, damage: config_lib.DamageConfig) -> list[tuple]:
@@ -180,8 +214,9 @@ class Experiment:
         return iter_sweep(
             self.model, self.params, damages={label: op},
             ratios=list(damage.ratios), seeds=sweep_config.seeds,
-            data=self.batches, root_key=self.root,
-            chunk_size=sweep_config.chunk_size,
+            data=self.batches if self.stream is None else self.stream,
+            root_key=self.root, chunk_size=sweep_config.chunk_size,
+            model_devices=sweep_config.model_devices,
             memory_budget_bytes=int(sweep_config.memory_budget_mb * 2**20))
 
     def recovery_data(self, label: str, data: config_lib.RecoveryDataConfig):
@@ -231,7 +266,8 @@ class Experiment:
             lambda key: jax.random.fold_in(key, RECOVERY_STREAM))(keys)
         return recover_damage(strategy, task, self.damage_op(damage),
                               self.params, damage_keys=keys, amounts=ratios,
-                              keys=recovery_keys)
+                              keys=recovery_keys,
+                              model_devices=self.config.sweep.model_devices)
 
 
 def _pad(points: list, size: int) -> list:

@@ -77,6 +77,20 @@ def check_config(config: config_lib.ExperimentConfig,
         raise config_lib.ConfigError(f"{source}: {error}") from None
 
 
+def _check_stream(config: config_lib.ExperimentConfig, task) -> None:
+    from recovjax.data.loading import CATALOGUE, EMBEDDED
+    if task is not None:
+        raise config_lib.ConfigError(
+            f"evaluate.stream: streams classification data; the model "
+            f"{config.model!r} has the task {task.name!r} (leave stream "
+            "out)")
+    if config.dataset not in EMBEDDED + CATALOGUE:
+        raise config_lib.ConfigError(
+            f"evaluate.stream: dataset {config.dataset!r} is not built by "
+            f"TFDS; stream one of {', '.join(EMBEDDED + CATALOGUE)}, or "
+            "leave stream out to load it")
+
+
 _USER_ERRORS = (ValueError, TypeError, KeyError, IndexError)
 """What building or tracing an operator raises for options that do not fit."""
 
@@ -130,6 +144,14 @@ def _check(config: config_lib.ExperimentConfig) -> None:
     except _USER_ERRORS as error:
         raise _fail("model", f"{config.model!r} does not take "
                     f"{config.dataset!r} {inputs}: {error}") from None
+    if config.evaluate.stream:
+        _check_stream(config, task)
+    devices = jax.device_count()
+    if devices % config.sweep.model_devices:
+        raise config_lib.ConfigError(
+            f"sweep.model_devices: {config.sweep.model_devices} does not "
+            f"divide the {devices} devices here (see recovjax.use_all_cores "
+            "and JAX_NUM_CPU_DEVICES)")
     if task is not None:
         _check_task(config, model, task, abstract, sample)
     elif jnp.issubdtype(sample.dtype, jnp.integer):

@@ -295,10 +295,40 @@ def prepared_builder(builder_class, root: pathlib.Path,
     return builder
 
 
+def tfds_builder(name: str, *, data_dir: str | os.PathLike[str] | None = None):
+    """The prepared TFDS builder of ``name``, for reading its data sources.
+
+    ``mnist5k`` and ``fashion_mnist`` are prepared on first use (as by
+    :func:`load_dataset`); catalogue datasets must have been prepared in
+    ``array_record`` format.
+
+    Raises:
+        ValueError: for a name that no TFDS builder serves (an unknown name,
+            or a dataset registered as in-memory arrays).
+        FileNotFoundError: as for :func:`load_dataset`.
+    """
+    if name in EMBEDDED:
+        return _embedded_builder(name, _paths.data_dir(data_dir))
+    if name in CATALOGUE:
+        return _catalogue_builder(name, data_dir)
+    if name in dataset_names():
+        raise ValueError(
+            f"dataset {name!r} is registered as in-memory arrays, not built "
+            "by TFDS; load it with load_dataset, or stream its arrays with "
+            "recovjax.data.BatchStream.from_arrays")
+    raise ValueError(f"unknown dataset {name!r}; valid names: "
+                     f"{', '.join(dataset_names())}")
+
+
+def _embedded_builder(name: str, root: pathlib.Path):
+    builder_class = FashionMnistIdx if name == "fashion_mnist" else Mnist5k
+    prepared = root / _BUILDER_DIRS[name] / str(builder_class.VERSION)
+    return prepared_builder(builder_class, root, prepared)
+
+
 def _load_fashion_mnist(root: pathlib.Path) -> Dataset:
-    prepared = (root / _BUILDER_DIRS["fashion_mnist"]
-                / str(FashionMnistIdx.VERSION))
-    builder = prepared_builder(FashionMnistIdx, root, prepared)
+    builder = _embedded_builder("fashion_mnist", root)
+    prepared = pathlib.Path(str(builder.data_dir))
     dataset = _from_builder("fashion_mnist", builder)
     for split, count in fashion_mnist.COUNTS.items():
         found = getattr(dataset, split).labels.size
@@ -310,8 +340,8 @@ def _load_fashion_mnist(root: pathlib.Path) -> Dataset:
 
 
 def _load_mnist5k(root: pathlib.Path) -> Dataset:
-    prepared = root / "mnist5k" / str(Mnist5k.VERSION)
-    builder = prepared_builder(Mnist5k, root, prepared)
+    builder = _embedded_builder("mnist5k", root)
+    prepared = pathlib.Path(str(builder.data_dir))
     dataset = _from_builder("mnist5k", builder)
     for split, per_class in (("train", mnist5k.TRAIN_PER_CLASS),
                              ("test", mnist5k.TEST_PER_CLASS)):

@@ -17,14 +17,15 @@ from recovjax import _checks, runner
 from recovjax import tasks as tasks_lib
 from recovjax._types import Batches, Dataset, Params, PRNGKey, Split
 from recovjax.data import batch_split
+from recovjax.data.stream import BatchStream
 from recovjax.evaluate import MetricFn, Metrics
 from recovjax.models.adapter import check_params, require_model
 from recovjax.results import ResultsTable, metrics_rows, task_rows
 from recovjax.sweep.keys import _root, point_keys
 from recovjax.sweep.plan import (DEFAULT_BATCH_SIZE, DEFAULT_MEMORY_BUDGET,
                                  DEFAULT_VMAP_SIZE, SweepPlan, plan_sweep)
-from recovjax.sweep.program import (DamageOp, chunk_program,
-                                    point_fn)
+from recovjax.sweep.program import (DamageOp, chunk_program, point_fn,
+                                    run_streamed, stream_chunk_program)
 
 
 CLEAN = "none"
@@ -190,6 +191,21 @@ def _check_data(model, batches) -> None:
                          where=batches.mask)
 
 
+def _check_stream(model, stream: BatchStream) -> None:
+    # The stream checks every block's labels as it reads them.
+    require_model(model)
+    task = tasks_lib.general_task(model)
+    if task is not None:
+        raise ValueError(
+            f"data: a BatchStream streams classification data, but model "
+            f"{getattr(model, 'name', '?')!r} has the task "
+            f"{getattr(task, 'name', task)!r}; pass its batches in memory")
+    if stream.num_classes != model.num_classes:
+        raise ValueError(f"data: the stream {stream.name!r} has "
+                         f"{stream.num_classes} classes, the model "
+                         f"{model.num_classes}")
+
+
 def _batch_size(batches) -> int:
     leaf = batches.labels if isinstance(batches, Batches) else next(
         iter(batches.values()))
@@ -197,6 +213,8 @@ def _batch_size(batches) -> int:
 
 
 def _num_examples(model, batches) -> int:
+    if isinstance(batches, BatchStream):
+        return batches.num_examples
     if isinstance(batches, Batches):
         return int(np.asarray(batches.mask).astype(bool).sum())
     mask = batches.get("mask")
@@ -211,6 +229,8 @@ def _rows(metrics, **where) -> list[dict[str, Any]]:
 
 
 def _batches(data, batch_size: int):
+    if isinstance(data, BatchStream):
+        return data
     if isinstance(data, Mapping):
         return {key: jnp.asarray(value) for key, value in data.items()}
     if isinstance(data, Dataset):
@@ -227,7 +247,7 @@ def _batches(data, batch_size: int):
 def damage_point(model, params: Params, *, damage: DamageOp | str,
                  ratio: float, ratio_index: int, seed: int,
                  root_key: PRNGKey | int, damage_name: str | None = None,
-                 data: Split | Batches | Dataset,
+                 data: Split | Batches | Dataset | BatchStream,
                  batch_size: int = DEFAULT_BATCH_SIZE,
                  vmap_size: int = DEFAULT_VMAP_SIZE,
                  metric_fn: MetricFn | None = None) -> Metrics:
@@ -273,15 +293,24 @@ def damage_point(model, params: Params, *, damage: DamageOp | str,
     (ratio,) = _ratios([ratio])
     _check_fractions({damage_name: damage}, [ratio])
     batches = _batches(data, batch_size)
-    _check_data(model, batches)
+    streamed = isinstance(batches, BatchStream)
+    if streamed:
+        _check_stream(model, batches)
+    else:
+        _check_data(model, batches)
     check_params(model, params)
-    program = chunk_program(model, damage, metric_fn, vmap_size,
-                             (jax.devices()[0],))
+    make = stream_chunk_program if streamed else chunk_program
+    program = make(model, damage, metric_fn, vmap_size, (jax.devices()[0],))
     keys = point_keys(root, damage_name, [ratio_index] * vmap_size,
                       [seed] * vmap_size)
-    metrics = program((keys, jnp.full((vmap_size,), ratio, jnp.float32),
-                       jnp.zeros((vmap_size,), jnp.bool_)),
-                      (params, batches))
+    points = runner.place((keys, np.full((vmap_size,), ratio, np.float32),
+                           np.zeros((vmap_size,), np.bool_)),
+                          program.sharded)
+    if streamed:
+        (metrics,) = run_streamed(model, params, batches,
+                                  [(program, points)], metric_fn)
+    else:
+        metrics = program(points, (params, batches))
     return jax.tree.map(lambda x: np.asarray(x)[0], jax.device_get(metrics))
 
 
@@ -295,7 +324,8 @@ def _layout(names: Sequence[str], ratios: Sequence[float],
 def iter_sweep(model, params: Params, *,
                damages: Mapping[str, DamageOp] | Sequence[str] | str,
                ratios: Sequence[float], seeds: int | Sequence[int],
-               data: Split | Batches | Dataset, root_key: PRNGKey | int,
+               data: Split | Batches | Dataset | BatchStream,
+          root_key: PRNGKey | int,
                batch_size: int = DEFAULT_BATCH_SIZE,
                chunk_size: int | None = None, vmap_size: int | None = None,
                memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
@@ -325,8 +355,13 @@ def iter_sweep(model, params: Params, *,
     ratio_values = _ratios(ratios)
     _check_fractions(kinds, ratio_values)
     seed_values = _seeds(seeds)
-    batches = _batches(data, batch_size)
-    _check_data(model, batches)
+    streamed = isinstance(data, BatchStream)
+    if streamed:
+        _check_stream(model, data)
+        batches = data.first_block()
+    else:
+        batches = _batches(data, batch_size)
+        _check_data(model, batches)
     check_params(model, params)
     device_list = list(runner.devices_of(devices))
     layout = _layout(list(kinds), ratio_values, seed_values)
@@ -352,7 +387,7 @@ def iter_sweep(model, params: Params, *,
                           the_plan.vmap_size, tuple(device_list),
                           model_devices, partition)
     sharded = first.sharded
-    shared = first.place_shared((params, batches))
+    shared = None if streamed else first.place_shared((params, batches))
     size = the_plan.chunk_size
 
     def padded_slots(name: str, points: list[SweepPoint], clean: bool
@@ -362,17 +397,17 @@ def iter_sweep(model, params: Params, *,
         slots = points + [SweepPoint(name, 0, 0.0, 0)] * clean
         return slots + [slots[-1]] * (size - len(slots))
 
-    def launch(name: str, points: list[SweepPoint], clean: bool, keys):
+    def prepare(name: str, points: list[SweepPoint], clean: bool, keys):
+        # The chunk's program and its placed (keys, ratios, clean flags).
         padded = padded_slots(name, points, clean)
         flags = np.zeros((size,), np.bool_)
         flags[len(points):len(points) + clean] = True
-        program = chunk_program(model, kinds[name], metric_fn,
-                                 the_plan.vmap_size, tuple(device_list),
-                                 model_devices, partition)
-        points = runner.place(
+        make = stream_chunk_program if streamed else chunk_program
+        program = make(model, kinds[name], metric_fn, the_plan.vmap_size,
+                       tuple(device_list), model_devices, partition)
+        return program, runner.place(
             (keys, np.asarray([p.ratio for p in padded], np.float32), flags),
             sharded)
-        return program(points, shared)
 
     def finish(name: str, points: list[SweepPoint], clean: bool,
                pending) -> ChunkResult:
@@ -405,10 +440,19 @@ def iter_sweep(model, params: Params, *,
                        [p.seed for p in slots])
             for name, points, clean in work
             for slots in [padded_slots(name, points, clean)]]
+    if streamed:
+        # Every chunk's totals ride along the one pass over the stream, so
+        # the chunks finish together, after its last block.
+        chunks = [prepare(*item, chunk_keys)
+                  for item, chunk_keys in zip(work, keys)]
+        metrics = run_streamed(model, params, data, chunks, metric_fn)
+        for item, pending in zip(work, metrics):
+            yield finish(*item, pending)
+        return
     previous = None
     for (name, points, clean), chunk_keys in zip(work, keys):
-        pending = (name, points, clean, launch(name, points, clean,
-                                               chunk_keys))
+        program, placed = prepare(name, points, clean, chunk_keys)
+        pending = (name, points, clean, program(placed, shared))
         if previous is not None:
             yield finish(*previous)
         previous = pending
@@ -432,7 +476,8 @@ def device_description(devices: Sequence | None = None) -> str:
 def sweep(model, params: Params, *,
           damages: Mapping[str, DamageOp] | Sequence[str] | str,
           ratios: Sequence[float], seeds: int | Sequence[int],
-          data: Split | Batches | Dataset, root_key: PRNGKey | int,
+          data: Split | Batches | Dataset | BatchStream,
+          root_key: PRNGKey | int,
           batch_size: int = DEFAULT_BATCH_SIZE,
           chunk_size: int | None = None, vmap_size: int | None = None,
           memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET,
@@ -461,8 +506,12 @@ def sweep(model, params: Params, *,
         seeds: number of seeds (``5`` means seeds ``0..4``) or the seed
             values.
         data: evaluation data: a :class:`~recovjax.Split`, ready
-            :class:`~recovjax.Batches`, or a :class:`~recovjax.Dataset`
-            (its test split).
+            :class:`~recovjax.Batches`, a :class:`~recovjax.Dataset`
+            (its test split), or a :class:`~recovjax.data.BatchStream`
+            read block by block (for sets larger than memory, see
+            :mod:`recovjax.data.stream`; its own batch size is used). A
+            stream is read once; each point is damaged again per block,
+            and its numbers equal those of the same data in memory.
         root_key: the root key (typed), or an int seed converted here.
         batch_size: evaluation batch size when ``data`` is not batched.
         chunk_size: points per compiled call (default: see

@@ -19,7 +19,8 @@ from recovjax import runner
 from recovjax import tasks as tasks_lib
 from recovjax._types import Damage, Params, PRNGKey
 from recovjax.damage.registry import accepts_info
-from recovjax.evaluate import MetricFn, evaluate
+from recovjax.evaluate import (MetricFn, accumulate, evaluate, finish,
+                               start_totals)
 
 
 DamageOp = Callable[[PRNGKey, Params, Any], Damage]
@@ -61,3 +62,85 @@ def chunk_program(model, op: DamageOp, metric_fn: MetricFn | None,
                              group_size=vmap_size, devices=devices,
                              model_devices=model_devices,
                              partition=partition)
+
+
+@functools.lru_cache(maxsize=64)
+def stream_point_fn(model, op: DamageOp, metric_fn: MetricFn | None):
+    """:func:`point_fn` for one block of a streamed evaluation set.
+
+    A point is ``(key, ratio, clean, totals)`` and the shared inputs are
+    ``(params, block)``: the point is damaged again from its key, the
+    block's batches are added to its running totals, and the point returns
+    ``(totals, metrics so far)``. The additions are those of
+    :func:`point_fn` over the whole set, in the same order.
+    """
+    extra = {"info": model.info} if accepts_info(op) else {}
+    forward, num_classes = model.forward, model.num_classes
+
+    def one(point, shared):
+        key, ratio, keep, totals = point
+        params, block = shared
+        damaged = op(key, params, ratio, **extra).params
+        chosen = jax.tree.map(lambda p, d: jnp.where(keep, p, d),
+                              params, damaged)
+        totals = accumulate(forward, chosen, block, num_classes, totals,
+                            metric_fn)
+        return totals, finish(totals)
+
+    return one
+
+
+def stream_chunk_program(model, op: DamageOp, metric_fn: MetricFn | None,
+                         vmap_size: int, devices: tuple,
+                         model_devices: int = 1,
+                         partition=None) -> runner.PointProgram:
+    return runner.map_points(stream_point_fn(model, op, metric_fn),
+                             group_size=vmap_size, devices=devices,
+                             model_devices=model_devices,
+                             partition=partition)
+
+
+def run_streamed(model, params: Params, stream, chunks: list,
+                 metric_fn: MetricFn | None) -> list:
+    """Evaluate chunks of points over a :class:`~recovjax.data.BatchStream`.
+
+    The stream is read once, block by block. Each block is placed on the
+    devices and every chunk's program adds it to that chunk's totals, so a
+    point's damage is derived again per block while the images are read
+    only once. The next block is placed only after the previous one is
+    evaluated: at most two blocks are in memory besides grain's prefetch.
+
+    Args:
+        model: the model.
+        params: the undamaged parameters.
+        stream: the evaluation data.
+        chunks: ``(program, points)`` per chunk, each ``points`` a placed
+            ``(keys, ratios, clean flags)`` stack of the program's size,
+            the program from :func:`stream_chunk_program`.
+        metric_fn: the user metric.
+
+    Returns:
+        Per chunk, the device :class:`~recovjax.evaluate.Metrics` of its
+        points over the whole stream.
+    """
+    totals: list = [None] * len(chunks)
+    metrics: list = [None] * len(chunks)
+    for block in stream:
+        if totals[0] is None:
+            struct = jax.eval_shape(lambda p, b: start_totals(
+                model.forward, p, b, model.num_classes, metric_fn),
+                params, block)
+            for index, (program, points) in enumerate(chunks):
+                size = int(np.shape(points[1])[0])
+                totals[index] = runner.place(jax.tree.map(
+                    lambda s: np.zeros((size,) + s.shape, s.dtype), struct),
+                    program.sharded)
+        elif metrics[-1] is not None:
+            # Back-pressure: the previous block is done before the next one
+            # is placed, so blocks cannot pile up ahead of the devices.
+            jax.block_until_ready(metrics[-1])
+        block = jax.tree.map(jnp.asarray, block)
+        for index, (program, points) in enumerate(chunks):
+            totals[index], metrics[index] = program(
+                (*points, totals[index]), (params, block))
+    return metrics
