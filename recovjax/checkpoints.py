@@ -128,16 +128,37 @@ def _without_read_only_notice():
         logger.removeFilter(notice)
 
 
+def _alone() -> ocp.options.MultiprocessingOptions:
+    """This process as the only one of its checkpoint operations.
+
+    recovjax's checkpoints hold host arrays (pretrained weights), which
+    every process of a multi-process run reads, and the first writes, on
+    its own; Orbax would otherwise wait for every process at each one.
+    """
+    index = jax.process_index()
+    return ocp.options.MultiprocessingOptions(
+        primary_host=index, active_processes={index},
+        barrier_sync_key_prefix=f"recovjax-process{index}")
+
+
 def _manager(directory: pathlib.Path, *, read_only: bool
              ) -> ocp.CheckpointManager:
+    alone = _alone()
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=None, create=not read_only, read_only=read_only,
+        # save_checkpoint makes the directory (Orbax cannot, for a
+        # manager of one process of several).
+        max_to_keep=None, create=False, read_only=read_only,
         # Read-only managers save nothing; saying so up front spares
         # Orbax's warning that it changed the option.
-        save_interval_steps=0 if read_only else 1)
-    handlers = {PARAMS_ITEM: ocp.StandardCheckpointHandler(),
-                STATE_ITEM: ocp.StandardCheckpointHandler(),
-                METADATA_ITEM: ocp.JsonCheckpointHandler()}
+        save_interval_steps=0 if read_only else 1,
+        multiprocessing_options=alone)
+    handlers = {
+        PARAMS_ITEM: ocp.StandardCheckpointHandler(
+            multiprocessing_options=alone),
+        STATE_ITEM: ocp.StandardCheckpointHandler(
+            multiprocessing_options=alone),
+        METADATA_ITEM: ocp.JsonCheckpointHandler(
+            multiprocessing_options=alone)}
     if not read_only:
         return ocp.CheckpointManager(directory, options=options,
                                      item_handlers=handlers)
@@ -273,6 +294,7 @@ def save_checkpoint(directory: os.PathLike[str] | str, params: Params,
         raise TypeError(f"{directory}: checkpoint metadata must be JSON "
                         f"serialisable ({error})") from None
     try:
+        staging.mkdir()
         manager = _manager(staging, read_only=False)
         manager.save(step, args=ocp.args.Composite(
             **items, **{METADATA_ITEM: ocp.args.JsonSave(record)}))

@@ -391,6 +391,17 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--force", action="store_true",
                              help="start over in a run directory made with "
                                   "another config (deletes its results)")
+        several = command.add_argument_group(
+            "several processes (jax.distributed; run the same command in "
+            "each, the first writes the run directory)")
+        several.add_argument("--coordinator", default=None,
+                             metavar="HOST:PORT",
+                             help="address of process 0's coordinator "
+                                  "(default: one process)")
+        several.add_argument("--num-processes", type=int, default=None,
+                             metavar="N", help="number of processes")
+        several.add_argument("--process-id", type=int, default=None,
+                             metavar="I", help="this process, 0 to N - 1")
         return command
 
     experiment_command(
@@ -500,6 +511,43 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             MemoryError)
 
 
+def _distributed_problem(args: argparse.Namespace) -> str | None:
+    """Join the processes of a multi-process run, if asked.
+
+    Returns:
+        What is wrong with the flags or the start, in one line; ``None``
+        when the process joined (or runs alone).
+    """
+    coordinator = getattr(args, "coordinator", None)
+    count = getattr(args, "num_processes", None)
+    index = getattr(args, "process_id", None)
+    if coordinator is None and count is None and index is None:
+        return None
+    if coordinator is None or count is None or index is None:
+        return ("--coordinator, --num-processes and --process-id go "
+                "together: give all three, or none for one process")
+    host, _, port = coordinator.rpartition(":")
+    if not host or not port.isdigit():
+        return f"--coordinator: expected HOST:PORT, got {coordinator!r}"
+    if count < 1:
+        return f"--num-processes: must be at least 1, got {count}"
+    if not 0 <= index < count:
+        return (f"--process-id: must lie in [0, {count}) for "
+                f"--num-processes {count}, got {index}")
+    import jax
+    # CPU processes exchange results through gloo (GPUs use their own).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator, num_processes=count,
+                                   process_id=index)
+    except (RuntimeError, ValueError) as error:
+        return (f"--coordinator: cannot join {coordinator} as process "
+                f"{index} of {count} ({_one_line(error)})")
+    if index != 0:
+        args.quiet = True  # the first process reports
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``recovjax`` console script."""
     try:
@@ -517,6 +565,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from recovjax.cores import use_all_cores
     use_all_cores()  # one CPU device per core, before JAX starts
     fix_mmap_threshold()  # freed working sets go back to the system
+    problem = _distributed_problem(args)
+    if problem:
+        print(f"recovjax: error: {problem}", file=sys.stderr)
+        return EXIT_USER_ERROR
     from recovjax._progress import is_terminal
     if not is_terminal(sys.stderr):
         # Logs get plain lines, not TFDS's redrawn bars.

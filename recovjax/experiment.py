@@ -46,7 +46,9 @@ from recovjax.recovery.measure import (peak_memory, recovery_records,
                                        task_step_cost, train_step_cost)
 from recovjax.recovery.registry import make_optimizer
 from recovjax.results import ResultsTable, metrics_rows, task_rows
-from recovjax.rundir import RunDirectory, check_run_directory, environment
+from recovjax.rundir import (RunConflictError, RunDirectory,
+                             RunDirectoryError, check_run_directory,
+                             environment)
 from recovjax.sweep import iter_sweep, point_keys
 from recovjax.validation import (check_config, strategy_arguments,
                                  strategy_label, strategy_spec)
@@ -337,6 +339,13 @@ def run_experiment(config: config_lib.ExperimentConfig,
             pretrained model) begins, then after each unit.
         source: the config file, named in config error messages.
 
+    On several processes (after ``jax.distributed.initialize``, or the
+    CLI's ``--coordinator``), every process calls this with the same
+    arguments and computes its share of every sweep and recovery; only the
+    first process reads and writes ``run_dir`` (and pretrains into the zoo,
+    which the others then read: give them shared storage), and its
+    ``results.csv`` is the single-process run's, byte for byte.
+
     Returns:
         The tidy :class:`~recovjax.results.ResultsTable` (also written to
         ``results.csv`` and ``results.json``, with ``env.json``,
@@ -351,14 +360,36 @@ def run_experiment(config: config_lib.ExperimentConfig,
     """
     check_config(config, source=source)
     config_text = config_lib.dump_config(config)
-    check_run_directory(run_dir, config_text, force=force)
+    leader = jax.process_index() == 0
+    refused = None
+    if leader:
+        try:
+            check_run_directory(run_dir, config_text, force=force)
+        except (RunConflictError, RunDirectoryError) as error:
+            refused = error
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        if multihost_utils.broadcast_one_to_all(np.int32(refused is not None)
+                                                ) and not leader:
+            raise RunDirectoryError(
+                f"{run_dir}: the first process refused the run directory "
+                "(see its message)")
+    if refused is not None:
+        raise refused
     units = _count_units(config)
     done = 0
     if on_progress is not None:
         on_progress("loading data and the pretrained model", done, units)
     enable_compilation_cache()
+    if not leader:
+        # The leader pretrains into the zoo (if needed) before anyone reads.
+        _sync("recovjax-pretrained")
     experiment = Experiment(config, zoo_dir=zoo_dir, progress=progress)
-    run = RunDirectory(run_dir, config_text, force=force)
+    if leader:
+        _sync("recovjax-pretrained")
+    run = RunDirectory(run_dir, config_text, force=force) if leader else None
+    if jax.process_count() > 1:
+        run = _SharedRun(run)
 
     def tick(message: str) -> None:
         nonlocal done
@@ -445,15 +476,67 @@ def run_experiment(config: config_lib.ExperimentConfig,
                     rows.extend(run.read_part(name))
                     tick(f"recovered {label} with {tag}")
 
+    if not leader:
+        _sync("recovjax-finished")
+        return ResultsTable(rows=rows, config=config_lib.to_dict(config),
+                            root_seed=config.seed, versions=_versions(),
+                            device_kind=_device_kind())
     table = _write_results(run, rows, config)
     run.write("costs.json", json.dumps(_all_costs(run), indent=1,
                                        sort_keys=True))
+    _sync("recovjax-finished")
     from recovjax.report import write_report
     metric, higher_is_better = experiment.headline
     write_report(run.path, table.rows, threshold=config.report.threshold,
                  title=config.name, metric=metric,
                  higher_is_better=higher_is_better)
     return table
+
+
+def _sync(name: str) -> None:
+    """Wait for every process (nothing to wait for in one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+class _SharedRun:
+    """The run directory of a run on several processes (``jax.distributed``).
+
+    Every process computes its share of each stage; only the first reads
+    and writes the directory (``run`` is ``None`` on the others). Whether a
+    part is done is the first process's answer, given to all, so every
+    process skips the same finished work when a run resumes; the others
+    keep the rows they computed in memory and write nothing.
+    """
+
+    def __init__(self, run: RunDirectory | None):
+        self.run = run
+        self._parts: dict[str, Any] = {}
+
+    @property
+    def path(self) -> pathlib.Path:
+        return self.run.path
+
+    def has_part(self, name: str) -> bool:
+        from jax.experimental import multihost_utils
+        mine = self.run is not None and self.run.has_part(name)
+        return bool(multihost_utils.broadcast_one_to_all(np.int32(mine)))
+
+    def read_part(self, name: str) -> Any:
+        if self.run is None:
+            return self._parts.get(name, [])
+        return self.run.read_part(name)
+
+    def write_part(self, name: str, value: Any) -> None:
+        if self.run is None:
+            self._parts[name] = value
+        else:
+            self.run.write_part(name, value)
+
+    def write(self, name: str, data) -> None:
+        if self.run is not None:
+            self.run.write(name, data)
 
 
 def _write_results(run: RunDirectory, rows: list[dict],
