@@ -28,6 +28,8 @@ import subprocess
 import sys
 import time
 
+from results_md import cpu_model
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 20
 EVAL_EXAMPLES = 100
@@ -106,18 +108,6 @@ def _measure(kind: str, points: int) -> dict:
             "devices": len(jax.devices())}
 
 
-def _cpu() -> str:
-    try:
-        output = subprocess.run(["lscpu"], capture_output=True, text=True,
-                                check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown CPU"
-    for line in output.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def _table(results: list[dict]) -> str:
     lines = ["| run | glibc mmap threshold | points | peak RSS (MB) | "
              "growth over the fewest points | first call (s) | steady (s) "
@@ -185,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         first = results[0]
         write_section("memory", (
             "## Memory and time against the number of points\n\n"
-            f"`benchmarks/bench_memory.py` on `{_cpu()}` ({os.cpu_count()} "
+            f"`benchmarks/bench_memory.py` on `{cpu_model()}` ({os.cpu_count()} "
             f"cores, {first['devices']} CPU devices), jax {jax.__version__}."
             f" A user's flax MLP 784-{HIDDEN[0]}-{HIDDEN[1]}-10 "
             f"({first['parameters'] / 1e6:.2f} M parameters) through "

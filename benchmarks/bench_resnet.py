@@ -35,6 +35,8 @@ import subprocess
 import sys
 import time
 
+from results_md import cpu_model
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 EVAL_EXAMPLES = 1000
 TRAIN_EXAMPLES = 2000
@@ -123,18 +125,6 @@ def _measure(kind: str, points: int, name: str, dataset: str) -> dict:
             "devices": len(jax.devices())}
 
 
-def _cpu() -> str:
-    try:
-        output = subprocess.run(["lscpu"], capture_output=True, text=True,
-                                check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown CPU"
-    for line in output.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
 def _table(results: list[dict]) -> str:
     lines = ["| run | points | peak RSS (MB) | growth over the fewest points "
              "| wall (s, compile included) | s/point |",
@@ -198,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         write_section("resnet", (
             "## W3 and W4: ResNet-18 sweep and recovery against the number "
             "of points\n\n"
-            f"`benchmarks/bench_resnet.py --write` on `{_cpu()}` "
+            f"`benchmarks/bench_resnet.py --write` on `{cpu_model()}` "
             f"({os.cpu_count()} cores, {first['devices']} CPU devices), jax "
             f"{jax.__version__}. `{first['model']}` "
             f"({first['parameters'] / 1e6:.2f} M parameters, {weights}"

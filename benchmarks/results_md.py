@@ -26,3 +26,17 @@ def write_section(name: str, section: str,
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     path.write_text(text)
+
+
+def cpu_model() -> str:
+    """The CPU's model name, as ``lscpu`` gives it."""
+    import subprocess
+    try:
+        output = subprocess.run(["lscpu"], capture_output=True, text=True,
+                                check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown CPU"
+    for line in output.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
