@@ -22,6 +22,9 @@ from recovjax.damage import damage_names, get_damage, register_damage
 from recovjax.data import (batch_split, dataset_names, load_arrays,
                            load_dataset, register_dataset)
 from recovjax.evaluate import Metrics, evaluate, evaluate_stack
+from recovjax.formulations import (Formulations, current_formulations,
+                                   reset_formulations, set_formulations,
+                                   use_formulations)
 from recovjax._malloc import fix_mmap_threshold
 from recovjax.experiment import run_experiment
 from recovjax.language import load_pretrained_lm, pretrain_lm
@@ -50,6 +53,7 @@ __all__ = [
     "DataDamage",
     "Dataset",
     "ExperimentConfig",
+    "Formulations",
     "LeafInfo",
     "Metrics",
     "Model",
@@ -62,6 +66,7 @@ __all__ = [
     "Split",
     "SweepResult",
     "batch_split",
+    "current_formulations",
     "damage_names",
     "damage_point",
     "dataset_names",
@@ -93,6 +98,7 @@ __all__ = [
     "register_dataset",
     "register_model",
     "register_strategy",
+    "reset_formulations",
     "restore_checkpoint",
     "run_experiment",
     "save_checkpoint",
@@ -100,8 +106,10 @@ __all__ = [
     "strategy_names",
     "summarize",
     "sensitivity",
+    "set_formulations",
     "sweep",
     "use_all_cores",
+    "use_formulations",
 ]
 
 # Last: everything imported above is long-lived (see recovjax._gc).
