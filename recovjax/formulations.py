@@ -48,7 +48,11 @@ first match wins:
    ``RECOVJAX_FORMULATIONS=conv=lax,random=jax``, read once, when the
    choice is first needed;
 3. the default for ``jax.default_backend()``: :data:`CPU_DEFAULTS` on
-   ``"cpu"``, :data:`ACCELERATOR_DEFAULTS` on any other backend.
+   ``"cpu"``, :data:`ACCELERATOR_DEFAULTS` on any other backend. Where
+   JAX has no other backend to start (no ``jax_platforms`` naming one, no
+   accelerator plugin or ``libtpu`` installed) this is decided without
+   starting JAX, so building a model leaves
+   :func:`recovjax.use_all_cores` free to set the CPU device count.
 
 When the resolved choice changes, every JAX compilation cache is cleared
 (:func:`jax.clear_caches`), so no jitted function, however it is cached
@@ -80,6 +84,8 @@ For one choice, the same key gives byte-identical results.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
+import importlib.util
 import os
 import threading
 from typing import Iterator, Mapping, NamedTuple
@@ -203,10 +209,30 @@ def _environment_choices() -> dict[str, str]:
     return _environment
 
 
+def _accelerator_possible() -> bool:
+    # Whether JAX could start on something other than the CPU, decided
+    # without starting it: resolving the choice while models are built
+    # must not fix JAX's CPU device count before use_all_cores() runs.
+    platforms = jax.config.jax_platforms
+    if platforms:
+        return platforms.split(",")[0].strip().lower() != "cpu"
+    if any(os.environ.get(name) for name in ("PJRT_NAMES_AND_LIBRARY_PATHS",
+                                             "TPU_LIBRARY_PATH")):
+        return True
+    if any(importlib.util.find_spec(name) is not None
+           for name in ("libtpu", "jax_plugins")):
+        return True
+    return bool(importlib.metadata.entry_points(group="jax_plugins"))
+
+
 def _backend_name() -> str:
     global _backend
     if _backend is None:
-        _backend = jax.default_backend()
+        from jax._src import xla_bridge
+        if xla_bridge.backends_are_initialized() or _accelerator_possible():
+            _backend = jax.default_backend()
+        else:
+            _backend = "cpu"  # the only backend this installation has
     return _backend
 
 

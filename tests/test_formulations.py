@@ -183,6 +183,30 @@ def test_a_sweep_after_a_switch_compiles_the_new_formulation(trained_lenet,
                                                   rel=1e-5)
 
 
+def test_resolving_the_choice_leaves_jax_unstarted_on_a_cpu_install():
+    # Building a model traces it (the choice is resolved) before anything
+    # runs: use_all_cores() must still be able to set the device count.
+    code = ("import recovjax; from jax._src import xla_bridge; "
+            "from recovjax import formulations; "
+            "recovjax.get_model('lenet5'); "
+            "print(formulations._accelerator_possible(), "
+            "recovjax.current_formulations().conv, "
+            "xla_bridge.backends_are_initialized(), "
+            "recovjax.use_all_cores(2))")
+    env = dict(os.environ)
+    for name in ("JAX_PLATFORMS", "JAX_NUM_CPU_DEVICES", "XLA_FLAGS",
+                 formulations.ENV_VAR):
+        env.pop(name, None)
+    done = subprocess.run([sys.executable, "-c", code], env=env, check=False,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    possible, *rest = done.stdout.split()
+    if possible == "True":
+        pytest.skip("an accelerator plugin or libtpu is installed: JAX "
+                    "must start to tell its default backend")
+    assert rest == ["banded", "False", "2"]
+
+
 def test_environment_variable_and_env_json(tmp_path):
     code = ("import json, recovjax.rundir as r; "
             "print(json.dumps(r.environment()['formulations']))")
