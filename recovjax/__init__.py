@@ -24,6 +24,9 @@ from recovjax.data import (BatchStream, batch_split, dataset_names,
                            stream_dataset)
 from recovjax.evaluate import (Metrics, evaluate, evaluate_stack,
                                evaluate_stream)
+from recovjax.formulations import (Formulations, current_formulations,
+                                   reset_formulations, set_formulations,
+                                   use_formulations)
 from recovjax._malloc import fix_mmap_threshold
 from recovjax.experiment import run_experiment
 from recovjax.language import load_pretrained_lm, pretrain_lm
@@ -53,6 +56,7 @@ __all__ = [
     "DataDamage",
     "Dataset",
     "ExperimentConfig",
+    "Formulations",
     "LeafInfo",
     "Metrics",
     "Model",
@@ -65,6 +69,7 @@ __all__ = [
     "Split",
     "SweepResult",
     "batch_split",
+    "current_formulations",
     "damage_names",
     "damage_point",
     "dataset_names",
@@ -97,6 +102,7 @@ __all__ = [
     "register_dataset",
     "register_model",
     "register_strategy",
+    "reset_formulations",
     "restore_checkpoint",
     "run_experiment",
     "save_checkpoint",
@@ -105,8 +111,10 @@ __all__ = [
     "stream_dataset",
     "summarize",
     "sensitivity",
+    "set_formulations",
     "sweep",
     "use_all_cores",
+    "use_formulations",
 ]
 
 # Last: everything imported above is long-lived (see recovjax._gc).

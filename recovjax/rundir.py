@@ -301,10 +301,13 @@ def environment() -> dict[str, Any]:
         distribution and its version; ``lock`` compares them with the
         source tree's ``requirements.lock`` (see :func:`lock_status`;
         ``None`` outside a source tree); ``cpu`` and ``xla_flags`` name
-        what XLA compiled for.
+        what XLA compiled for; ``formulations`` the convolution, random
+        and selection formulations traced and where each choice came from
+        (:func:`recovjax.formulations.describe_formulations`).
     """
     import jax
 
+    from recovjax.formulations import describe_formulations
     from recovjax.pretrain import library_versions
     devices = jax.devices()
     commit = None
@@ -326,6 +329,7 @@ def environment() -> dict[str, Any]:
         "backend": jax.default_backend(),
         "devices": [str(device) for device in devices],
         "device_kind": devices[0].device_kind,
+        "formulations": describe_formulations(),
         "process_count": jax.process_count(),
         "git_commit": commit,
         "distributions": distributions,

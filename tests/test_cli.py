@@ -7,6 +7,7 @@ cache (shared through ``RECOVJAX_CACHE_DIR``) keeps later runs quick.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import time
 
 import pytest
 
+from recovjax import formulations
 from recovjax.checkpoints import save_checkpoint
 from recovjax.pretrain import zoo_path
 
@@ -80,6 +82,19 @@ def test_run_writes_a_complete_run_directory(reference):
     assert "restore_entries" in report
     text = (run / "results.csv").read_text()
     assert "recovered/finetune" in text and ",damaged," in text
+
+
+def test_env_json_records_the_formulations_and_their_sources(reference):
+    _, run = reference
+    recorded = json.loads((run / "env.json").read_text())["formulations"]
+    chosen = formulations.parse_formulations(
+        os.environ.get(formulations.ENV_VAR, ""))
+    want = formulations.CPU_DEFAULTS._replace(**chosen)
+    assert recorded["backend"] == "cpu"
+    for mechanism in formulations.MECHANISMS:
+        assert recorded[mechanism] == getattr(want, mechanism)
+        assert recorded["sources"][mechanism] == (
+            formulations.ENV_VAR if mechanism in chosen else "default for cpu")
 
 
 def test_rerun_is_byte_identical_and_resume_changes_nothing(reference,

@@ -46,6 +46,21 @@ pass; it costs a few integer operations per entry where XLA:CPU's threefry
 costs several times more; and it keeps threefry, which XLA:CPU compiles
 slowly, out of the damage programs altogether. Keys are still typed keys,
 split and folded by the caller with ``jax.random`` as usual.
+
+The counter hash and the bitwise search are the XLA:CPU formulations
+(``random="hash"``, ``select="radix"``, the defaults on CPU). The plain JAX
+ones (the defaults on other backends; see :mod:`recovjax.formulations`)
+are chosen while a function is traced:
+
+* ``random="jax"``: :func:`draw_bits` returns ``jax.random.bits`` of
+  ``jax.random.fold_in(key, stream)`` (threefry), and :func:`select_random`
+  takes the ``k`` smallest of those draws with :func:`select_smallest`,
+  whose ties (draws may repeat) go to the lowest position.
+* ``select="sort"``: :func:`select_smallest` sorts each group's values
+  once (a single-key sort, which GPUs run as a radix sort), reads the
+  threshold at the traced count, takes every candidate below it and, of
+  those equal to it, the first ones by position (a running count). The
+  masks are those of the bitwise search, bit for bit.
 """
 
 from __future__ import annotations
@@ -57,7 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from recovjax import _checks
+from recovjax import _checks, formulations
 from recovjax._types import Array, PRNGKey
 
 MAX_ENTRIES = 2**32
@@ -206,12 +221,16 @@ def stream_seeds(key: PRNGKey, stream: int = SELECT_STREAM) -> Array:
 
 def draw_bits(key: PRNGKey, sizes: Sequence[int],
               stream: int = SELECT_STREAM) -> list[Array]:
-    """Distinct pseudo-random ``uint32`` draws, one flat array per size.
+    """Pseudo-random ``uint32`` draws, one flat array per size.
 
-    Entry ``i`` of the concatenation of all arrays is a keyed bijection of
-    ``i``, so no two draws of one call are equal. The same key and stream
-    give the same draws; draws for a prefix of ``sizes`` do not depend on
-    later sizes.
+    Under the ``"hash"`` formulation (:mod:`recovjax.formulations`), entry
+    ``i`` of the concatenation of all arrays is a keyed bijection of ``i``,
+    so no two draws of one call are equal. Under ``"jax"`` the
+    concatenation is ``jax.random.bits(jax.random.fold_in(key, stream))``
+    (threefry), independent uniform draws that may repeat. Either way the
+    same key and stream give the same draws, and draws for a prefix of
+    ``sizes`` do not depend on later sizes (for ``"jax"``, with JAX's
+    default ``jax_threefry_partitionable``).
 
     Args:
         key: typed key.
@@ -222,13 +241,25 @@ def draw_bits(key: PRNGKey, sizes: Sequence[int],
         One ``uint32[size]`` array per size.
 
     Raises:
-        ValueError: if the sizes add up to more than ``2**32``.
+        ValueError: under ``"hash"``, if the sizes add up to more than
+            ``2**32``.
     """
     total = sum(int(size) for size in sizes)
+    if formulations.current_formulations().random == "jax":
+        return _split(jax.random.bits(jax.random.fold_in(key, stream),
+                                      (total,), jnp.uint32), sizes)
     if total > MAX_ENTRIES:
         raise ValueError(f"cannot draw {total} distinct uint32 values "
                          f"(at most {MAX_ENTRIES})")
     return _draw_from_seeds(stream_seeds(key, stream), sizes)
+
+
+def _split(flat: Array, sizes: Sequence[int]) -> list[Array]:
+    pieces, offset = [], 0
+    for size in sizes:
+        pieces.append(flat[offset:offset + int(size)])
+        offset += int(size)
+    return pieces
 
 
 def _draw_from_seeds(seeds: Array, sizes: Sequence[int]) -> list[Array]:
@@ -529,9 +560,14 @@ def select_random(key: PRNGKey, sizes: Sequence[int], counts: Array, *,
     """Exactly ``counts[g]`` entries of each group, uniformly at random.
 
     The choice is uniform without replacement: the entries with the
-    ``counts[g]`` smallest of the distinct draws of :func:`draw_bits` for
-    ``key``, found by the row-layout search described in the module
-    docstring (no sort, one loop for every array and group).
+    ``counts[g]`` smallest of the draws of :func:`draw_bits` for ``key``.
+    With the XLA:CPU formulations (``random="hash"``, ``select="radix"``)
+    the draws are distinct and are made and searched in the row layout
+    described in the module docstring (no sort, one loop for every array
+    and group); otherwise :func:`select_smallest` picks the smallest draws
+    (``"hash"`` draws: the same entries; repeated ``"jax"`` draws: ties to
+    the lowest position, which biases the choice only when two of the 2**32
+    values meet at the threshold).
 
     Args:
         key: typed key; the draws are ``draw_bits(key, sizes)``.
@@ -552,6 +588,10 @@ def select_random(key: PRNGKey, sizes: Sequence[int], counts: Array, *,
     where = _where(where, shapes)
     if not sizes:
         return []
+    chosen = formulations.current_formulations()
+    if chosen.random != "hash" or chosen.select != "radix":
+        return select_smallest(draw_bits(key, sizes, SELECT_STREAM), counts,
+                               where=where, groups=groups)
     counts = jnp.broadcast_to(jnp.asarray(counts, jnp.int32), (num_groups,))
     eligible = eligible_counts(shapes, where, groups)
     return _select_below_rank(stream_seeds(key, SELECT_STREAM), sizes, where,
@@ -606,10 +646,13 @@ def select_smallest(values: Sequence[Array], counts: Array, *,
 
     Ties are broken by position: within a group, entries are numbered
     through its arrays in order (flat index), and the lowest numbers win.
-    Groups of more than :data:`SORT_LIMIT` entries are searched by bits
+    Under the ``"radix"`` formulation (:mod:`recovjax.formulations`),
+    groups of more than :data:`SORT_LIMIT` entries are searched by bits
     like :func:`select_random`; ties straddling the threshold are then
     settled by a second search over position bits, inside a ``while_loop``
-    that does no iteration unless such a tie exists.
+    that does no iteration unless such a tie exists. Under ``"sort"`` each
+    group is sorted once and thresholded at its count (see the module
+    docstring); the masks are the same.
 
     Args:
         values: flat ``uint32`` arrays (order-preserving bit patterns, see
@@ -628,6 +671,15 @@ def select_smallest(values: Sequence[Array], counts: Array, *,
         return []
     counts = jnp.broadcast_to(jnp.asarray(counts, jnp.int32), (num_groups,))
     counts = jnp.minimum(counts, eligible_counts(values, where, groups))
+    if formulations.current_formulations().select == "sort":
+        masks: list[Array | None] = [None] * len(values)
+        for group in range(num_groups):
+            leaves = [i for i, g in enumerate(groups) if g == group]
+            chosen = _sort_select([values[i] for i in leaves],
+                                  [where[i] for i in leaves], counts[group])
+            for i, mask in zip(leaves, chosen):
+                masks[i] = mask
+        return masks
 
     def search(leaves, sub_counts, sub_groups, sub_num_groups):
         return _search_smallest([values[i] for i in leaves], sub_counts,
@@ -682,6 +734,36 @@ def _search_smallest(values: Sequence[Array], counts: Array,
     take_all_ties = extra >= n_equal
     return [b | (e & (take_all_ties[g] | (positions(i) < limit[g])))
             for i, (b, e, g) in enumerate(zip(below, equal, groups))]
+
+
+def _sort_select(values: Sequence[Array], where: Sequence[Array | None],
+                 count: Array) -> list[Array]:
+    # One group's `count` smallest candidates (count <= candidates), ties
+    # to the lowest position. The count-th smallest candidate value is the
+    # threshold: non-candidates are parked at 0xFFFFFFFF, which no value
+    # exceeds, so they cannot move it. Every candidate below the threshold
+    # is chosen and, of those equal to it, the first `count - below` in
+    # position order (a running count of the equal ones).
+    total = sum(int(v.shape[0]) for v in values)
+    if total == 0:
+        return [jnp.zeros(v.shape, jnp.bool_) for v in values]
+    flat = jnp.concatenate(values) if len(values) > 1 else values[0]
+    candidate = None
+    if any(w is not None for w in where):
+        candidate = jnp.concatenate(
+            [jnp.ones(v.shape, jnp.bool_) if w is None else w
+             for v, w in zip(values, where)])
+        flat = jnp.where(candidate, flat, jnp.uint32(_UINT32_MAX))
+    ordered = jnp.sort(flat)
+    threshold = lax.dynamic_index_in_dim(ordered, jnp.maximum(count - 1, 0),
+                                         keepdims=False)
+    below = flat < threshold
+    equal = flat == threshold
+    if candidate is not None:
+        equal = equal & candidate
+    extra = count - jnp.sum(below, dtype=jnp.int32)
+    chosen = below | (equal & (jnp.cumsum(equal, dtype=jnp.int32) <= extra))
+    return _split(chosen, [v.shape[0] for v in values])
 
 
 def magnitude_bits(x: Array) -> Array:

@@ -27,6 +27,15 @@ vectors thousands of elements long. :func:`conv_relu_pool_stack` evaluates
 a stack of such blocks in the ``[N, H, W, C]`` layout, which compiles
 fastest, and differentiates it in the batch-minor one, which trains
 fastest; LeNet-5 uses it.
+
+These are the ``"banded"`` formulation of convolutions, the default on
+XLA:CPU. Under the ``"lax"`` formulation (the default on other backends;
+see :mod:`recovjax.formulations`) :func:`conv2d` is
+:func:`reference_conv2d` (``lax.conv_general_dilated``) and
+:func:`conv_relu_pool_stack` composes it with the ReLU and
+:func:`max_pool_2x2`, differentiated by JAX; the choice is read while a
+function is traced. :func:`conv_relu_pool`, the batch-minor block itself,
+is always banded.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recovjax import formulations
 from recovjax._types import Array
 
 DEFAULT_TILE = 4
@@ -101,10 +111,17 @@ def conv2d(x: Array, kernel: Array, bias: Array | None,
 
     Returns:
         ``[N, H', W', O]``; equal to ``lax.conv_general_dilated`` with NHWC /
-        HWIO layouts up to floating-point summation order.
+        HWIO layouts up to floating-point summation order. Under the
+        ``"lax"`` formulation (:mod:`recovjax.formulations`) it is
+        :func:`reference_conv2d` (``tile`` is then only checked).
     """
     if tile < 1:
         raise ValueError(f"tile must be a positive integer, got {tile!r}")
+    if formulations.current_formulations().conv == "lax":
+        if padding not in ("VALID", "SAME"):
+            raise ValueError(f"padding must be 'VALID' or 'SAME', got "
+                             f"{padding!r}")
+        return reference_conv2d(x, kernel, bias, padding)
     kh, kw, cin, cout = kernel.shape
     x = _pad_same(x, kh, kw, padding)
     n, h, w, _ = x.shape
@@ -266,7 +283,6 @@ def _batch_minor_blocks(x: Array, layers: tuple[tuple[Array, Array], ...],
     return flatten_batch_minor(x).T
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv_relu_pool_stack(x: Array, layers: tuple[tuple[Array, Array], ...],
                          tile: int = DEFAULT_TILE) -> Array:
     """Conv-ReLU-pool blocks, evaluated NHWC and differentiated batch-minor.
@@ -279,7 +295,11 @@ def conv_relu_pool_stack(x: Array, layers: tuple[tuple[Array, Array], ...],
     training step about a sixth cheaper on XLA:CPU
     (``benchmarks/bench_recovery.py`` measures both). The two agree up to
     floating-point summation order. Forward-mode differentiation
-    (``jax.jvp``) is not available through this function.
+    (``jax.jvp``) is not available through the banded formulation.
+
+    Under the ``"lax"`` formulation (:mod:`recovjax.formulations`) the
+    blocks are ``max_pool_2x2(relu(lax.conv(x) + bias))``, evaluated and
+    differentiated by JAX in one layout (``jax.jvp`` works).
 
     Args:
         x: ``[N, H, W, C]``.
@@ -290,6 +310,16 @@ def conv_relu_pool_stack(x: Array, layers: tuple[tuple[Array, Array], ...],
         ``[N, H' * W' * O]``: the last block's output, flattened like
         ``reshape(N, -1)`` of its ``[N, H', W', O]`` form.
     """
+    if formulations.current_formulations().conv == "lax":
+        for kernel, bias in layers:
+            x = max_pool_2x2(jax.nn.relu(reference_conv2d(x, kernel, bias)))
+        return x.reshape(x.shape[0], -1)
+    return _banded_stack(x, layers, tile)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _banded_stack(x: Array, layers: tuple[tuple[Array, Array], ...],
+                  tile: int) -> Array:
     return _nhwc_blocks(x, layers, tile)
 
 
@@ -303,7 +333,7 @@ def _stack_backward(tile, pullback, cotangent):
     return pullback(cotangent)
 
 
-conv_relu_pool_stack.defvjp(_stack_forward, _stack_backward)
+_banded_stack.defvjp(_stack_forward, _stack_backward)
 
 
 class Conv(nn.Module):
@@ -349,7 +379,11 @@ class ConvParams(nn.Module):
 
 def reference_conv2d(x: Array, kernel: Array, bias: Array | None,
                      padding: Literal["VALID", "SAME"] = "VALID") -> Array:
-    """``lax.conv_general_dilated`` version of :func:`conv2d`, for tests."""
+    """``lax.conv_general_dilated`` version of :func:`conv2d`.
+
+    The ``"lax"`` formulation of :func:`conv2d`, and the reference that
+    tests compare the banded one with, whichever formulation is chosen.
+    """
     y = jax.lax.conv_general_dilated(
         x, kernel, window_strides=(1, 1), padding=padding,
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
