@@ -97,6 +97,8 @@ DEFAULT_RECIPES: dict[str, Recipe] = {
     "mlp": Recipe(epochs=15, batch_size=32, learning_rate=1e-3),
     "rescnn": Recipe(epochs=12, batch_size=50, learning_rate=2e-3),
     "vit": Recipe(epochs=20, batch_size=50, learning_rate=1e-3),
+    "resnet18": Recipe(epochs=5, batch_size=100, learning_rate=1e-3,
+                       schedule="cosine"),
 }
 
 
@@ -124,10 +126,19 @@ class Pretrained:
 
         Raises:
             TypeError: if ``model`` is not a :class:`~recovjax.models.Model`.
-            ValueError: if the parameters do not fit ``model``.
+            ValueError: if the parameters do not fit ``model``, or
+                ``model``'s state is only shapes and there is no state
+                here to give it.
         """
         model = require_model(model).with_params(self.params)
-        return model.with_state(self.state) if self.state else model
+        if self.state:
+            return model.with_state(self.state)
+        if any(isinstance(leaf, jax.ShapeDtypeStruct)
+               for leaf in jax.tree.leaves(model.state)):
+            raise ValueError(f"state: model {model.name!r} has state (batch "
+                             "statistics) and these pretrained weights come "
+                             "without any")
+        return model
 
 
 class Trained(NamedTuple):
