@@ -374,22 +374,32 @@ def read_metadata(directory: os.PathLike[str] | str) -> dict[str, Any]:
         manager.close()
 
 
-def stored_structure(directory: os.PathLike[str] | str) -> Params:
+def stored_structure(directory: os.PathLike[str] | str, *,
+                     state: bool = False) -> Params:
     """The on-disk parameter tree as ``jax.ShapeDtypeStruct`` leaves.
+
+    Args:
+        directory: the checkpoint directory.
+        state: the tree of the model state saved beside the parameters
+            instead (``{}`` when the checkpoint holds none).
 
     Raises:
         CheckpointNotFoundError, CheckpointCorruptedError.
     """
+    if state and "state_digests" not in read_metadata(directory):
+        return {}
+    item, what = ((STATE_ITEM, "model state") if state else
+                  (PARAMS_ITEM, "parameter tree"))
     directory, manager, step = _open(directory)
     try:
-        tree = manager.item_metadata(step)[PARAMS_ITEM]
+        tree = manager.item_metadata(step)[item]
         tree = getattr(tree, "tree", tree)
         return jax.tree.map(
             lambda leaf: jax.ShapeDtypeStruct(tuple(leaf.shape), leaf.dtype),
             tree)
     except Exception as error:
         raise CheckpointCorruptedError(
-            directory, f"cannot read the parameter tree ({error})") from error
+            directory, f"cannot read the {what} ({error})") from error
     finally:
         manager.close()
 

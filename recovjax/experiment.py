@@ -40,7 +40,7 @@ from recovjax.evaluate import evaluate, evaluate_stream
 from recovjax import checkpoints, sources
 from recovjax.models import pretrained_loader
 from recovjax.tasks import evaluate_task, general_task
-from recovjax.pretrain import Pretrained, load_pretrained
+from recovjax.pretrain import Pretrained, load_pretrained, read_pretrained
 from recovjax.recovery import get_strategy, make_task, recover_damage
 from recovjax.recovery.measure import (peak_memory, recovery_records,
                                        task_step_cost, train_step_cost)
@@ -112,22 +112,23 @@ class Experiment:
             path = sources.user_checkpoint(model, zoo_dir)
             self.pretrained = Pretrained(
                 params=model.params,
-                metadata=checkpoints.read_metadata(path), path=path)
+                metadata=checkpoints.read_metadata(path), path=path,
+                state=model.state)
         elif loader is not None:
             # A registered model with its own pretraining (the zoo's LM).
             path = pathlib.Path(loader(
                 model, seed=config.pretrain_seed, zoo_dir=zoo_dir,
                 data_dir=config.data_dir, progress=progress))
-            checkpoints.verify_files(path, contents=True)
-            params, metadata = checkpoints.restore_checkpoint(
-                path, model.abstract_params())
-            self.pretrained = Pretrained(params=params, metadata=metadata,
-                                         path=path)
+            self.pretrained = read_pretrained(path, model)
+            model = self.pretrained.attach(model)
         else:
             self.pretrained = load_pretrained(
                 config.model, config.dataset, seed=config.pretrain_seed,
                 zoo_dir=zoo_dir, data_dir=config.data_dir,
                 progress=progress)
+            # The zoo's parameters and the batch statistics trained with
+            # them: model.forward evaluates with that state.
+            model = self.pretrained.attach(model)
         self.model = model
         self.params = self.pretrained.params
         self.task = general_task(model)

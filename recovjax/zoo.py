@@ -105,8 +105,9 @@ def check_entry(path: os.PathLike[str] | str, *, data_dir=None) -> str | None:
 
     Every file is checked against the size and SHA-256 in the checkpoint's
     file list (see :func:`recovjax.checkpoints.file_problems`), the stored
-    tree against the model's parameters, every leaf against its SHA-256 and
-    the metadata against the entry's name.
+    tree against the model's parameters and, for a model with state (batch
+    statistics), the stored state against the model's, every leaf against
+    its SHA-256 and the metadata against the entry's name.
 
     Args:
         path: the entry directory.
@@ -127,10 +128,14 @@ def check_entry(path: os.PathLike[str] | str, *, data_dir=None) -> str | None:
     try:
         checkpoints.verify_files(path, contents=True)
         if dataset in _SAMPLE_FREE:
-            expected = get_model(model, sample=zoo_sample(dataset)).abstract_params()
+            definition = get_model(model, sample=zoo_sample(dataset))
+            expected = definition.abstract_params()
+            expected_state = definition.state
         else:  # Integrity only: the input shape would need the dataset.
             expected = checkpoints.stored_structure(path)
+            expected_state = checkpoints.stored_structure(path, state=True)
         _, metadata = checkpoints.restore_checkpoint(path, expected)
+        checkpoints.restore_state(path, expected_state)
     except checkpoints.CheckpointError as error:
         return _reason(error, path)
     named = {"model": model, "dataset": dataset, "seed": int(match["seed"]),

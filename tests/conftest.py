@@ -60,9 +60,9 @@ def lenet():
 def trained_lenet(lenet, small_mnist):
     """LeNet-5 trained for 3 quick epochs on the small subset (~80 % acc)."""
     from recovjax.pretrain import Recipe, train
-    params, _ = train(jax.random.key(0), lenet, small_mnist,
-                      Recipe(epochs=3, batch_size=50, learning_rate=2e-3),
-                      progress=False)
+    params, _, _ = train(jax.random.key(0), lenet, small_mnist,
+                         Recipe(epochs=3, batch_size=50, learning_rate=2e-3),
+                         progress=False)
     return params
 
 

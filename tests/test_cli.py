@@ -430,7 +430,7 @@ def test_every_option_has_help_choices_and_defaults():
     # The choices are the built-in image classifiers (the language model
     # has its own pretraining, recovjax.load_pretrained_lm).
     from recovjax.models import BUILT_IN
-    assert BUILT_IN == ("lenet5", "mlp", "rescnn", "vit")
+    assert BUILT_IN == ("lenet5", "mlp", "rescnn", "vit", "resnet18")
     assert "{" + ",".join(BUILT_IN) + "}" in pretrain
     assert "(default: lenet5)" in pretrain and "(default: mnist5k)" in pretrain
     assert "(default: 0)" in pretrain

@@ -11,7 +11,8 @@ from recovjax.models import get_model, model_names
 from recovjax.models.layers import (conv2d, conv_relu_pool,
                                     conv_relu_pool_stack, extract_patches,
                                     flatten_batch_minor, max_pool_2x2,
-                                    reference_conv2d, to_batch_minor)
+                                    patch_conv, reference_conv2d,
+                                    to_batch_minor)
 
 from _tolerance import assert_sums_close
 from conftest import tree_equal
@@ -147,6 +148,72 @@ def test_patches_are_im2col():
     assert_sums_close(patches @ kernel.reshape(18, 4),
                       reference_conv2d(x, kernel, None), terms=18,
                       magnitude=patches @ abs(kernel).reshape(18, 4))
+
+
+FLAX_2D = jax.lax.ConvDimensionNumbers((0, 3, 1, 2), (3, 2, 0, 1),
+                                       (0, 3, 1, 2))
+
+
+@pytest.mark.parametrize("shape, kernel_shape, strides, padding", [
+    ((2, 7, 7, 3), (3, 3, 3, 4), (2, 2), ((1, 1), (1, 1))),
+    ((2, 2, 2, 3), (3, 3, 3, 4), (1, 1), ((1, 1), (1, 1))),
+    ((2, 1, 1, 5), (3, 3, 5, 2), (1, 1), ((1, 1), (1, 1))),
+    ((2, 4, 4, 3), (1, 1, 3, 4), (2, 2), ((0, 0), (0, 0))),
+    ((2, 6, 5, 2), (3, 3, 2, 3), (1, 2), "SAME"),
+    ((2, 6, 5, 2), (3, 2, 2, 3), (2, 1), "VALID")])
+def test_patch_conv_matches_lax_conv_with_gradients(shape, kernel_shape,
+                                                    strides, padding):
+    kx, kk, kw = jax.random.split(jax.random.key(4), 3)
+    x = jax.random.normal(kx, shape)
+    kernel = jax.random.normal(kk, kernel_shape)
+
+    def conv(function, x, kernel):
+        return function(x, kernel, strides, padding,
+                        dimension_numbers=FLAX_2D)
+
+    ours = conv(patch_conv, x, kernel)
+    ref = conv(jax.lax.conv_general_dilated, x, kernel)
+    taps = kernel_shape[0] * kernel_shape[1] * kernel_shape[2]
+    assert ours.shape == ref.shape
+    assert_sums_close(ours, ref, terms=taps,
+                      magnitude=conv(jax.lax.conv_general_dilated, abs(x),
+                                     abs(kernel)))
+    weights = jax.random.normal(kw, ref.shape)
+
+    def loss(function):
+        return lambda x, k: jnp.sum(conv(function, x, k) * weights)
+
+    grads = jax.grad(loss(patch_conv), (0, 1))(x, kernel)
+    reference = jax.grad(loss(jax.lax.conv_general_dilated), (0, 1))(
+        x, kernel)
+    magnitudes = jax.grad(lambda x, k: jnp.sum(
+        conv(jax.lax.conv_general_dilated, x, k) * abs(weights)), (0, 1))(
+            abs(x), abs(kernel))
+    # An input gradient sums over the taps and output channels that read
+    # it, a kernel gradient over the output positions.
+    terms = (kernel_shape[0] * kernel_shape[1] * kernel_shape[3],
+             ref.shape[0] * ref.shape[1] * ref.shape[2])
+    for a, b, magnitude, count in zip(grads, reference, magnitudes, terms):
+        assert_sums_close(a, b, terms=count, magnitude=magnitude)
+
+
+def test_patch_conv_defers_what_it_does_not_cover_to_lax():
+    x = jax.random.normal(jax.random.key(5), (2, 6, 6, 4))
+    kernel = jax.random.normal(jax.random.key(6), (3, 3, 2, 4))
+    full = jax.random.normal(jax.random.key(7), (3, 3, 4, 4))
+    for options in ({"rhs_dilation": (2, 2)}, {"lhs_dilation": (2, 1)}):
+        np.testing.assert_array_equal(
+            patch_conv(x, full, (1, 1), ((1, 1), (1, 1)),
+                       dimension_numbers=FLAX_2D, **options),
+            jax.lax.conv_general_dilated(x, full, (1, 1), ((1, 1), (1, 1)),
+                                         dimension_numbers=FLAX_2D,
+                                         **options))
+    np.testing.assert_array_equal(
+        patch_conv(x, kernel, (1, 1), "SAME", dimension_numbers=FLAX_2D,
+                   feature_group_count=2),
+        jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                     dimension_numbers=FLAX_2D,
+                                     feature_group_count=2))
 
 
 def test_conv_rejects_bad_tile():

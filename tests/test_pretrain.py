@@ -28,9 +28,69 @@ def tiny(mnist):
 
 
 def test_training_reduces_loss(lenet, tiny):
-    _, losses = train(jax.random.key(0), lenet, tiny, TINY, progress=False)
+    _, state, losses = train(jax.random.key(0), lenet, tiny, TINY,
+                             progress=False)
+    assert state == {}  # LeNet-5 has no batch statistics
     assert len(losses) == 2 and losses[1] < losses[0]
     assert np.isfinite(losses).all()
+
+
+def test_a_model_without_state_trains_its_evaluation_forward(lenet, tiny):
+    # Training mode with an empty state is the plain loop over
+    # model.forward: the zoo's existing weights stay the same bits.
+    import optax
+
+    from recovjax.data import shuffled_batches
+    from recovjax.evaluate import cross_entropy
+    key = jax.random.key(7)
+    params, state, losses = train(key, lenet, tiny, TINY, progress=False)
+    init_key, order_key = jax.random.split(key)
+    images, labels = jax.numpy.asarray(tiny.train.images), jax.numpy.asarray(
+        tiny.train.labels)
+    reference = lenet.init(init_key, images[:1])
+    optimizer = optax.adam(TINY.learning_rate)
+    opt_state = optimizer.init(reference)
+
+    def loss_fn(p, x, y, w):
+        return jax.numpy.sum(cross_entropy(lenet.forward(p, x), y) * w) / (
+            jax.numpy.maximum(w.sum(), 1.0))
+
+    @jax.jit
+    def epoch(p, o, k):
+        batches = shuffled_batches(k, images, labels,
+                                   jax.numpy.ones(labels.shape), 50)
+
+        def step(carry, batch):
+            p, o = carry
+            loss, grads = jax.value_and_grad(loss_fn)(p, *batch)
+            updates, o = optimizer.update(grads, o, p)
+            return (optax.apply_updates(p, updates), o), loss
+
+        (p, o), step_losses = jax.lax.scan(step, (p, o), (
+            batches.images, batches.labels, batches.mask))
+        return p, o, step_losses.mean()
+
+    expected = []
+    for index in range(TINY.epochs):
+        reference, opt_state, loss = epoch(
+            reference, opt_state, jax.random.fold_in(order_key, index))
+        expected.append(float(loss))
+    assert tree_equal(params, reference)
+    assert losses == expected and state == {}
+
+
+def test_recipe_schedules(lenet, tiny):
+    with pytest.raises(ValueError, match="schedule must be one of constant, "
+                                         "cosine, got 'linear'"):
+        Recipe(schedule="linear")
+    cosine = Recipe(epochs=2, batch_size=50, learning_rate=2e-3,
+                    schedule="cosine")
+    assert cosine.describe()["schedule"] == "cosine"
+    assert cosine.decay_steps(6) == 12 and TINY.decay_steps(6) == 0
+    decayed = train(jax.random.key(0), lenet, tiny, cosine, progress=False)
+    constant = train(jax.random.key(0), lenet, tiny, TINY, progress=False)
+    assert np.isfinite(decayed.losses).all()
+    assert not tree_equal(decayed.params, constant.params)
 
 
 def test_same_seed_gives_bit_identical_params(lenet, tiny):

@@ -115,7 +115,9 @@ def from_linen(module: nn.Module, variables: Mapping[str, Any], *,
             signature has; ``""`` for a module without one.
         rng_names: RNG streams the module draws from when training.
         init: ``init(key) -> params`` for rebuild strategies; default
-            ``module.init(key, sample)["params"]``.
+            ``module.init(key, sample)["params"]``. The model's
+            ``init_state(key)`` is the other collections of
+            ``module.init(key, sample)``.
 
     Returns:
         The :class:`Model`.
@@ -180,12 +182,24 @@ def from_linen(module: nn.Module, variables: Mapping[str, Any], *,
     modules = _modules_by_path(module, {"params": params, **state}, sample,
                                mode_kwargs(False))
     infos = _infer(modules, params)
+    def init_variables(key: PRNGKey) -> Any:
+        return module.init(key, jax.numpy.zeros(sample.shape, sample.dtype),
+                           **mode_kwargs(False))
+
     if init is None:
         def init(key: PRNGKey) -> Any:
-            return module.init(key, jax.numpy.zeros(sample.shape,
-                                                    sample.dtype),
-                               **mode_kwargs(False))["params"]
+            return init_variables(key)["params"]
+
+    def init_state(key: PRNGKey) -> Any:
+        if not state:
+            return {}
+        # Compiled without the parameters, so that their initialisers are
+        # left out.
+        return jax.jit(lambda key: {
+            collection: value for collection, value in
+            init_variables(key).items() if collection in state})(key)
+
     return build_model(native_apply, params, state, sample=sample,
                        infos=infos, task=task,
                        name=name or type(module).__name__, init=init,
-                       info=info)
+                       info=info, init_state=init_state)

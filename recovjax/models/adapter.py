@@ -151,6 +151,10 @@ class Model:
             :meth:`to_native`).
         native: the framework object a :meth:`to_native` result is put
             into, or ``None``.
+        init_state: ``init_state(key) -> state``: the state of a freshly
+            initialised model (the initial batch statistics) for
+            :attr:`init`'s parameters, or ``None`` when the model was built
+            without one; training from scratch starts from it.
     """
 
     apply: Callable[..., tuple[Any, Any]]
@@ -163,6 +167,7 @@ class Model:
     init: Callable[[PRNGKey], Params] | None = None
     layout: TreeLayout | None = None
     native: Callable[[Any], Any] | None = None
+    init_state: Callable[[PRNGKey], Any] | None = None
     forward: Callable[[Params, Any], Any] | None = dataclasses.field(
         default=None, repr=False)
     """``forward(params, inputs) -> outputs``: evaluation mode with the
@@ -298,7 +303,8 @@ def build_model(native_apply: NativeApply, native_params: Any,
                 LeafInfo] | None = None, task: Any = "classification",
                 name: str = "model", init: Callable[[PRNGKey], Any] | None
                 = None, native: Callable[[Any], Any] | None = None,
-                info: Mapping[str, Any] | None = None) -> Model:
+                info: Mapping[str, Any] | None = None,
+                init_state: Callable[[PRNGKey], Any] | None = None) -> Model:
     """Build a :class:`Model` from a framework's trees and apply function.
 
     Args:
@@ -315,6 +321,8 @@ def build_model(native_apply: NativeApply, native_params: Any,
         native: turns the framework's parameter tree into the object
             :meth:`Model.to_native` returns, or None.
         info: the user's overrides (see :meth:`Model.with_info`).
+        init_state: ``init_state(key) -> state`` in the framework's layout
+            (the state that goes with ``init(key)``), or None.
 
     Returns:
         The :class:`Model`.
@@ -353,9 +361,14 @@ def build_model(native_apply: NativeApply, native_params: Any,
         def wrapped_init(key: PRNGKey, sample: Any = None) -> Params:
             del sample  # the model's own sample fixes the shapes
             return layout.to_dict(init(key))
+    wrapped_init_state = None
+    if init_state is not None:
+        def wrapped_init_state(key: PRNGKey) -> Any:
+            return from_native_state(init_state(key))
     model = Model(apply=apply, params=params, state=state,
                   info=info_tree(params, resolved), task=task, sample=sample,
-                  name=name, init=wrapped_init, layout=layout, native=native)
+                  name=name, init=wrapped_init, layout=layout, native=native,
+                  init_state=wrapped_init_state)
     linked = _link(apply, params, state, sample, resolved)
     return dataclasses.replace(model, info=info_tree(params, linked))
 

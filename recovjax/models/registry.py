@@ -65,9 +65,12 @@ _FACTORIES: dict[str, ModelFactory] = {
     "mlp": linen_factory("mlp", lambda k: networks.MLP(num_classes=k)),
     "rescnn": linen_factory("rescnn", lambda k: networks.ResCNN(num_classes=k)),
     "vit": linen_factory("vit", lambda k: networks.ViT(num_classes=k)),
+    "resnet18": linen_factory("resnet18",
+                              lambda k: networks.ResNet18(num_classes=k)),
 }
 BUILT_IN = tuple(_FACTORIES)
-"""The networks recovjax ships (``lenet5``, ``mlp``, ``rescnn``, ``vit``)."""
+"""The networks recovjax ships (``lenet5``, ``mlp``, ``rescnn``, ``vit``,
+``resnet18``)."""
 
 
 PretrainedLoader = Callable[..., Any]
@@ -143,15 +146,19 @@ def get_model(name: str, num_classes: int = 10, *, sample: Any = None
     Args:
         name: one of :func:`model_names` (``lenet5``, ``mlp`` =
             LeNet-300-100, ``rescnn`` = residual CNN with 4 blocks, ``vit``
-            = small ViT, and any registered with :func:`register_model`).
+            = small ViT, ``resnet18`` = ResNet-18 with batch norm, 11.2 M
+            parameters, and any registered with :func:`register_model`).
         num_classes: size of the output layer.
         sample: an input batch or its shape struct (default: one 28x28
             grey image, :data:`DEFAULT_SAMPLE`).
 
     Returns:
-        A :class:`Model` with abstract parameters; the same object for the
-        same arguments, so that programs compiled for its ``forward`` are
-        compiled once per process.
+        A :class:`Model` with abstract parameters (and abstract state, for
+        a model with batch statistics such as ``resnet18``: give it the
+        state trained with its weights, e.g. ``load_pretrained(...)
+        .attach(model)``); the same object for the same arguments, so that
+        programs compiled for its ``forward`` are compiled once per
+        process.
 
     Raises:
         ValueError: for an unknown name (the message lists valid names) or

@@ -120,6 +120,7 @@ def run_seed_experiment(seeds: int = 10, *, model: str = "lenet5",
                         epochs: int | None = 2, steps: int | None = None,
                         pretrained_seed: int = 0,
                         pretrained_params: Params | None = None,
+                        pretrained_state: Any = None,
                         train_size: int | None = None,
                         test_size: int | None = None,
                         eval_every: int | None = None,
@@ -147,6 +148,9 @@ def run_seed_experiment(seeds: int = 10, *, model: str = "lenet5",
         steps: fine-tuning steps instead of epochs.
         pretrained_seed: seed of the pretrained zoo model.
         pretrained_params: use these parameters instead of the zoo's.
+        pretrained_state: the model state (batch statistics) that goes
+            with ``pretrained_params``, for a model with state; the zoo's
+            weights come with theirs.
         train_size: use only the first examples of the train split (tests).
         test_size: use only the first examples of the test split (tests).
         eval_every: also record the curve every this many steps.
@@ -160,7 +164,10 @@ def run_seed_experiment(seeds: int = 10, *, model: str = "lenet5",
         :class:`SeedExperimentResult`.
 
     Raises:
-        ValueError: non-positive ``seeds`` or a ratio outside ``[0, 1]``.
+        ValueError: non-positive ``seeds`` or a ratio outside ``[0, 1]``;
+            ``pretrained_params`` of a model with state given without
+            ``pretrained_state``, or ``pretrained_state`` without
+            ``pretrained_params``.
     """
     if not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds must be a positive int, got {seeds!r}")
@@ -169,13 +176,25 @@ def run_seed_experiment(seeds: int = 10, *, model: str = "lenet5",
     if steps is not None:
         epochs = None
     network = get_model(model)
+    if pretrained_params is None and pretrained_state is not None:
+        raise ValueError("pretrained_state: given without pretrained_params "
+                         "(the zoo's weights come with their own state)")
+    if (pretrained_params is not None and network.state
+            and pretrained_state is None):
+        raise ValueError(f"pretrained_state: model {model!r} has state "
+                         "(batch statistics); pass the state trained with "
+                         "pretrained_params")
     data = load_dataset(dataset) if isinstance(dataset, str) else dataset
     train = _subset(data.train, train_size)
     test = _subset(data.test, test_size)
     if pretrained_params is None:
         from recovjax.pretrain import load_pretrained
-        pretrained_params = load_pretrained(
-            model, data.name, seed=pretrained_seed, progress=False).params
+        pretrained = load_pretrained(model, data.name, seed=pretrained_seed,
+                                     progress=False)
+        pretrained_params, pretrained_state = (pretrained.params,
+                                               pretrained.state)
+    if network.state:
+        network = network.with_state(pretrained_state)
     if damage_op is None:
         damage_op = _zero_damage(**dict(damage_options or {}))
     seed_values = tuple(range(first_seed, first_seed + seeds))
