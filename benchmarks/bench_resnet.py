@@ -55,11 +55,7 @@ def _model(name: str, dataset: str):
     model = recovjax.get_model(name, sample=zoo_sample(dataset))
     if zoo_path(name, dataset, 0).exists():
         pretrained = recovjax.load_pretrained(name, dataset, progress=False)
-        model = model.with_params(pretrained.params)
-        state = getattr(pretrained, "state", None)
-        if state:
-            model = model.with_state(state)
-        return model, True
+        return pretrained.attach(model), True
     params = model.init(jax.random.key(0))
     return model.with_params(params), False
 

@@ -168,12 +168,14 @@ def patch_conv(lhs: Array, rhs: Array, window_strides, padding, *,
     """``lax.conv_general_dilated`` as one GEMM of shifted slices on CPU.
 
     Takes ``lax.conv_general_dilated``'s arguments, so that it can be given
-    to ``flax.linen.Conv(conv_general_dilated=patch_conv)``. On the CPU
-    backend, a 2-D convolution with flax's ``NHWC``/``HWIO`` layout, no
-    dilation and one feature group is computed as the
-    ``[N * H' * W', kh * kw * C]`` matrix of the strided slices of the
-    padded input (see :func:`extract_patches`) times the kernel reshaped to
-    ``[kh * kw * C, O]``. Anything else, and every other backend, calls
+    to ``flax.linen.Conv(conv_general_dilated=patch_conv)``. Under the
+    ``"banded"`` convolution formulation (the CPU default, see
+    :mod:`recovjax.formulations`), a 2-D convolution with flax's
+    ``NHWC``/``HWIO`` layout, no dilation and one feature group is computed
+    as the ``[N * H' * W', kh * kw * C]`` matrix of the strided slices of
+    the padded input (see :func:`extract_patches`) times the kernel
+    reshaped to ``[kh * kw * C, O]``. Anything else, and the ``"lax"``
+    formulation (the default on accelerators), calls
     ``lax.conv_general_dilated`` itself.
 
     Args:
@@ -199,7 +201,7 @@ def patch_conv(lhs: Array, rhs: Array, window_strides, padding, *,
     numbers = (None if dimension_numbers is None else
                jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
                                               dimension_numbers))
-    if (jax.default_backend() != "cpu" or lhs.ndim != 4
+    if (formulations.current_formulations().conv == "lax" or lhs.ndim != 4
             or numbers != _FLAX_2D or feature_group_count != 1
             or not _is_unit(lhs_dilation) or not _is_unit(rhs_dilation)):
         return reference()
