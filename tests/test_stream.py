@@ -194,8 +194,8 @@ def test_a_streamed_experiment_writes_the_same_results(tmp_path, mnist,
         damage:
           - kind: zero
             ratios: [0.2, 0.6]
-        sweep: {seeds: 2}
-        evaluate: {batch_size: 40, test_examples: 300%s}
+        sweep: {seeds: 1}
+        evaluate: {batch_size: 40, test_examples: 200%s}
         """
     held = run_experiment(_config(tmp_path, text % ""), tmp_path / "held",
                           progress=False, zoo_dir=zoo)
