@@ -193,8 +193,9 @@ class Experiment:
     def clean_rows(self) -> list[dict]:
         where = dict(damage="none", ratio=0.0, seed=0, stage="clean")
         if self.task is not None:
+            batches = self.batches  # built here, never inside the program
             metrics = jax.jit(lambda p: evaluate_task(
-                self.task, self.model.forward, p, self.batches))(self.params)
+                self.task, self.model.forward, p, batches))(self.params)
             return task_rows(jax.device_get(metrics), **where)
         if self.stream is not None:
             metrics = evaluate_stream(self.model.forward, self.params,
