@@ -24,11 +24,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
-from results_md import cpu_model
+from results_md import cpu_model, run_fresh
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STEPS = 20
@@ -154,17 +153,12 @@ def main(argv: list[str] | None = None) -> int:
             for kind in args.kinds.split(",")]
     for malloc, kind in runs:
         for points in (int(p) for p in args.points.split(",")):
-            # Every process compiles: a hit in the persistent compilation
-            # cache would skip the compiler's own memory in some rows only.
-            output = subprocess.run(
-                [sys.executable, os.path.abspath(__file__), "--one", kind,
-                 str(points)], capture_output=True, text=True,
-                env=dict(os.environ, RECOVJAX_COMPILATION_CACHE="0",
-                         BENCH_MALLOC=malloc))
-            if output.returncode:
-                print(output.stderr, file=sys.stderr)
-                return output.returncode
-            results.append(json.loads(output.stdout.strip().splitlines()[-1]))
+            try:
+                results.append(run_fresh(__file__, [kind, str(points)],
+                                         {"BENCH_MALLOC": malloc}))
+            except RuntimeError as error:
+                print(error, file=sys.stderr)
+                return 1
             print(json.dumps(results[-1]), flush=True)
     table = _table(results)
     print(table)

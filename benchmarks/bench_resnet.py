@@ -31,11 +31,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
-from results_md import cpu_model
+from results_md import cpu_model, run_fresh
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EVAL_EXAMPLES = 1000
@@ -160,15 +159,13 @@ def main(argv: list[str] | None = None) -> int:
         ("w4", int(p)) for p in args.w4_points.split(",") if p]
     results = []
     for kind, points in runs:
-        output = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--one", kind,
-             str(points), "--model", args.model, "--dataset", args.dataset],
-            capture_output=True, text=True,
-            env=dict(os.environ, RECOVJAX_COMPILATION_CACHE="0"))
-        if output.returncode:
-            print(output.stderr, file=sys.stderr)
-            return output.returncode
-        results.append(json.loads(output.stdout.strip().splitlines()[-1]))
+        try:
+            results.append(run_fresh(__file__, [
+                kind, str(points), "--model", args.model,
+                "--dataset", args.dataset]))
+        except RuntimeError as error:
+            print(error, file=sys.stderr)
+            return 1
         print(json.dumps(results[-1]), flush=True)
     table = _table(results)
     print(table)

@@ -40,3 +40,28 @@ def cpu_model() -> str:
         if line.startswith("Model name:"):
             return line.split(":", 1)[1].strip()
     return "unknown CPU"
+
+
+def run_fresh(script: str, arguments: list[str],
+              environment: dict[str, str] | None = None) -> dict:
+    """One measurement row in a fresh process: ``script --one ...``.
+
+    The persistent compilation cache is off, so every row compiles (a hit
+    in some rows only would skip the compiler's own memory there). The
+    row is the JSON object the process prints last.
+
+    Raises:
+        RuntimeError: the process failed (its stderr is the message).
+    """
+    import json
+    import os
+    import subprocess
+    import sys
+    output = subprocess.run(
+        [sys.executable, os.path.abspath(script), "--one", *arguments],
+        capture_output=True, text=True,
+        env=dict(os.environ, RECOVJAX_COMPILATION_CACHE="0",
+                 **(environment or {})))
+    if output.returncode:
+        raise RuntimeError(output.stderr)
+    return json.loads(output.stdout.strip().splitlines()[-1])
