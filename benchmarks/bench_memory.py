@@ -54,8 +54,8 @@ def _measure(kind: str, points: int) -> dict:
 
     recovjax.use_all_cores()
     if os.environ.get("BENCH_MALLOC", "fixed") == "fixed":
-        from recovjax._malloc import fix_mmap_threshold
-        fix_mmap_threshold()  # as the CLI does
+        from recovjax._malloc import tune_malloc
+        tune_malloc()  # as the CLI does
     data = load_dataset("mnist5k")
     sample = jnp.asarray(data.test.images[:1])
     module = MLP(hidden=HIDDEN)
@@ -108,7 +108,7 @@ def _measure(kind: str, points: int) -> dict:
 
 
 def _table(results: list[dict]) -> str:
-    lines = ["| run | glibc mmap threshold | points | peak RSS (MB) | "
+    lines = ["| run | glibc malloc | points | peak RSS (MB) | "
              "growth over the fewest points | first call (s) | steady (s) "
              "| steady s/point |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -119,7 +119,7 @@ def _table(results: list[dict]) -> str:
         if not rows:
             continue
         base = rows[0]["peak_rss_mb"]
-        shown = ("fixed at 1 MiB (the CLI)" if malloc == "fixed"
+        shown = ("tuned (the CLI)" if malloc == "fixed"
                  else "glibc's dynamic default")
         for row in rows:
             growth = 100.0 * (row["peak_rss_mb"] - base) / base
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", default="sweep,recovery")
     parser.add_argument("--malloc", default="fixed,default",
                         help="allocator settings to measure: fixed (the "
-                        "CLI's mmap threshold) and/or default (glibc's)")
+                        "CLI's tune_malloc) and/or default (glibc's)")
     parser.add_argument("--write", action="store_true",
                         help="replace the memory section of RESULTS.md")
     parser.add_argument("--one", nargs=2, metavar=("KIND", "POINTS"),
@@ -179,11 +179,12 @@ def main(argv: list[str] | None = None) -> int:
             "curve point every 10 steps. Each row is a fresh process: "
             "peak RSS (`ru_maxrss`) over setup, a first call (compilation "
             "included, persistent compilation cache off) and a steady call "
-            "(timed). The CLI fixes glibc's mmap threshold at 1 MiB "
-            "(`recovjax.fix_mmap_threshold()`): with glibc's dynamic "
-            "threshold, freed temporary buffers stay resident in the "
-            "threads' arenas and the peak climbs over the first few calls "
-            "before it settles.\n\n" + table))
+            "(timed). The CLI tunes glibc's malloc "
+            "(`recovjax.tune_malloc()`: the mmap threshold fixed at 1 MiB, "
+            "one arena per core): with glibc's dynamic threshold, freed "
+            "temporary buffers stay resident in the threads' arenas and "
+            "the peak climbs over the first few calls before it settles."
+            "\n\n" + table))
     return 0
 
 

@@ -15,7 +15,7 @@ number of points.
 
 Each measurement is a fresh process with the persistent compilation cache
 off, set up as the CLI is (one CPU device per core, glibc's mmap threshold
-fixed), that runs the points once: its peak RSS (``ru_maxrss``) covers
+fixed and one malloc arena per core), that runs the points once: its peak RSS (``ru_maxrss``) covers
 setup, compilation and the run, and the time per point includes the
 compilation (about a minute for these programs, so the largest rows show
 the steady cost). Both re-derive each damaged model on device from its key
@@ -65,7 +65,7 @@ def _measure(kind: str, points: int, name: str, dataset: str) -> dict:
 
     import recovjax
     recovjax.use_all_cores()
-    recovjax.fix_mmap_threshold()  # as the CLI does
+    recovjax.tune_malloc()  # as the CLI does
 
     import jax
     import jax.numpy as jnp

@@ -27,7 +27,7 @@ from recovjax.evaluate import (Metrics, evaluate, evaluate_stack,
 from recovjax.formulations import (Formulations, current_formulations,
                                    reset_formulations, set_formulations,
                                    use_formulations)
-from recovjax._malloc import fix_mmap_threshold
+from recovjax._malloc import tune_malloc
 from recovjax.experiment import run_experiment
 from recovjax.language import load_pretrained_lm, pretrain_lm
 from recovjax.models import (LeafInfo, Model, from_apply, from_equinox,
@@ -77,7 +77,6 @@ __all__ = [
     "evaluate_stack",
     "evaluate_stream",
     "finetune",
-    "fix_mmap_threshold",
     "from_apply",
     "from_equinox",
     "from_linen",
@@ -113,6 +112,7 @@ __all__ = [
     "sensitivity",
     "set_formulations",
     "sweep",
+    "tune_malloc",
     "use_all_cores",
     "use_formulations",
 ]

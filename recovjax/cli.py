@@ -561,10 +561,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               "(see experiments/)", file=sys.stderr)
         return EXIT_USER_ERROR
     _quiet_logs()
-    from recovjax._malloc import fix_mmap_threshold
+    from recovjax._malloc import tune_malloc
     from recovjax.cores import use_all_cores
     use_all_cores()  # one CPU device per core, before JAX starts
-    fix_mmap_threshold()  # freed working sets go back to the system
+    tune_malloc()  # freed working sets go back; few arenas
     problem = _distributed_problem(args)
     if problem:
         print(f"recovjax: error: {problem}", file=sys.stderr)

@@ -58,8 +58,11 @@ def test_bad_counts_are_named(monkeypatch):
         cores._requested()
 
 
-def test_the_mmap_threshold_is_fixed_or_reported_unavailable():
-    from recovjax._malloc import fix_mmap_threshold
-    assert fix_mmap_threshold() in (True, False)
-    with pytest.raises(ValueError, match="size"):
-        fix_mmap_threshold(0)
+def test_malloc_is_tuned_or_reported_unavailable():
+    from recovjax._malloc import tune_malloc
+    assert tune_malloc() in (True, False)
+    assert tune_malloc(1 << 20, arenas=2) in (True, False)
+    with pytest.raises(ValueError, match="mmap_threshold"):
+        tune_malloc(0)
+    with pytest.raises(ValueError, match="arenas"):
+        tune_malloc(arenas=True)
