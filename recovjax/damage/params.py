@@ -80,7 +80,8 @@ from jax import lax
 
 from recovjax import _checks
 from recovjax._types import Array, Damage, Params, PRNGKey
-from recovjax.damage import select
+from recovjax.damage import formats, select
+from recovjax.damage.formats import BitLayout
 from recovjax.damage.scope import (Scope, ScopeLike, leaf_paths,
                                    parse_scope, spread_prefix)
 from recovjax.models.info import LeafInfo, info_by_path
@@ -768,43 +769,14 @@ def make_multiplicative_noise(scope: ScopeLike = "all") -> DamageFn:
 # --------------------------------------------------------------------------
 
 
-class BitLayout(NamedTuple):
-    """Where the fields of a float format sit in its stored bits.
-
-    Attributes:
-        uint: the unsigned integer dtype of the same width.
-        width: number of bits.
-        sign: position of the sign bit (0 = least significant bit).
-        exponent: positions of the exponent bits.
-        mantissa: positions of the mantissa (fraction) bits.
-    """
-
-    uint: object
-    width: int
-    sign: tuple[int, ...]
-    exponent: tuple[int, ...]
-    mantissa: tuple[int, ...]
-
-
 def bit_layout(dtype) -> BitLayout:
-    """The :class:`BitLayout` of float32, bfloat16 or float16.
+    """The :class:`~recovjax.damage.formats.BitLayout` of float32, bfloat16
+    or float16 (a leaf's own storage).
 
     Raises:
         TypeError: for any other dtype.
     """
-    dtype = jnp.dtype(dtype)
-    if dtype == jnp.float32:
-        width, mantissa, uint = 32, 23, jnp.uint32
-    elif dtype == jnp.bfloat16:
-        width, mantissa, uint = 16, 7, jnp.uint16
-    elif dtype == jnp.float16:
-        width, mantissa, uint = 16, 10, jnp.uint16
-    else:
-        raise TypeError(f"bit faults support float32, bfloat16 and float16, "
-                        f"not {dtype}")
-    return BitLayout(uint=uint, width=width, sign=(width - 1,),
-                     exponent=tuple(range(mantissa, width - 1)),
-                     mantissa=tuple(range(mantissa)))
+    return formats.format_of_dtype(dtype).layout
 
 
 def bit_positions(dtype, bits) -> tuple[int, ...]:
@@ -822,15 +794,7 @@ def bit_positions(dtype, bits) -> tuple[int, ...]:
         TypeError: for an unsupported dtype.
         ValueError: for a position outside the dtype's width.
     """
-    layout = bit_layout(dtype)
-    if bits == "any":
-        return tuple(range(layout.width))
-    if isinstance(bits, str):
-        return getattr(layout, bits)
-    if not 0 <= bits < layout.width:
-        raise ValueError(f"bits={bits} is not a bit position of "
-                         f"{jnp.dtype(dtype)} (0..{layout.width - 1})")
-    return (int(bits),)
+    return formats.bit_positions(formats.format_of_dtype(dtype), bits)
 
 
 def _check_bits(bits) -> None:
@@ -846,21 +810,32 @@ def _check_bits(bits) -> None:
 
 
 def _make_bit_fault(fault: str, bits, scope: ScopeLike, mode: str,
-                    ratio_over: str, *, name: str, doc: str) -> DamageFn:
+                    ratio_over: str, deployed: str | None, granularity: str,
+                    *, name: str, doc: str) -> DamageFn:
     _check_bits(bits)
     resolved = parse_scope(scope)
     check_choice("mode", mode, MODES)
     check_choice("ratio_over", ratio_over, RATIO_OVER)
+    fmt = None if deployed is None else formats.get_format(deployed,
+                                                           granularity)
+    if fmt is None and granularity != "tensor":
+        raise ValueError(f"granularity={granularity!r} needs a scaled "
+                         "format (format='int8', ...)")
+    if fmt is not None:
+        formats.bit_positions(fmt, bits)  # a field the format has not
 
     def fault_bits(key: PRNGKey, params: Params, rate: Array | LeafAmounts,
                    infos: Infos | None) -> Damage:
         flat = _flatten(params, resolved, infos, rate)
-        layouts, positions = [], []
+        if fmt is not None:
+            _require_float(flat, f"deploying in {fmt.name}")
+        stored, positions = [], []
         for i in flat.chosen:
             dtype = flat.leaves[i].dtype
             try:
-                layouts.append(bit_layout(dtype))
-                positions.append(bit_positions(dtype, bits))
+                leaf_format = fmt or formats.format_of_dtype(dtype)
+                stored.append(leaf_format)
+                positions.append(formats.bit_positions(leaf_format, bits))
             except TypeError as error:
                 raise TypeError(f"leaf {flat.paths[i]!r}: {error}") from None
             except ValueError as error:
@@ -875,20 +850,29 @@ def _make_bit_fault(fault: str, bits, scope: ScopeLike, mode: str,
             chosen_bits = select.select_random(key, sizes, counts,
                                                groups=groups)
         new, masks = {}, {}
-        for i, leaf, layout, places, chosen in zip(
-                flat.chosen, leaves, layouts, positions, chosen_bits):
+        for i, leaf, leaf_format, places, chosen in zip(
+                flat.chosen, leaves, stored, positions, chosen_bits):
+            uint = leaf_format.layout.uint
             chosen = chosen.reshape(leaf.size, len(places))
-            weights = jnp.asarray([1 << p for p in places], layout.uint)
+            weights = jnp.asarray([1 << p for p in places], uint)
             pattern = jnp.sum(jnp.where(chosen, weights, 0),
-                              axis=1, dtype=layout.uint)
-            stored = lax.bitcast_convert_type(leaf.ravel(), layout.uint)
-            if fault == "flip":
-                stored = stored ^ pattern
-            elif fault == "stuck_at_1":
-                stored = stored | pattern
+                              axis=1, dtype=uint)
+            if fmt is None:  # the leaf's own bits
+                codes = lax.bitcast_convert_type(leaf.ravel(), uint)
             else:
-                stored = stored & ~pattern
-            new[i] = lax.bitcast_convert_type(stored, leaf.dtype)
+                encoded = formats.encode(leaf, fmt)
+                codes = encoded.codes.ravel()
+            if fault == "flip":
+                codes = codes ^ pattern
+            elif fault == "stuck_at_1":
+                codes = codes | pattern
+            else:
+                codes = codes & ~pattern
+            if fmt is None:
+                new[i] = lax.bitcast_convert_type(codes, leaf.dtype)
+            else:
+                new[i] = formats.decode(encoded._replace(
+                    codes=codes.reshape(leaf.shape)), fmt, leaf.dtype)
             masks[i] = pattern != 0
         return _assemble(flat, new, masks)
 
@@ -898,9 +882,10 @@ def _make_bit_fault(fault: str, bits, scope: ScopeLike, mode: str,
 
 
 def make_bit_flip(bits: Bits = "any", scope: ScopeLike = "all", *,
-                  mode: Mode = "bernoulli", ratio_over: RatioOver = "leaf"
+                  mode: Mode = "bernoulli", ratio_over: RatioOver = "leaf",
+                  format: str | None = None, granularity: str = "tensor"
                   ) -> DamageFn:
-    """Build an operator that flips bits of the stored floats.
+    """Build an operator that flips bits of the stored values.
 
     The amount is the bit error rate over the eligible bits: with
     ``mode="bernoulli"`` every eligible bit flips independently with that
@@ -911,16 +896,36 @@ def make_bit_flip(bits: Bits = "any", scope: ScopeLike = "all", *,
     manipulated through :func:`jax.lax.bitcast_convert_type`; NaN and inf
     weights that flips produce are legitimate results, not errors.
 
+    **Deployed formats.** By default the bits are those of each leaf's own
+    dtype. With ``format`` (one of
+    :data:`~recovjax.damage.formats.FORMATS`: ``"bfloat16"``,
+    ``"float16"``, ``"float8_e4m3"``, ``"float8_e5m2"``, ``"int8"``,
+    ``"int4"``, ...) every leaf in scope is first stored in that format
+    (:func:`~recovjax.damage.formats.encode`: int8, int4 and float8 are
+    symmetric quantization by qwix, with a scale per tensor or per output
+    channel), the faults hit the stored codes, and the leaf comes back
+    decoded to its own dtype: the model runs with the dequantized, damaged
+    weights, and entries no fault hit carry the format's rounding, as
+    :func:`~recovjax.damage.formats.deploy` gives them (the clean deployed
+    model, which a rate of 0 reproduces). Bit positions are those of the
+    format's code (``format="int8"``: 7 is the sign bit of the two's-
+    complement code; ``"float8_e4m3"``: 3..6 are the exponent).
+
     Args:
         bits: which bits are eligible: ``"any"``, ``"sign"``,
-            ``"exponent"``, ``"mantissa"`` or one position (0 = least
-            significant bit of the stored pattern; e.g. 30 is the top
-            exponent bit of float32, 14 that of bfloat16).
+            ``"exponent"``, ``"mantissa"`` (float formats) or one position
+            (0 = least significant bit of the stored pattern; e.g. 30 is
+            the top exponent bit of float32, 14 that of bfloat16).
         scope: leaves to damage (see :func:`make_zero`); they must be
-            float32, bfloat16 or float16.
+            float32, bfloat16 or float16 (any floating dtype with
+            ``format``).
         mode: ``"bernoulli"`` or ``"exact"``.
         ratio_over: ``"leaf"`` or ``"global"`` (exact mode; one scalar
             rate only).
+        format: the deployed format whose codes the faults hit (``None``:
+            each leaf's own dtype).
+        granularity: ``"tensor"`` or ``"channel"``: one scale per leaf or
+            per entry of its last axis (scaled formats only).
 
     Returns:
         ``op(key, params, rate, *, info=None) -> Damage``, ``rate`` one
@@ -934,21 +939,25 @@ def make_bit_flip(bits: Bits = "any", scope: ScopeLike = "all", *,
             called, for a concrete rate outside ``[0, 1]`` (naming the
             entry of a rate tree), a rate tree that does not match the
             parameters or comes with ``ratio_over="global"``, or a
-            position beyond a leaf's width (naming the leaf).
+            position beyond a leaf's width (naming the leaf); now, for an
+            unknown format or granularity, or a field (``"exponent"``) the
+            format has not.
         TypeError: when called on a leaf of another dtype (naming it).
     """
-    return _make_bit_fault("flip", bits, scope, mode, ratio_over,
-                           name="flip_bits", doc=operator_doc(
+    return _make_bit_fault("flip", bits, scope, mode, ratio_over, format,
+                           granularity, name="flip_bits", doc=operator_doc(
                                make_bit_flip,
                                dict(bits=bits, scope=scope, mode=mode,
-                                    ratio_over=ratio_over),
+                                    ratio_over=ratio_over, format=format,
+                                    granularity=granularity),
                                "op(key, params, rate, *, info=None) -> "
                                "Damage"))
 
 
 def make_stuck_at(value: Literal[0, 1], bits: Bits = "any",
                   scope: ScopeLike = "all", *, mode: Mode = "bernoulli",
-                  ratio_over: RatioOver = "leaf") -> DamageFn:
+                  ratio_over: RatioOver = "leaf", format: str | None = None,
+                  granularity: str = "tensor") -> DamageFn:
     """Build an operator that forces a fraction of stored bits to 0 or 1.
 
     Faulty memory cells are chosen exactly as :func:`make_bit_flip` chooses
@@ -961,6 +970,9 @@ def make_stuck_at(value: Literal[0, 1], bits: Bits = "any",
         scope: leaves to damage.
         mode: ``"bernoulli"`` or ``"exact"``.
         ratio_over: ``"leaf"`` or ``"global"`` (exact mode).
+        format: the deployed format whose codes the faults hit, as for
+            :func:`make_bit_flip`.
+        granularity: ``"tensor"`` or ``"channel"`` (scaled formats).
 
     Returns:
         ``op(key, params, rate, *, info=None) -> Damage``, ``rate`` a rate
@@ -979,11 +991,13 @@ def make_stuck_at(value: Literal[0, 1], bits: Bits = "any",
     if isinstance(value, bool) or value not in (0, 1):
         raise ValueError(f"value must be 0 or 1, got {value!r}")
     return _make_bit_fault(f"stuck_at_{value}", bits, scope, mode,
-                           ratio_over, name=f"stick_bits_at_{value}",
+                           ratio_over, format, granularity,
+                           name=f"stick_bits_at_{value}",
                            doc=operator_doc(
                                make_stuck_at,
                                dict(value=value, bits=bits, scope=scope,
-                                    mode=mode, ratio_over=ratio_over),
+                                    mode=mode, ratio_over=ratio_over,
+                                    format=format, granularity=granularity),
                                "op(key, params, rate, *, info=None) -> "
                                "Damage"))
 
