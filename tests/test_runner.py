@@ -65,3 +65,30 @@ def test_points_need_one_leading_axis():
         program((keys, amounts[:3]), jnp.ones((5,)))
     with pytest.raises(ValueError, match="devices is empty"):
         runner.map_points(scaled, devices=[])
+
+
+def test_calls_are_sized_by_the_shared_entries_by_default():
+    growth = runner.CALL_GROWTH_BYTES
+    assert runner.auto_chunk_points(jnp.ones((5,))) == (
+        runner.DEFAULT_CHUNK_POINTS)
+    # About a byte per shared entry per point: a model of 11 M entries
+    # gets a few points per device and call, a huge one still gets one.
+    big = jax.ShapeDtypeStruct((11_000_000,), jnp.float32)
+    assert runner.auto_chunk_points({"w": big, "key": jax.random.key(0)}
+                                    ) == growth // 11_000_000
+    assert runner.auto_chunk_points(jax.ShapeDtypeStruct(
+        (2 * growth,), jnp.float32)) == 1
+    program = runner.map_points(scaled)
+    assert program.points_per_call(big) == growth // 11_000_000
+    assert runner.map_points(scaled, chunk_points=7).points_per_call(
+        big) == 7
+    # A default-sized call over a large shared array: several equal calls,
+    # the results of one.
+    shared = jnp.ones((growth // 3,), jnp.float32)
+    devices = len(jax.devices())
+    count = 5 * devices
+    assert program.chunk_size(count, shared) <= 3 * devices
+    got = program(stack(count), shared)
+    want = runner.map_points(scaled, chunk_points=1000)(stack(count), shared)
+    np.testing.assert_array_equal(got["twice"], want["twice"])
+    np.testing.assert_allclose(got["value"], want["value"], rtol=1e-6)
