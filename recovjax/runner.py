@@ -484,7 +484,8 @@ def group_size_for(fn: PointFn, point: Any, shared: Any, *, wanted: int,
     return max(1, min(int(wanted), fit)), estimate
 
 
-__all__ = ["AXIS", "CALL_GROWTH_BYTES", "DEFAULT_CHUNK_POINTS", "MemoryEstimate", "PointProgram",
-           "MODEL_AXIS", "auto_chunk_points", "default_partition", "devices_of", "fetch",
-           "group_size_for", "make_mesh", "map_points",
-           "pad_points", "place", "point_memory", "shardings"]
+__all__ = ["AXIS", "CALL_GROWTH_BYTES", "DEFAULT_CHUNK_POINTS",
+           "MODEL_AXIS", "MemoryEstimate", "PointProgram",
+           "auto_chunk_points", "default_partition", "devices_of", "fetch",
+           "group_size_for", "make_mesh", "map_points", "pad_points",
+           "place", "point_memory", "shardings"]
