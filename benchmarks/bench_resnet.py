@@ -3,6 +3,9 @@ number of points.
 
     .venv/bin/python benchmarks/bench_resnet.py [--w3-points 10,100,1000]
                                                 [--w4-points 10,100] [--write]
+    .venv/bin/python benchmarks/bench_resnet.py --rows FILE --write
+
+(``--rows``: the rows of earlier runs, as printed, tabulated together.)
 
 * **W3**: a sweep of the zoo's ResNet-18-style model (``resnet18``, about
   11 M parameters, BatchNorm) pretrained on Fashion-MNIST, ``zero`` damage
@@ -148,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="fashion_mnist")
     parser.add_argument("--write", action="store_true",
                         help="replace the W3/W4 section of RESULTS.md")
+    parser.add_argument("--rows", metavar="FILE",
+                        help="measure nothing: tabulate the JSON rows this "
+                        "script printed (one per line) in FILE")
     parser.add_argument("--one", nargs=2, metavar=("KIND", "POINTS"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -155,18 +161,25 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_measure(args.one[0], int(args.one[1]), args.model,
                                   args.dataset)))
         return 0
-    runs = [("w3", int(p)) for p in args.w3_points.split(",") if p] + [
-        ("w4", int(p)) for p in args.w4_points.split(",") if p]
-    results = []
-    for kind, points in runs:
-        try:
-            results.append(run_fresh(__file__, [
-                kind, str(points), "--model", args.model,
-                "--dataset", args.dataset]))
-        except RuntimeError as error:
-            print(error, file=sys.stderr)
-            return 1
-        print(json.dumps(results[-1]), flush=True)
+    if args.rows:
+        with open(args.rows) as file:
+            rows = [json.loads(line) for line in file
+                    if line.startswith("{")]
+        results = ([r for r in rows if r["kind"] == "w3"] +
+                   [r for r in rows if r["kind"] == "w4"])
+    else:
+        results = []
+        runs = [("w3", int(p)) for p in args.w3_points.split(",") if p] + [
+            ("w4", int(p)) for p in args.w4_points.split(",") if p]
+        for kind, points in runs:
+            try:
+                results.append(run_fresh(__file__, [
+                    kind, str(points), "--model", args.model,
+                    "--dataset", args.dataset]))
+            except RuntimeError as error:
+                print(error, file=sys.stderr)
+                return 1
+            print(json.dumps(results[-1]), flush=True)
     table = _table(results)
     print(table)
     if args.write:
@@ -181,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         write_section("resnet", (
             "## W3 and W4: ResNet-18 sweep and recovery against the number "
             "of points\n\n"
-            f"`benchmarks/bench_resnet.py --write` on `{cpu_model()}` "
+            "`benchmarks/bench_resnet.py --write` on "
+            f"`{cpu_model()}` "
             f"({os.cpu_count()} cores, {first['devices']} CPU devices), jax "
             f"{jax.__version__}. `{first['model']}` "
             f"({first['parameters'] / 1e6:.2f} M parameters, {weights}"
@@ -194,7 +208,9 @@ def main(argv: list[str] | None = None) -> int:
             f"BatchNorm in training mode) on {TRAIN_EXAMPLES} training "
             "images and evaluates it before and after. Each row is a fresh "
             "process run once (compilation included, persistent cache "
-            "off), set up as the CLI is.\n\n" + table))
+            "off), set up as the CLI is"
+            + (" (rows of separate runs of the script, tabulated with "
+               "`--rows`)" if args.rows else "") + ".\n\n" + table))
     return 0
 
 
