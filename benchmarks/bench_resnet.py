@@ -18,13 +18,14 @@ number of points.
 
 Each measurement is a fresh process with the persistent compilation cache
 off, set up as the CLI is (one CPU device per core, glibc's mmap threshold
-fixed and one malloc arena per core), that runs the points once: its peak RSS (``ru_maxrss``) covers
-setup, compilation and the run, and the time per point includes the
-compilation (about a minute for these programs, so the largest rows show
-the steady cost). Both re-derive each damaged model on device from its key
-and amount, one group at a time, so the peak should not grow with the
-number of points. The pretrained weights come from the zoo (``recovjax
-pretrain --model resnet18 --dataset fashion_mnist`` makes them); without
+fixed and one malloc arena per core), that runs the points once: its peak
+RSS (``ru_maxrss``) covers setup, compilation and the run, and the time
+per point includes the compilation (about a minute for these programs, so
+the largest rows show the steady cost). Both re-derive each damaged model
+on device from its key and amount, one group at a time, in calls sized by
+the runner, so the peak should not grow with the number of points. The
+pretrained weights come from the zoo (``recovjax pretrain --model resnet18
+--dataset fashion_mnist`` makes them); without
 them the run uses freshly initialised weights and says so (memory and time
 do not depend on the weight values).
 """
