@@ -25,22 +25,6 @@ import pytest  # noqa: E402
 from recovjax._types import Dataset, Split  # noqa: E402
 
 
-# The longest modules (minutes of the two workers' time, measured with
-# --durations), longest first. pytest-xdist's --dist loadscope hands out
-# whole modules in collection order, so starting with these lets the many
-# short modules fill in behind them and both workers finish together.
-LONGEST_FIRST = ("test_language.py", "test_multiprocess.py", "test_cli.py",
-                 "test_resnet.py", "test_transformer.py", "test_stream.py",
-                 "test_readme.py", "test_mesh.py", "test_fashion_mnist.py",
-                 "test_gpu_bench.py", "test_adapter.py", "test_models.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    """Run the longest modules first (stable: the rest keep their order)."""
-    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     """Keep every test away from the user's cache and data directories."""
