@@ -101,7 +101,7 @@ def test_replay_names_what_does_not_match(tmp_path):
                        "were listed in bfloat16"):
         op(None, {**PARAMS, "half": PARAMS["half"].astype(jnp.float32)})
     with pytest.raises(ValueError, match="params: the model"):
-        op(None)
+        op(None, None)
     stack = jax.vmap(lambda k: get_damage("zero")(k, PARAMS, 0.5))(
         jax.random.split(jax.random.key(6), 2))
     with pytest.raises(ValueError, match="one damaged model at a time"):

@@ -262,9 +262,9 @@ def replay(faults: FaultList):
     """A damage operator that applies ``faults`` (no randomness).
 
     Returns:
-        ``op(key=None, params, amount=None, *, info=None) -> Damage``: the
-        key, amount and info are accepted for the operator protocol and
-        not used. The mask marks exactly the listed entries. Leaves of
+        ``op(key, params, amount=None, *, info=None) -> Damage``: the key
+        (``None`` will do), amount and info are accepted for the operator
+        protocol and not used. The mask marks exactly the listed entries. Leaves of
         ``params`` the list does not name are unchanged.
 
     The returned operator raises ``ValueError`` naming a listed leaf that
@@ -272,7 +272,7 @@ def replay(faults: FaultList):
     of another width than the list's.
     """
 
-    def op(key: Any = None, params: Params = None, amount: Any = None, *,
+    def op(key: Any, params: Params, amount: Any = None, *,
            info: Any = None) -> Damage:
         del key, amount, info
         if params is None:
