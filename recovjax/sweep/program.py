@@ -58,9 +58,14 @@ def point_fn(model, op: DamageOp, metric_fn: MetricFn | None):
 def chunk_program(model, op: DamageOp, metric_fn: MetricFn | None,
                    vmap_size: int, devices: tuple, model_devices: int = 1,
                    partition=None) -> runner.PointProgram:
+    return _sweep_program(point_fn(model, op, metric_fn), vmap_size,
+                          devices, model_devices, partition)
+
+
+def _sweep_program(fn, vmap_size: int, devices: tuple, model_devices: int,
+                   partition) -> runner.PointProgram:
     # The sweep sizes its calls itself (plan.py), a chunk per call.
-    return runner.map_points(point_fn(model, op, metric_fn),
-                             group_size=vmap_size, devices=devices,
+    return runner.map_points(fn, group_size=vmap_size, devices=devices,
                              chunk_points=runner.DEFAULT_CHUNK_POINTS,
                              model_devices=model_devices,
                              partition=partition)
@@ -96,11 +101,8 @@ def stream_chunk_program(model, op: DamageOp, metric_fn: MetricFn | None,
                          vmap_size: int, devices: tuple,
                          model_devices: int = 1,
                          partition=None) -> runner.PointProgram:
-    return runner.map_points(stream_point_fn(model, op, metric_fn),
-                             group_size=vmap_size, devices=devices,
-                             chunk_points=runner.DEFAULT_CHUNK_POINTS,
-                             model_devices=model_devices,
-                             partition=partition)
+    return _sweep_program(stream_point_fn(model, op, metric_fn), vmap_size,
+                          devices, model_devices, partition)
 
 
 def run_streamed(model, params: Params, stream, chunks: list,
