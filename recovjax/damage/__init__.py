@@ -1,6 +1,7 @@
 """Damage operators: pure functions, key first, amount traced."""
 
 from recovjax._types import DataDamage, Damage
+from recovjax.damage.compose import select_entries
 from recovjax.damage.data import (DataDamageFn, add_input_noise, drop_samples,
                                   flip_labels, make_drop_samples,
                                   make_input_noise, make_label_noise,
@@ -15,7 +16,7 @@ from recovjax.damage.params import (DamageFn, add_gaussian_noise,
                                     make_random_values, make_sign_flip,
                                     make_stuck_at, make_zero,
                                     randomize_normal, randomize_uniform,
-                                    select_entries, stick_bits_at_one,
+                                    stick_bits_at_one,
                                     stick_bits_at_zero, zero_largest,
                                     zero_parameters)
 from recovjax.damage.registry import (DamageSpec, damage_names, damage_spec,

@@ -70,20 +70,18 @@ traced noise scales are used as given; :func:`checked` (or
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Mapping, NamedTuple, Protocol, \
+from typing import Any, Callable, Literal, Protocol, \
     Sequence, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from recovjax import _checks
 from recovjax._types import Array, Damage, Params, PRNGKey
-from recovjax.damage import formats, select
+from recovjax.damage import compose, corrupt, formats, select
+from recovjax.damage.compose import Infos, LeafAmounts
 from recovjax.damage.formats import BitLayout
-from recovjax.damage.scope import (Scope, ScopeLike, leaf_paths,
-                                   parse_scope, spread_prefix)
+from recovjax.damage.scope import ScopeLike, parse_scope, spread_prefix
 from recovjax.models.info import LeafInfo, info_by_path
 
 
@@ -100,14 +98,6 @@ class DamageFn(Protocol):
                  *, info: Any = None) -> Damage:
         ...
 
-
-Infos = Mapping[str, LeafInfo]
-"""``{path: LeafInfo}`` for every leaf of the parameters."""
-
-LeafAmounts = tuple
-"""What a per-leaf core gets for an amount tree: one entry per leaf of the
-parameters, in flattening order, a float32 scalar (traced or not) or
-``None`` where the leaf is not damaged."""
 
 DamageCore = Callable[[PRNGKey, Params, "Array | LeafAmounts",
                        "Infos | None"], Damage]
@@ -321,145 +311,13 @@ def operator_doc(factory: Callable, settings: dict, call: str) -> str:
 
 
 # --------------------------------------------------------------------------
-# Leaves and selection.
+# Selection.
 # --------------------------------------------------------------------------
-
-
-class _Leaves(NamedTuple):
-    leaves: list
-    treedef: object
-    paths: list[str]
-    chosen: list[int]  # indices of the leaves damaged: in scope, not None
-    amounts: Array     # float32 scalar (for all), or [len(chosen)] per leaf
-
-    def amount(self, position: int) -> Array:
-        """The amount of the ``position``-th chosen leaf."""
-        return self.amounts if self.amounts.ndim == 0 else self.amounts[
-            position]
-
-
-def _flatten(params: Params, scope: Scope, infos: Infos | None,
-             amount: Array | LeafAmounts) -> _Leaves:
-    # The leaves to damage and their amounts. A leaf whose amount is None
-    # drops out exactly as a leaf outside the scope does.
-    flags = scope.select(params, infos)
-    leaves, treedef = jax.tree.flatten(params)
-    leaves = [jnp.asarray(leaf) for leaf in leaves]
-    if isinstance(amount, tuple):
-        if len(amount) != len(leaves):  # pragma: no cover - make_operator
-            raise ValueError(f"{len(amount)} amounts for {len(leaves)} "
-                             f"leaves")
-        chosen = [i for i, flag in enumerate(flags)
-                  if flag and amount[i] is not None]
-        amounts = (jnp.stack([jnp.asarray(amount[i], jnp.float32)
-                              for i in chosen]) if chosen
-                   else jnp.zeros((0,), jnp.float32))
-    else:
-        chosen = [i for i, flag in enumerate(flags) if flag]
-        amounts = jnp.asarray(amount, jnp.float32)
-    return _Leaves(leaves, treedef, leaf_paths(params), chosen, amounts)
-
-
-def _require_float(flat: _Leaves, operation: str) -> None:
-    for i in flat.chosen:
-        dtype = flat.leaves[i].dtype
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise TypeError(f"{operation} needs floating-point leaves; leaf "
-                            f"{flat.paths[i]!r} has dtype {dtype}")
-
-
-def _assemble(flat: _Leaves, new: dict[int, Array], masks: dict[int, Array]
-              ) -> Damage:
-    leaves, mask_leaves = [], []
-    for i, leaf in enumerate(flat.leaves):
-        if i in new:
-            leaves.append(new[i].reshape(leaf.shape).astype(leaf.dtype))
-            mask_leaves.append(masks[i].reshape(leaf.shape))
-        else:
-            leaves.append(leaf)
-            mask_leaves.append(jnp.zeros(leaf.shape, jnp.bool_))
-    return Damage(params=jax.tree.unflatten(flat.treedef, leaves),
-                  mask=jax.tree.unflatten(flat.treedef, mask_leaves))
-
-
-_GLOBAL_NEEDS_SCALAR = (
-    "per-leaf amounts need ratio_over='leaf' (the default): "
-    "ratio_over='global' draws one count over every leaf in scope, so it "
-    "takes one scalar amount")
-
-
-def _counts(sizes: Sequence[int], ratio: Array, ratio_over: str
-            ) -> tuple[Array, list[int]]:
-    # A scalar ratio or one per leaf gives one count per leaf (each leaf its
-    # own group); "global" one count over all (one group).
-    if ratio_over == "global":
-        if jnp.ndim(ratio) != 0:
-            raise ValueError(f"ratio: {_GLOBAL_NEEDS_SCALAR}")
-        return select.count_of(sum(sizes), ratio)[None], [0] * len(sizes)
-    if jnp.ndim(ratio) not in (0, 1) or (
-            jnp.ndim(ratio) == 1 and jnp.shape(ratio)[0] != len(sizes)):
-        raise ValueError(f"ratio must be a scalar or one per leaf "
-                         f"({len(sizes)}), got shape {jnp.shape(ratio)}")
-    return (select.count_of(np.asarray(sizes, np.int32), ratio),
-            list(range(len(sizes))))
-
-
-def select_entries(key: PRNGKey, leaves: Sequence[Array], ratio: Array, *,
-                   mode: str = "exact", ratio_over: str = "leaf",
-                   target: str = "random") -> list[Array]:
-    """Flat boolean masks choosing entries of ``leaves``.
-
-    Args:
-        key: typed key (unused for targeted selection).
-        leaves: the arrays to choose from.
-        ratio: traced fraction of entries to choose: a scalar for every
-            leaf, or ``float32[len(leaves)]``, one per leaf (needs
-            ``ratio_over="leaf"``). A scalar chooses exactly what the
-            vector of that scalar chooses.
-        mode: ``"exact"``: exactly ``floor(n * ratio)`` entries, ``n`` per
-            leaf or over all leaves (``ratio_over``); ``"bernoulli"``: each
-            entry independently with probability ``ratio``.
-        ratio_over: ``"leaf"`` or ``"global"`` (exact mode only; the two
-            coincide for Bernoulli selection).
-        target: ``"random"`` (uniform without replacement), ``"largest"``
-            or ``"smallest"`` magnitudes first (exact mode only; ties go to
-            the lowest flat index).
-
-    Returns:
-        One flat boolean mask per leaf.
-
-    Raises:
-        ValueError: for a per-leaf ``ratio`` with ``ratio_over="global"``
-            or of the wrong length.
-    """
-    sizes = [int(leaf.size) for leaf in leaves]
-    if target == "random":
-        if mode == "bernoulli":
-            if ratio_over == "global" and jnp.ndim(ratio) != 0:
-                raise ValueError(f"ratio: {_GLOBAL_NEEDS_SCALAR}")
-            return select.select_bernoulli(select.draw_bits(key, sizes),
-                                           ratio)
-        counts, groups = _counts(sizes, ratio, ratio_over)
-        return select.select_random(key, sizes, counts, groups=groups)
-    counts, groups = _counts(sizes, ratio, ratio_over)
-    if target == "largest":
-        return select.select_largest_magnitude(leaves, counts, groups=groups)
-    return select.select_smallest_magnitude(leaves, counts, groups=groups)
 
 
 def _per_leaf(ratio_over: str) -> bool | str:
     # Per-leaf amounts need one count per leaf.
-    return True if ratio_over == "leaf" else _GLOBAL_NEEDS_SCALAR
-
-
-def _unless_zero(scale: Array, noisy: Array, leaf: Array
-                 ) -> tuple[Array, Array]:
-    # A leaf with scale 0 is returned as it is, with an all-False mask (the
-    # noise expression alone would turn -0.0 into 0.0 and inf into NaN).
-    # A NaN or negative traced scale is still used as given.
-    active = scale != 0
-    return (jnp.where(active, noisy, leaf.ravel()),
-            jnp.broadcast_to(active, noisy.shape))
+    return True if ratio_over == "leaf" else compose.GLOBAL_NEEDS_SCALAR
 
 
 def _check_selection(mode: str, ratio_over: str, target: str) -> None:
@@ -529,16 +387,9 @@ def make_zero(scope: ScopeLike = "all", *, mode: Mode = "exact",
     resolved = parse_scope(scope)
     _check_selection(mode, ratio_over, target)
 
-    def zero(key: PRNGKey, params: Params, ratio: Array | LeafAmounts,
-             infos: Infos | None) -> Damage:
-        flat = _flatten(params, resolved, infos, ratio)
-        leaves = [flat.leaves[i] for i in flat.chosen]
-        masks = select_entries(key, leaves, flat.amounts, mode=mode,
-                               ratio_over=ratio_over, target=target)
-        new = {i: jnp.where(m, jnp.zeros((), leaf.dtype), leaf.ravel())
-               for i, leaf, m in zip(flat.chosen, leaves, masks)}
-        return _assemble(flat, new, dict(zip(flat.chosen, masks)))
-
+    zero = compose.parameter_core(
+        compose.fraction_of_entries(mode, ratio_over, target),
+        corrupt.zero(), resolved)
     return make_operator(zero, name="zero", amount_name="ratio",
                          fraction=True, per_leaf=_per_leaf(ratio_over),
                          doc=operator_doc(
@@ -572,17 +423,9 @@ def make_sign_flip(scope: ScopeLike = "all", *, mode: Mode = "exact",
     resolved = parse_scope(scope)
     _check_selection(mode, ratio_over, target)
 
-    def flip_sign(key: PRNGKey, params: Params, ratio: Array | LeafAmounts,
-                  infos: Infos | None) -> Damage:
-        flat = _flatten(params, resolved, infos, ratio)
-        _require_float(flat, "sign flip")
-        leaves = [flat.leaves[i] for i in flat.chosen]
-        masks = select_entries(key, leaves, flat.amounts, mode=mode,
-                               ratio_over=ratio_over, target=target)
-        new = {i: jnp.where(m, -leaf.ravel(), leaf.ravel())
-               for i, leaf, m in zip(flat.chosen, leaves, masks)}
-        return _assemble(flat, new, dict(zip(flat.chosen, masks)))
-
+    flip_sign = compose.parameter_core(
+        compose.fraction_of_entries(mode, ratio_over, target),
+        corrupt.negate(), resolved)
     return make_operator(flip_sign, name="flip_sign", amount_name="ratio",
                          fraction=True, per_leaf=_per_leaf(ratio_over),
                          doc=operator_doc(
@@ -624,29 +467,9 @@ def make_random_values(distribution: Literal["uniform", "normal"] = "uniform",
     resolved = parse_scope(scope)
     _check_selection(mode, ratio_over, target)
 
-    def randomize(key: PRNGKey, params: Params, ratio: Array | LeafAmounts,
-                  infos: Infos | None) -> Damage:
-        flat = _flatten(params, resolved, infos, ratio)
-        _require_float(flat, f"random {distribution} values")
-        leaves = [flat.leaves[i] for i in flat.chosen]
-        masks = select_entries(key, leaves, flat.amounts, mode=mode,
-                               ratio_over=ratio_over, target=target)
-        sizes = [int(leaf.size) for leaf in leaves]
-        new = {}
-        if distribution == "uniform":
-            draws = select.draw_uniform(key, sizes)
-        else:
-            draws = select.draw_normal(key, sizes)
-        for i, leaf, m, draw in zip(flat.chosen, leaves, masks, draws):
-            x = leaf.ravel().astype(jnp.float32)
-            if distribution == "uniform":
-                low, high = jnp.min(x), jnp.max(x)
-                values = low + (high - low) * draw
-            else:
-                values = jnp.mean(x) + jnp.std(x) * draw
-            new[i] = jnp.where(m, values.astype(leaf.dtype), leaf.ravel())
-        return _assemble(flat, new, dict(zip(flat.chosen, masks)))
-
+    randomize = compose.parameter_core(
+        compose.fraction_of_entries(mode, ratio_over, target),
+        corrupt.random_values(distribution), resolved)
     return make_operator(randomize, name=f"randomize_{distribution}",
                          amount_name="ratio", fraction=True,
                          per_leaf=_per_leaf(ratio_over), doc=operator_doc(
@@ -695,22 +518,8 @@ def make_gaussian_noise(scope: ScopeLike = "all", *, relative: bool = True
     if not isinstance(relative, bool):
         raise TypeError(f"relative must be a bool, got {relative!r}")
 
-    def add_noise(key: PRNGKey, params: Params, scale: Array | LeafAmounts,
-                  infos: Infos | None) -> Damage:
-        flat = _flatten(params, resolved, infos, scale)
-        _require_float(flat, "Gaussian noise")
-        leaves = [flat.leaves[i] for i in flat.chosen]
-        noise = select.draw_normal(key, [leaf.size for leaf in leaves])
-        new, masks = {}, {}
-        for position, (i, leaf, z) in enumerate(zip(flat.chosen, leaves,
-                                                     noise)):
-            x = leaf.ravel().astype(jnp.float32)
-            spread = jnp.std(x) if relative else jnp.float32(1.0)
-            leaf_scale = flat.amount(position)
-            noisy = (x + leaf_scale * spread * z).astype(leaf.dtype)
-            new[i], masks[i] = _unless_zero(leaf_scale, noisy, leaf)
-        return _assemble(flat, new, masks)
-
+    add_noise = compose.parameter_core(
+        compose.every_entry(), corrupt.gaussian_noise(relative), resolved)
     return make_operator(add_noise, name="add_gaussian_noise",
                          amount_name="scale", fraction=False, per_leaf=True,
                          doc=operator_doc(
@@ -741,22 +550,8 @@ def make_multiplicative_noise(scope: ScopeLike = "all") -> DamageFn:
     """
     resolved = parse_scope(scope)
 
-    def multiply_noise(key: PRNGKey, params: Params,
-                       scale: Array | LeafAmounts, infos: Infos | None
-                       ) -> Damage:
-        flat = _flatten(params, resolved, infos, scale)
-        _require_float(flat, "multiplicative noise")
-        leaves = [flat.leaves[i] for i in flat.chosen]
-        noise = select.draw_normal(key, [leaf.size for leaf in leaves])
-        new, masks = {}, {}
-        for position, (i, leaf, z) in enumerate(zip(flat.chosen, leaves,
-                                                     noise)):
-            x = leaf.ravel().astype(jnp.float32)
-            leaf_scale = flat.amount(position)
-            noisy = (x * (1.0 + leaf_scale * z)).astype(leaf.dtype)
-            new[i], masks[i] = _unless_zero(leaf_scale, noisy, leaf)
-        return _assemble(flat, new, masks)
-
+    multiply_noise = compose.parameter_core(
+        compose.every_entry(), corrupt.multiplicative_noise(), resolved)
     return make_operator(multiply_noise, name="add_multiplicative_noise",
                          amount_name="scale", fraction=False, per_leaf=True,
                          doc=operator_doc(
@@ -824,58 +619,9 @@ def _make_bit_fault(fault: str, bits, scope: ScopeLike, mode: str,
     if fmt is not None:
         formats.bit_positions(fmt, bits)  # a field the format has not
 
-    def fault_bits(key: PRNGKey, params: Params, rate: Array | LeafAmounts,
-                   infos: Infos | None) -> Damage:
-        flat = _flatten(params, resolved, infos, rate)
-        if fmt is not None:
-            _require_float(flat, f"deploying in {fmt.name}")
-        stored, positions = [], []
-        for i in flat.chosen:
-            dtype = flat.leaves[i].dtype
-            try:
-                leaf_format = fmt or formats.format_of_dtype(dtype)
-                stored.append(leaf_format)
-                positions.append(formats.bit_positions(leaf_format, bits))
-            except TypeError as error:
-                raise TypeError(f"leaf {flat.paths[i]!r}: {error}") from None
-            except ValueError as error:
-                raise ValueError(f"leaf {flat.paths[i]!r}: {error}") from None
-        leaves = [flat.leaves[i] for i in flat.chosen]
-        sizes = [int(leaf.size) * len(p) for leaf, p in zip(leaves, positions)]
-        if mode == "bernoulli":
-            chosen_bits = select.select_bernoulli(
-                select.draw_bits(key, sizes), flat.amounts)
-        else:
-            counts, groups = _counts(sizes, flat.amounts, ratio_over)
-            chosen_bits = select.select_random(key, sizes, counts,
-                                               groups=groups)
-        new, masks = {}, {}
-        for i, leaf, leaf_format, places, chosen in zip(
-                flat.chosen, leaves, stored, positions, chosen_bits):
-            uint = leaf_format.layout.uint
-            chosen = chosen.reshape(leaf.size, len(places))
-            weights = jnp.asarray([1 << p for p in places], uint)
-            pattern = jnp.sum(jnp.where(chosen, weights, 0),
-                              axis=1, dtype=uint)
-            if fmt is None:  # the leaf's own bits
-                codes = lax.bitcast_convert_type(leaf.ravel(), uint)
-            else:
-                encoded = formats.encode(leaf, fmt)
-                codes = encoded.codes.ravel()
-            if fault == "flip":
-                codes = codes ^ pattern
-            elif fault == "stuck_at_1":
-                codes = codes | pattern
-            else:
-                codes = codes & ~pattern
-            if fmt is None:
-                new[i] = lax.bitcast_convert_type(codes, leaf.dtype)
-            else:
-                new[i] = formats.decode(encoded._replace(
-                    codes=codes.reshape(leaf.shape)), fmt, leaf.dtype)
-            masks[i] = pattern != 0
-        return _assemble(flat, new, masks)
-
+    fault_bits = compose.parameter_core(
+        compose.fraction_of_entries(mode, ratio_over, "random"),
+        corrupt.bit_fault(fault, bits, fmt), resolved)
     return make_operator(fault_bits, name=name, amount_name="rate",
                          fraction=True, per_leaf=_per_leaf(ratio_over),
                          doc=doc)
