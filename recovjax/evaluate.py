@@ -189,6 +189,10 @@ class Totals(NamedTuple):
         class_correct: ``int32[num_classes]`` correct examples per class.
         class_count: ``int32[num_classes]`` examples per class.
         custom: the user metric's running sums, or ``None``.
+        batches: ``int32`` batches evaluated so far, the index of the next
+            batch, which a forward pass that takes one (``apply.takes_batch``,
+            as a model with transient activation faults) gets; ``None`` for
+            any other forward pass.
     """
 
     correct: Array
@@ -196,6 +200,7 @@ class Totals(NamedTuple):
     class_correct: Array
     class_count: Array
     custom: Any = None
+    batches: Any = None
 
 
 def start_totals(apply: ApplyFn, params: Params, batches: Batches,
@@ -220,7 +225,12 @@ def start_totals(apply: ApplyFn, params: Params, batches: Batches,
                                                            jnp.float32)),
             shapes)
     zeros = jnp.zeros((num_classes,), jnp.int32)
-    return Totals(jnp.int32(0), jnp.float32(0), zeros, zeros, custom)
+    # Only a forward pass that takes the batch index carries it, so the
+    # program of any other is what it was without activation faults.
+    batches_seen = (jnp.int32(0) if getattr(apply, "takes_batch", False)
+                    else None)
+    return Totals(jnp.int32(0), jnp.float32(0), zeros, zeros, custom,
+                  batches_seen)
 
 
 def accumulate(apply: ApplyFn, params: Params, batches: Batches,
@@ -233,10 +243,13 @@ def accumulate(apply: ApplyFn, params: Params, batches: Batches,
     additions, in the same order, as accumulating all of them at once.
     """
 
+    takes_batch = getattr(apply, "takes_batch", False)
+
     def step(totals, batch):
         images, labels, mask = batch
         valid = mask > 0
-        logits = apply(params, images)
+        logits = (apply(params, images, totals.batches) if takes_batch
+                  else apply(params, images))
         # The logit width is static: checked while tracing, at no cost.
         _checks.check_logits_shape(logits.shape, num_classes)
         # where, not multiply: padding must not turn a finite total into NaN.
@@ -254,7 +267,8 @@ def accumulate(apply: ApplyFn, params: Params, batches: Batches,
                       totals.class_correct + (in_class & hit[:, None]).sum(
                           0, dtype=jnp.int32),
                       totals.class_count + in_class.sum(0, dtype=jnp.int32),
-                      custom), None
+                      custom, None if totals.batches is None
+                      else totals.batches + 1), None
 
     totals, _ = jax.lax.scan(step, Totals(*totals),
                              (batches.images, batches.labels, batches.mask))

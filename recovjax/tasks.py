@@ -233,7 +233,9 @@ def task_totals(task: Task, forward: ForwardFn, params: Params,
 
     Args:
         task: the task.
-        forward: ``forward(params, inputs) -> outputs``.
+        forward: ``forward(params, inputs) -> outputs``, or, if it has
+            ``takes_batch = True`` (a model with transient activation
+            faults), ``forward(params, inputs, batch_index)``.
         params: the model's parameters.
         batches: a dict of arrays with leading ``[num_batches, batch_size]``
             axes (a :class:`~recovjax.Batches` is read as its fields).
@@ -247,20 +249,31 @@ def task_totals(task: Task, forward: ForwardFn, params: Params,
         TypeError: if ``batches`` is not a dict.
     """
     batches = check_batch(task, batches, "batches", stacked=True)
+    takes_batch = getattr(forward, "takes_batch", False)
 
-    def one(batch):
-        return _batch_totals(task, forward(params, task.inputs(batch)), batch)
+    def one(batch, index=0):
+        inputs = task.inputs(batch)
+        outputs = (forward(params, inputs, index) if takes_batch
+                   else forward(params, inputs))
+        return _batch_totals(task, outputs, batch)
 
     first = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(
         leaf.shape[1:], leaf.dtype), batches)
     shapes = jax.eval_shape(one, first)
     start = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
-    def accumulate(totals, batch):
+    def accumulate(totals, step):
+        index, batch = step if takes_batch else (0, step)
         return jax.tree.map(lambda total, value: total + value.astype(
-            total.dtype), totals, one(batch)), None
+            total.dtype), totals, one(batch, index)), None
 
-    totals, _ = jax.lax.scan(accumulate, start, batches)
+    # Only a forward pass that takes the batch index scans over it: the
+    # program of any other is what it was without activation faults.
+    steps = batches
+    if takes_batch:
+        count = jax.tree.leaves(batches)[0].shape[0]
+        steps = (jnp.arange(count, dtype=jnp.int32), batches)
+    totals, _ = jax.lax.scan(accumulate, start, steps)
     return totals
 
 

@@ -1,6 +1,8 @@
 """Damage operators: pure functions, key first, amount traced."""
 
 from recovjax._types import DataDamage, Damage
+from recovjax.damage.activations import (ActivationFaults, Site, find_sites,
+                                         make_activation_faults)
 from recovjax.damage.compose import select_entries
 from recovjax.damage.data import (DataDamageFn, add_input_noise, drop_samples,
                                   flip_labels, make_drop_samples,
@@ -11,6 +13,7 @@ from recovjax.damage.params import (DamageFn, add_gaussian_noise,
                                     add_multiplicative_noise, bit_layout,
                                     bit_positions, checked, flip_bits,
                                     flip_signs, make_bit_flip,
+                                    make_bit_position_flip,
                                     make_gaussian_noise,
                                     make_multiplicative_noise,
                                     make_random_values, make_sign_flip,
@@ -32,6 +35,10 @@ from recovjax.damage.structure import (drop_blocks, find_attention,
                                        remove_neurons, silence_removed)
 
 __all__ = [
+    "ActivationFaults",
+    "Site",
+    "find_sites",
+    "make_activation_faults",
     "Damage",
     "DamageFn",
     "DamageSpec",
@@ -58,6 +65,7 @@ __all__ = [
     "infer_layers",
     "leaf_paths",
     "make_bit_flip",
+    "make_bit_position_flip",
     "make_drop_blocks",
     "make_drop_samples",
     "make_gaussian_noise",

@@ -155,6 +155,27 @@ def fraction_of_entries(mode: str, ratio_over: str, target: str
     return Selection(f"{mode} {target} over {ratio_over}", choose)
 
 
+def fixed_count(count: int, target: str) -> Selection:
+    """``count`` entries over all the arrays together, whatever the amount:
+    the largest or smallest magnitudes (ties to the lowest flat index, the
+    first array first) or uniformly at random. Fewer when there are fewer
+    entries."""
+
+    def choose(key, values, amounts, cells):
+        sizes = [int(x.size) for x in values]
+        counts = jnp.minimum(jnp.int32(count), sum(sizes))[None]
+        groups = [0] * len(values)
+        if target == "random":
+            return select.select_random(key, sizes, counts, groups=groups)
+        if target == "largest":
+            return select.select_largest_magnitude(values, counts,
+                                                   groups=groups)
+        return select.select_smallest_magnitude(values, counts,
+                                                groups=groups)
+
+    return Selection(f"{count} {target}", choose)
+
+
 def every_entry() -> Selection:
     """Every entry of each array whose amount is not 0 (noise scales)."""
 

@@ -251,6 +251,44 @@ def bit_fault(fault: str, bits, fmt: formats.Format | None = None
     return Corruption(name, apply, cells, floating=fmt is not None)
 
 
+def flip_bit_at(fmt: formats.Format | None = None) -> Corruption:
+    """Flip one bit of each selected entry: bit ``amount`` (a traced
+    position, 0 = least significant, in the stored format's layout).
+
+    The amount is the position, so a sweep over positions is one compiled
+    program; a position at or beyond the format's width flips nothing.
+    ``fmt`` is the deployed format, as for :func:`bit_fault`.
+    """
+
+    def apply(key, values, masks, amounts):
+        out = []
+        for x, chosen, position in zip(values, masks, amounts):
+            stored = fmt or formats.format_of_dtype(x.dtype)
+            uint = stored.layout.uint
+            position = jnp.asarray(position).astype(jnp.int32)
+            inside = (position >= 0) & (position < stored.layout.width)
+            bit = jnp.left_shift(jnp.ones((), uint),
+                                 jnp.clip(position, 0, stored.layout.width
+                                          - 1).astype(uint))
+            pattern = jnp.where(chosen & inside, bit, jnp.zeros((), uint))
+            if fmt is None:
+                codes = lax.bitcast_convert_type(x, uint)
+                out.append(lax.bitcast_convert_type(codes ^ pattern, x.dtype))
+            else:
+                encoded = formats.encode(x, fmt)
+                out.append(formats.decode(encoded._replace(
+                    codes=encoded.codes ^ pattern), fmt, x.dtype))
+        return out
+
+    def cells(leaf: Array) -> int:
+        if fmt is None:
+            formats.format_of_dtype(leaf.dtype)  # a dtype with a layout
+        return 1
+
+    name = "bit flip" if fmt is None else f"deploying in {fmt.name}"
+    return Corruption(name, apply, cells, floating=fmt is not None)
+
+
 def chain(*corruptions: Corruption) -> Corruption:
     """Apply corruptions in order to the same selection.
 

@@ -127,7 +127,8 @@ def check_choice(name: str, value, allowed: Sequence) -> None:
 
 def make_operator(core: DamageCore, *, name: str, amount_name: str,
                   fraction: bool, doc: str, check: bool = False,
-                  per_leaf: bool | str = False) -> DamageFn:
+                  per_leaf: bool | str = False,
+                  integer: bool = False) -> DamageFn:
     """Wrap a traceable core as a validated, compiled operator.
 
     The returned ``op(key, params, amount, *, info=None)`` checks the key
@@ -177,6 +178,8 @@ def make_operator(core: DamageCore, *, name: str, amount_name: str,
             (one scalar only, as structural damage) or a string, which is
             then the message (after ``"<amount_name>: "``) when a tree is
             passed.
+        integer: whether a concrete amount must be a whole number (a bit
+            position).
 
     Returns:
         ``op(key, params, amount, *, info=None) -> Damage``, with attributes
@@ -202,6 +205,9 @@ def make_operator(core: DamageCore, *, name: str, amount_name: str,
     def check_one(amount: Any, label: str) -> Array:
         traced = _checks.is_traced(amount)
         amount = select.check_amount(amount, name=label, fraction=fraction)
+        if integer and not traced and float(amount) != int(amount):
+            raise ValueError(f"{label} must be a whole number (a bit "
+                             f"position), got {float(amount)}")
         if check and traced:
             _checks.check_traced_amount(amount, name=label,
                                         fraction=fraction)
@@ -229,7 +235,7 @@ def make_operator(core: DamageCore, *, name: str, amount_name: str,
     _describe(operator, amount_name, fraction, "params", check,
               lambda: make_operator(core, name=name, amount_name=amount_name,
                                     fraction=fraction, doc=doc, check=True,
-                                    per_leaf=per_leaf),
+                                    per_leaf=per_leaf, integer=integer),
               per_leaf=per_leaf is True)
     return operator
 
@@ -746,6 +752,66 @@ def make_stuck_at(value: Literal[0, 1], bits: Bits = "any",
                                     format=format, granularity=granularity),
                                "op(key, params, rate, *, info=None) -> "
                                "Damage"))
+
+
+def make_bit_position_flip(count: int = 1, target: Target = "largest",
+                           scope: ScopeLike = "all", *,
+                           format: str | None = None,
+                           granularity: str = "tensor") -> DamageFn:
+    """Build an operator that flips one given bit of a few chosen entries.
+
+    The amount is the **bit position** (0 = least significant bit of the
+    stored code), so a sweep over positions (``ratios: [0, 1, ..., 31]``)
+    draws the curve of a single bit's effect in one compiled program: on a
+    float32 model, the top exponent bit (30) of the largest weight turns it
+    into about ``1e38``; a low mantissa bit changes it by one unit in the
+    last place. ``count`` entries over every leaf in scope together are
+    hit: the largest magnitudes (``target="largest"``, ties to the first
+    leaf and the lowest index), the smallest, or uniformly at random for
+    the key (``"random"``). A position at or beyond the stored width flips
+    nothing (the mask still marks the chosen entries).
+
+    Args:
+        count: how many entries get the flip (static, at least 1).
+        target: ``"largest"``, ``"smallest"`` or ``"random"``.
+        scope: leaves to damage (see :func:`make_zero`).
+        format: the deployed format whose codes the flip hits, as for
+            :func:`make_bit_flip` (``None``: each leaf's own dtype).
+        granularity: ``"tensor"`` or ``"channel"`` (scaled formats).
+
+    Returns:
+        ``op(key, params, position, *, info=None) -> Damage``; ``position``
+        may be traced (a float or integer scalar; a traced one is truncated
+        to an integer). The mask marks the chosen entries: those whose bit
+        flipped, for a position within the stored width.
+
+    Raises:
+        ValueError: for a bad choice now; when called, for a concrete
+            position that is negative or not an integer.
+        TypeError: when called on a leaf with no bit layout (naming it).
+    """
+    check_choice("target", target, TARGETS)
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) \
+            or count < 1:
+        raise ValueError(f"count must be a positive int, got {count!r}")
+    resolved = parse_scope(scope)
+    fmt = None if format is None else formats.get_format(format,
+                                                         granularity)
+    if fmt is None and granularity != "tensor":
+        raise ValueError(f"granularity={granularity!r} needs a scaled "
+                         "format (format='int8', ...)")
+    core = compose.parameter_core(compose.fixed_count(int(count), target),
+                                  corrupt.flip_bit_at(fmt), resolved)
+    return make_operator(core, name="flip_bit_at", amount_name="position",
+                         fraction=False, integer=True,
+                         per_leaf="a bit position applies to every leaf in "
+                                  "scope",
+                         doc=operator_doc(
+                             make_bit_position_flip,
+                             dict(count=count, target=target, scope=scope,
+                                  format=format, granularity=granularity),
+                             "op(key, params, position, *, info=None) -> "
+                             "Damage"))
 
 
 # --------------------------------------------------------------------------

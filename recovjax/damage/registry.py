@@ -14,10 +14,15 @@ import inspect
 from types import MappingProxyType
 from typing import Any, Callable, Literal, Mapping
 
-from recovjax.damage import data, params, structure
+from recovjax.damage import activations, data, params, structure
 
-Kind = Literal["params", "structure", "data"]
-KINDS = ("params", "structure", "data")
+Kind = Literal["params", "structure", "data", "activations"]
+KINDS = ("params", "structure", "data", "activations")
+
+
+FRACTIONS = ("ratio", "rate")
+"""Amount names that are fractions in ``[0, 1]``; a ``scale`` is any
+non-negative number and a ``position`` a bit position."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,13 +32,18 @@ class DamageSpec:
     Attributes:
         name: registry name.
         kind: ``"params"`` (``op(key, params, amount, *, info=None)``),
-            ``"structure"`` (same call, structural masks) or ``"data"``
-            (``op(key, images, labels, amount, *, num_classes)``).
+            ``"structure"`` (same call, structural masks), ``"data"``
+            (``op(key, images, labels, amount, *, num_classes)``) or
+            ``"activations"`` (an
+            :class:`~recovjax.damage.activations.ActivationFaults`:
+            ``faults.apply(model, key, amount)`` is the faulty forward
+            pass).
         factory: the ``make_*`` function that builds the operator.
         amount_is_fraction: whether the amount must lie in ``[0, 1]``
-            (ratios, rates) rather than be any non-negative scale.
+            (ratios, rates) rather than be any non-negative scale or a bit
+            position.
         amount_name: what the amount is called (``ratio``, ``rate``,
-            ``scale``).
+            ``scale``, ``position``).
         doc: one-line description.
         preset: factory options the name fixes (e.g. ``stuck_at_1`` fixes
             ``value=1``); they cannot be overridden.
@@ -68,7 +78,7 @@ class DamageSpec:
 
 def _spec(name, kind, factory, amount_name, doc, **preset) -> DamageSpec:
     return DamageSpec(name=name, kind=kind, factory=factory,
-                      amount_is_fraction=amount_name != "scale",
+                      amount_is_fraction=amount_name in FRACTIONS,
                       amount_name=amount_name, doc=doc,
                       preset=MappingProxyType(preset))
 
@@ -95,6 +105,9 @@ _REGISTRY: dict[str, DamageSpec] = {spec.name: spec for spec in (
           "force a fraction of stored bits to 0", value=0),
     _spec("stuck_at_1", "params", params.make_stuck_at, "rate",
           "force a fraction of stored bits to 1", value=1),
+    _spec("bit_position_flip", "params", params.make_bit_position_flip,
+          "position", "flip bit <position> of the largest (or chosen) "
+          "entries"),
     _spec("remove_neurons", "structure", structure.make_remove_neurons,
           "ratio", "remove dense units / conv output channels"),
     _spec("remove_connections", "structure",
@@ -104,6 +117,22 @@ _REGISTRY: dict[str, DamageSpec] = {spec.name: spec for spec in (
           "turn residual blocks into the identity"),
     _spec("remove_heads", "structure", structure.make_remove_heads, "ratio",
           "remove attention heads"),
+    _spec("activation_bit_flip", "activations",
+          activations.make_activation_faults, "rate",
+          "flip bits of layer outputs while the model runs",
+          corruption="flip"),
+    _spec("activation_stuck_at_0", "activations",
+          activations.make_activation_faults, "rate",
+          "force bits of layer outputs to 0", corruption="stuck_at_0"),
+    _spec("activation_stuck_at_1", "activations",
+          activations.make_activation_faults, "rate",
+          "force bits of layer outputs to 1", corruption="stuck_at_1"),
+    _spec("activation_zero", "activations",
+          activations.make_activation_faults, "rate",
+          "zero a fraction of layer outputs", corruption="zero"),
+    _spec("activation_noise", "activations",
+          activations.make_activation_faults, "scale",
+          "add Gaussian noise to layer outputs", corruption="noise"),
     _spec("drop_samples", "data", data.make_drop_samples, "ratio",
           "give weight 0 to a fraction of the training samples"),
     _spec("label_noise", "data", data.make_label_noise, "rate",
@@ -137,7 +166,7 @@ def register_damage(name: str, factory: Callable[..., Callable], *,
         amount_name: what the amount is called in messages (``ratio``,
             ``rate``, ``scale``).
         amount_is_fraction: whether amounts must lie in ``[0, 1]``;
-            default: every amount but a ``scale``.
+            default: every amount but a ``scale`` or a ``position``.
         doc: one line for listings.
         overwrite: replace an earlier registration (never a built-in).
 
@@ -162,7 +191,8 @@ def register_damage(name: str, factory: Callable[..., Callable], *,
         raise ValueError(f"damage {name!r} is already registered" + (
             "" if name in BUILT_IN else "; pass overwrite=True to replace "
             "it"))
-    fraction = (amount_name != "scale" if amount_is_fraction is None
+    fraction = (amount_name not in ("scale", "position")
+                if amount_is_fraction is None
                 else bool(amount_is_fraction))
     spec = DamageSpec(name=name, kind=kind, factory=factory,
                       amount_is_fraction=fraction, amount_name=amount_name,
@@ -229,7 +259,9 @@ def get_damage(name: str, *, check: bool = False, **options: Any
         for the ``"params"`` and ``"structure"`` kinds (``info`` is the
         model's leaf metadata, ``model.info``, which role scopes such as
         ``"weights"`` need), ``op(key, images, labels, amount, *,
-        num_classes) -> DataDamage`` for ``"data"``.
+        num_classes) -> DataDamage`` for ``"data"``, and an
+        :class:`~recovjax.damage.activations.ActivationFaults` for
+        ``"activations"``.
 
     Raises:
         ValueError: for an unknown name (listing valid names) or an invalid
@@ -243,5 +275,9 @@ def get_damage(name: str, *, check: bool = False, **options: Any
     """
     if not isinstance(check, bool):
         raise TypeError(f"check: must be a bool, got {check!r}")
-    op = damage_spec(name).build(**options)
+    spec = damage_spec(name)
+    op = spec.build(**options)
+    if check and spec.kind == "activations":
+        raise ValueError(f"check: {name!r} corrupts activations, whose "
+                         "amounts are checked on the host only")
     return params.checked(op) if check else op

@@ -62,6 +62,13 @@ class Dataflow:
         channels: for layers applied by a convolution, where its output
             holds the channels (``"last"`` or ``"first"``).
         order: layers in the order the program first applies them.
+        program: the traced program (a ``ClosedJaxpr``) whose dataflow
+            this is.
+        steps: for each equation of the program's top level, in order,
+            ``(ins, outs)``: what its inputs and outputs hold (a frozenset
+            of origins for an activation, a parameter-derived value, or
+            ``None`` for a constant), which is where activation fault
+            sites are found (:mod:`recovjax.damage.activations`).
     """
 
     def __init__(self):
@@ -70,6 +77,8 @@ class Dataflow:
         self.outputs: set = set()
         self.channels: dict[str, str] = {}
         self.order: list[str] = []
+        self.program: Any = None
+        self.steps: list[tuple[list, list]] = []
 
     def consumers(self, layer: str) -> set[str]:
         """Layers whose inputs come (in part) from ``layer``."""
@@ -91,7 +100,8 @@ def _sub_jaxpr(eqn) -> tuple[Any, list] | None:
 
 
 def dataflow(forward: Callable, params: Any, sample: Any,
-             infos: Mapping[str, LeafInfo], state: Any = None) -> Dataflow:
+             infos: Mapping[str, LeafInfo], state: Any = None, *,
+             program: Any = None) -> Dataflow:
     """Trace ``forward(params, state, sample)`` and follow its dataflow.
 
     Args:
@@ -102,11 +112,15 @@ def dataflow(forward: Callable, params: Any, sample: Any,
             treated as constants.
         infos: ``{path: LeafInfo}`` in the flattening order of ``params``;
             the roles say which leaves are kernels.
+        program: the program of ``forward`` already traced (a
+            ``ClosedJaxpr`` whose inputs are the leaves of ``params``,
+            ``state`` and ``sample``, in order), instead of tracing it.
 
     Returns:
         The :class:`Dataflow`.
     """
-    closed = jax.make_jaxpr(forward)(params, state, sample)
+    closed = (jax.make_jaxpr(forward)(params, state, sample)
+              if program is None else program)
     num_state = len(jax.tree.leaves(state))
     paths = list(infos)
     leaf_infos = [infos[path] for path in paths]
@@ -145,7 +159,7 @@ def dataflow(forward: Callable, params: Any, sample: Any,
                                         else "first")
         return frozenset(applied)
 
-    def run(jaxpr, states: list) -> list:
+    def run(jaxpr, states: list, top: bool = False) -> list:
         env = dict(zip(jaxpr.invars, states))
         for eqn in jaxpr.eqns:
             ins = [read(env, var) for var in eqn.invars]
@@ -171,13 +185,16 @@ def dataflow(forward: Callable, params: Any, sample: Any,
                 outs = [out] * len(eqn.outvars)
             for var, state in zip(eqn.outvars, outs):
                 env[var] = state
+            if top:
+                flow.steps.append((ins, list(outs)))
         return [read(env, var) for var in jaxpr.outvars]
 
     inputs = ([_Param(frozenset([i])) for i in range(count)]
               + [None] * num_state
               + [frozenset([INPUT])] * (len(closed.jaxpr.invars) - count
                                         - num_state))
-    for state in run(closed.jaxpr, inputs):
+    flow.program = closed
+    for state in run(closed.jaxpr, inputs, top=True):
         if isinstance(state, frozenset):
             flow.outputs.update(state)
     return flow
@@ -239,3 +256,10 @@ def link_layers(infos: Mapping[str, LeafInfo], flow: Dataflow
         result[path] = dataclasses.replace(info, **changes) if changes else (
             info)
     return result
+
+
+def parameter_leaves(state: Any) -> frozenset:
+    """The parameter leaves (indices in flattening order) a value of
+    :attr:`Dataflow.steps` derives from; empty for an activation or a
+    constant."""
+    return state.leaves if isinstance(state, _Param) else frozenset()

@@ -171,6 +171,11 @@ def _check_fractions(kinds: Mapping[str, DamageOp], ratios: Sequence[float]
     # rate) takes amounts in [0, 1]; inside the programs they are traced,
     # and an unchecked traced fraction is clipped, not reported.
     for name, op in kinds.items():
+        if getattr(op, "amount_name", None) == "position":
+            bad = [r for r in ratios if float(r) != int(r)]
+            if bad:
+                raise ValueError(f"ratios: damage {name!r} takes a bit "
+                                 f"position (a whole number), got {bad[0]}")
         if not getattr(op, "amount_is_fraction", False):
             continue
         high = max(ratios)

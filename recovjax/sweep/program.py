@@ -40,6 +40,8 @@ def point_fn(model, op: DamageOp, metric_fn: MetricFn | None):
     extra = {"info": model.info} if accepts_info(op) else {}
     forward, task = model.forward, tasks_lib.general_task(model)
     num_classes = model.num_classes if task is None else None
+    if is_activation_fault(op):
+        return _faulty_point_fn(model, op, task, metric_fn)
 
     def one(point, shared):
         key, ratio, keep = point
@@ -50,6 +52,28 @@ def point_fn(model, op: DamageOp, metric_fn: MetricFn | None):
         if task is not None:
             return tasks_lib.evaluate_task(task, forward, chosen, batches)
         return evaluate(forward, chosen, batches, num_classes,
+                        metric_fn=metric_fn)
+
+    return one
+
+
+def is_activation_fault(op) -> bool:
+    """Whether ``op`` corrupts activations (it changes the forward pass)."""
+    return getattr(op, "damage_kind", None) == "activations"
+
+
+def _faulty_point_fn(model, faults, task, metric_fn: MetricFn | None):
+    # A point evaluates the faulty forward pass of the undamaged parameters;
+    # the clean flag sets the amount to 0, which hits nothing.
+    num_classes = model.num_classes if task is None else None
+
+    def one(point, shared):
+        key, amount, keep = point
+        params, batches = shared
+        apply = faults.apply(model, key, jnp.where(keep, 0.0, amount))
+        if task is not None:
+            return tasks_lib.evaluate_task(task, apply, params, batches)
+        return evaluate(apply, params, batches, num_classes,
                         metric_fn=metric_fn)
 
     return one
@@ -83,14 +107,20 @@ def stream_point_fn(model, op: DamageOp, metric_fn: MetricFn | None):
     """
     extra = {"info": model.info} if accepts_info(op) else {}
     forward, num_classes = model.forward, model.num_classes
+    faulty = is_activation_fault(op)
 
     def one(point, shared):
         key, ratio, keep, totals = point
         params, block = shared
-        damaged = op(key, params, ratio, **extra).params
-        chosen = jax.tree.map(lambda p, d: jnp.where(keep, p, d),
-                              params, damaged)
-        totals = accumulate(forward, chosen, block, num_classes, totals,
+        if faulty:
+            apply, chosen = op.apply(model, key, jnp.where(keep, 0.0, ratio)
+                                     ), params
+        else:
+            damaged = op(key, params, ratio, **extra).params
+            chosen = jax.tree.map(lambda p, d: jnp.where(keep, p, d),
+                                  params, damaged)
+            apply = forward
+        totals = accumulate(apply, chosen, block, num_classes, totals,
                             metric_fn)
         return totals, finish(totals)
 
@@ -103,6 +133,14 @@ def stream_chunk_program(model, op: DamageOp, metric_fn: MetricFn | None,
                          partition=None) -> runner.PointProgram:
     return _sweep_program(stream_point_fn(model, op, metric_fn), vmap_size,
                           devices, model_devices, partition)
+
+
+def _indexed(forward):
+    # forward as a pass that takes (and ignores) the batch index.
+    def indexed(params, inputs, batch=0):
+        return forward(params, inputs)
+    indexed.takes_batch = True
+    return indexed
 
 
 def run_streamed(model, params: Params, stream, chunks: list,
@@ -132,9 +170,11 @@ def run_streamed(model, params: Params, stream, chunks: list,
     metrics: list = [None] * len(chunks)
     for block in stream:
         if totals[0] is None:
+            # The totals count batches, which chunks of activation faults
+            # key their transient faults by (the others carry the count).
             struct = jax.eval_shape(lambda p, b: start_totals(
-                model.forward, p, b, model.num_classes, metric_fn),
-                params, block)
+                _indexed(model.forward), p, b, model.num_classes,
+                metric_fn), params, block)
             for index, (program, points) in enumerate(chunks):
                 size = int(np.shape(points[1])[0])
                 totals[index] = runner.place(jax.tree.map(

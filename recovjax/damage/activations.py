@@ -1,0 +1,443 @@
+"""Activation faults: corruptions of layer outputs while the model runs.
+
+Soft errors in a processor's datapath or registers hit the values a layer
+computes, not the stored weights. Here a fault is injected at *sites*,
+the outputs of the model's layers, by re-running the model's own traced
+program with a corruption applied to the site values. This works for any
+:class:`~recovjax.models.Model` (linen, NNX, equinox, :func:`from_apply`):
+the sites come from the dataflow analysis of :mod:`recovjax.models.graph`,
+which finds where each layer's output is complete, after its kernel and
+the per-unit parameters of the same layer (a bias) have been applied, and
+before what follows (an activation function, a normalisation). Calls to
+``jit``-compiled functions inside the model are inlined so that layers
+inside them are sites too, and so are calls with custom derivative rules
+(whose rules the faulty pass drops: it is for evaluation). A layer applied
+inside a ``scan``, ``cond`` or ``while`` is not a site (its output is not a
+value of the program's top level), nor is a layer applied by an operation
+that also applies other layers.
+
+::
+
+    faults = make_activation_faults("flip", bits="exponent")
+    apply = faults.apply(model, key, 1e-4)   # apply(params, x, batch=0)
+    metrics = evaluate(apply, model.params, batches, 10)
+
+``evaluate`` passes each batch's index, so **transient** faults (the
+default) are drawn afresh for every evaluated batch, keyed by
+``fold_in(key, batch)``; **permanent** faults hit the same units of every
+example (one draw over a site's per-example shape, shared by the batch),
+a broken unit of the hardware. Within one batch the examples' faults are
+independent (transient) or equal (permanent). Site ``i`` of the chosen
+sites (in program order) gets ``fold_in(..., i)``, so faults at one site
+do not depend on which other sites are chosen.
+
+The amount is traced: a sweep over rates is one compiled program. A rate
+of 0 hits nothing: every site value passes through unchanged, and the
+outputs are the clean model's up to the last bits (the program around the
+sites is fused differently). A model evaluated with no
+fault does not go through this module at all, so the clean path compiles
+to the program it always did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+from typing import Any, Callable, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jax_core
+
+from recovjax._types import Array, Params, PRNGKey
+from recovjax.damage import compose, corrupt, select
+from recovjax.damage.params import _check_bits, check_choice
+from recovjax.models import graph
+from recovjax.models.info import EMBEDDING, KERNEL, info_by_path
+
+PERSISTENCE = ("transient", "permanent")
+CORRUPTIONS = ("flip", "stuck_at_0", "stuck_at_1", "zero", "sign_flip",
+               "noise")
+SITE_KINDS = ("conv", "dense", "embedding")
+# Calls whose bodies run in line, so that layers inside them are sites. A
+# custom derivative rule (custom_jvp/custom_vjp) is dropped with its call:
+# the faulty forward pass is for evaluation, and differentiating it goes
+# through the body's own operations.
+_INLINED = frozenset({"jit", "pjit", "closed_call", "core_call",
+                      "custom_jvp_call", "custom_vjp_call"})
+
+
+class Site(NamedTuple):
+    """One place where a layer's output can be corrupted.
+
+    Attributes:
+        layer: the layer's path (its leaves' ``LeafInfo.layer``).
+        shape: the output's shape for the traced input batch (axis 0 is
+            the batch).
+        dtype: the output's dtype.
+        kind: ``"conv"`` (a kernel of 3 or more axes), ``"dense"`` (2
+            axes) or ``"embedding"``.
+        index: its position among the model's sites, in program order.
+    """
+
+    layer: str
+    shape: tuple[int, ...]
+    dtype: Any
+    kind: str
+    index: int
+
+
+SiteChoice = Any
+"""``"all"``; a site kind (``"conv"``, ``"dense"``, ``"embedding"``); a
+layer path or a regex matched against the whole path; a list of layer
+paths; or a predicate ``(site: Site) -> bool``."""
+
+
+# --------------------------------------------------------------------------
+# The program and its sites.
+# --------------------------------------------------------------------------
+
+
+def _evaluate(jaxpr, consts, args, hooks=None) -> list:
+    # Run a jaxpr's top level, inlining jit calls; hooks[i] rewrites the
+    # outputs of top-level equation i.
+    env: dict = {}
+
+    def read(var):
+        return var.val if isinstance(var, jax_core.Literal) else env[var]
+
+    for var, value in zip(jaxpr.constvars, consts):
+        env[var] = value
+    for var, value in zip(jaxpr.invars, args):
+        env[var] = value
+    for index, eqn in enumerate(jaxpr.eqns):
+        ins = [read(var) for var in eqn.invars]
+        if eqn.primitive.name in _INLINED:
+            sub = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+            outs = _evaluate(getattr(sub, "jaxpr", sub),
+                             getattr(sub, "consts", ()), ins)
+        else:
+            params = eqn.primitive.get_bind_params(eqn.params)
+            with eqn.ctx.manager:
+                outs = eqn.primitive.bind(*ins, **params)
+            if not eqn.primitive.multiple_results:
+                outs = [outs]
+        if hooks is not None and index in hooks:
+            outs = hooks[index](list(outs))
+        for var, value in zip(eqn.outvars, outs):
+            env[var] = value
+    return [read(var) for var in jaxpr.outvars]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Program:
+    """A model's forward pass for one input shape, with its sites.
+
+    Attributes:
+        program: the traced forward pass (a ``ClosedJaxpr`` of the
+            parameter leaves and the input), jit calls inlined.
+        sites: every site, by layer path, in program order.
+        equations: for each site's layer, the top-level equation whose
+            output is the site.
+        out_tree: the structure of the forward pass's outputs.
+    """
+
+    program: Any
+    sites: dict[str, Site]
+    equations: dict[str, int]
+    out_tree: Any
+
+
+def trace_program(model, params: Params, inputs: Any) -> Program:
+    """Trace ``model.forward`` for ``inputs``' shape and find its sites.
+
+    Args:
+        model: a :class:`~recovjax.models.Model`.
+        params: its parameters (arrays, tracers or shape structs).
+        inputs: an input batch (array, tracer or shape struct).
+
+    Returns:
+        The :class:`Program`.
+    """
+    structs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        jnp.shape(x), jnp.result_type(x)), (params, inputs))
+    traced = jax.make_jaxpr(model.forward, return_shape=True)(*structs)
+    closed, out_shape = traced
+    flat_in = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype)
+               for v in closed.jaxpr.invars]
+    inlined = jax.make_jaxpr(lambda *args: _evaluate(
+        closed.jaxpr, closed.consts, args))(*flat_in)
+    infos = info_by_path(structs[0], model.info)
+    flow = graph.dataflow(None, structs[0], structs[1], infos,
+                          program=inlined)
+    leaf_infos = list(infos.values())
+    kernels = {info.layer: info for info in leaf_infos
+               if info.role in (KERNEL, EMBEDDING) and info.layer}
+    kernel_ndim = {}
+    for path, info in infos.items():
+        if info.role in (KERNEL, EMBEDDING) and info.layer:
+            leaf = _leaf_at(structs[0], path)
+            kernel_ndim[info.layer] = len(leaf.shape)
+    found: dict[str, int] = {}
+    for index, (ins, outs) in enumerate(flow.steps):
+        if len(outs) != 1 or not isinstance(outs[0], frozenset) or len(
+                outs[0]) != 1:
+            continue
+        (layer,) = outs[0]
+        if layer not in kernels:
+            continue
+        leaves = frozenset().union(*(graph.parameter_leaves(s) for s in ins))
+        # The layer's own leaves only: an operation that also applies other
+        # layers (a fused block) is not this layer's output.
+        if leaves and all(leaf_infos[i].layer == layer for i in leaves):
+            found[layer] = index
+    ordered = sorted(found, key=found.get)
+    sites = {}
+    for position, layer in enumerate(ordered):
+        var = inlined.jaxpr.eqns[found[layer]].outvars[0]
+        if kernels[layer].role == EMBEDDING:
+            kind = "embedding"
+        else:
+            kind = "conv" if kernel_ndim[layer] >= 3 else "dense"
+        sites[layer] = Site(layer, tuple(var.aval.shape), var.aval.dtype,
+                            kind, position)
+    return Program(inlined, sites, {layer: found[layer] for layer in ordered},
+                   jax.tree.structure(out_shape))
+
+
+def _leaf_at(tree, path: str):
+    node = tree
+    for part in path.split("/"):
+        node = node[part]
+    return node
+
+
+def find_sites(model, sample: Any) -> dict[str, Site]:
+    """The model's fault sites for a batch shaped like ``sample``.
+
+    Args:
+        model: a :class:`~recovjax.models.Model`.
+        sample: an input batch (array or shape struct, axis 0 the batch).
+
+    Returns:
+        ``{layer path: Site}`` in program order.
+    """
+    return trace_program(model, model.params, sample).sites
+
+
+def choose_sites(sites: dict[str, Site], choice: SiteChoice) -> list[Site]:
+    """The sites a choice names, in program order.
+
+    Raises:
+        ValueError: for a layer path the model has no site for, or a
+            choice that matches no site (listing the sites).
+        TypeError: for a choice of another type.
+    """
+    listing = ", ".join(sites) or "none"
+    if callable(choice):
+        chosen = [site for site in sites.values() if choice(site)]
+    elif isinstance(choice, str):
+        if choice == "all":
+            chosen = list(sites.values())
+        elif choice in SITE_KINDS:
+            chosen = [s for s in sites.values() if s.kind == choice]
+        else:
+            try:
+                pattern = re.compile(choice)
+            except re.error as error:
+                raise ValueError(f"sites: {choice!r} is not a valid regex: "
+                                 f"{error}") from None
+            chosen = [s for s in sites.values()
+                      if pattern.fullmatch(s.layer)]
+    elif isinstance(choice, (list, tuple)) and all(
+            isinstance(c, str) for c in choice):
+        missing = [c for c in choice if c not in sites]
+        if missing:
+            raise ValueError(f"sites: the model has no site {missing[0]!r}; "
+                             f"its sites are {listing}")
+        chosen = [s for s in sites.values() if s.layer in choice]
+    else:
+        raise TypeError(f"sites must be 'all', a site kind, a layer path or "
+                        f"regex, a list of layer paths or a predicate "
+                        f"(site) -> bool, got {choice!r}")
+    if not chosen:
+        raise ValueError(f"sites: {choice!r} matches no site; the model's "
+                         f"sites are {listing}")
+    return chosen
+
+
+# --------------------------------------------------------------------------
+# Faults.
+# --------------------------------------------------------------------------
+
+
+def _corruption(name: str, bits) -> tuple[corrupt.Corruption, bool]:
+    # The corruption, and whether the amount is a fraction (not a scale).
+    if name in ("flip", "stuck_at_0", "stuck_at_1"):
+        return corrupt.bit_fault(name, bits), True
+    if name == "zero":
+        return corrupt.zero(), True
+    if name == "sign_flip":
+        return corrupt.negate(), True
+    return corrupt.gaussian_noise(relative=True), False
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ActivationFaults:
+    """Faults at a model's activation sites (see the module docstring).
+
+    Built by :func:`make_activation_faults`; :meth:`apply` gives the faulty
+    forward pass.
+
+    Attributes:
+        corruption: what a fault does.
+        selection: which entries of a site it hits.
+        sites: the site choice.
+        persistence: ``"transient"`` or ``"permanent"``.
+        amount_name: ``"rate"`` or ``"scale"``.
+        amount_is_fraction: whether the amount lies in ``[0, 1]``.
+        damage_kind: ``"activations"``.
+    """
+
+    corruption: corrupt.Corruption
+    selection: compose.Selection
+    sites: SiteChoice
+    persistence: str
+    amount_name: str
+    amount_is_fraction: bool
+    damage_kind: str = "activations"
+    per_leaf_amounts: bool = False
+    check_traced: bool = False
+
+    def __call__(self, key: PRNGKey, params: Params, amount: Any, *,
+                 info: Any = None):
+        """Refused: activation faults change the forward pass, not the
+        parameters.
+
+        Raises:
+            TypeError: always, saying how to use them.
+        """
+        raise TypeError(
+            "activation faults corrupt layer outputs while the model runs; "
+            "they do not damage parameters. Evaluate faults.apply(model, "
+            "key, amount) instead of model.forward, or sweep them "
+            "(recovjax.sweep); recovery from activation faults is not "
+            "defined")
+
+    def apply(self, model, key: PRNGKey, amount: Any) -> Callable:
+        """The faulty forward pass of ``model``.
+
+        Args:
+            model: a :class:`~recovjax.models.Model`.
+            key: typed key of this faulty model.
+            amount: the rate (or noise scale); may be traced.
+
+        Returns:
+            ``apply(params, x, batch=0) -> outputs``, the model's outputs
+            with faults at the chosen sites; ``batch`` (an int or a traced
+            int32) keys transient faults. It has ``takes_batch = True``, so
+            :func:`recovjax.evaluate.evaluate` passes each batch's index.
+
+        Raises:
+            ValueError: for a concrete amount out of range, or (when
+                called) a site choice that matches no site.
+        """
+        select.check_key(key)
+        amount = select.check_amount(amount, name=self.amount_name,
+                                     fraction=self.amount_is_fraction)
+        programs: dict = {}
+
+        def faulty(params: Params, x: Any, batch: Any = 0) -> Any:
+            signature = jax.tree.map(lambda v: (jnp.shape(v),
+                                                jnp.result_type(v)),
+                                     (params, x))
+            signature = (jax.tree.structure((params, x)),
+                         tuple(jax.tree.leaves(signature)))
+            if signature not in programs:
+                programs[signature] = trace_program(model, params, x)
+            program = programs[signature]
+            chosen = choose_sites(program.sites, self.sites)
+            batch_key = (key if self.persistence == "permanent"
+                         else jax.random.fold_in(key, batch))
+            hooks = {program.equations[site.layer]: functools.partial(
+                self._hit, jax.random.fold_in(batch_key, site.index),
+                amount, site.layer) for site in chosen}
+            outs = _evaluate(program.program.jaxpr, program.program.consts,
+                             jax.tree.leaves((params, x)), hooks)
+            return jax.tree.unflatten(program.out_tree, outs)
+
+        faulty.takes_batch = True
+        faulty.__name__ = f"{getattr(model, 'name', 'model')}_with_faults"
+        return faulty
+
+    def _hit(self, key: PRNGKey, amount: Array, layer: str,
+             outs: list) -> list:
+        def corrupt_one(value, key):
+            (new,), _ = compose.corrupt_arrays(
+                key, self.selection, self.corruption, [value], amount,
+                [layer], noun="site", plural="values")
+            return new
+
+        value = outs[0]
+        if self.persistence == "permanent":
+            # One draw over the per-example shape, shared by the batch.
+            new = jax.vmap(corrupt_one, in_axes=(0, None))(value, key)
+        else:
+            new = corrupt_one(value, key)
+        return [new]
+
+
+def make_activation_faults(
+        corruption: str = "flip", *, bits="any", sites: SiteChoice = "all",
+        persistence: Literal["transient", "permanent"] = "transient",
+        mode: Literal["bernoulli", "exact"] = "bernoulli") -> ActivationFaults:
+    """Build faults that corrupt layer outputs as the model runs.
+
+    Args:
+        corruption: ``"flip"``, ``"stuck_at_0"``, ``"stuck_at_1"`` (bits of
+            the activation's own dtype), ``"zero"``, ``"sign_flip"`` or
+            ``"noise"`` (Gaussian, relative to the site's standard
+            deviation over the batch, or over the example when permanent).
+        bits: the eligible bits of a bit fault, as for
+            :func:`~recovjax.damage.make_bit_flip`.
+        sites: which sites (see :data:`SiteChoice`).
+        persistence: ``"transient"`` (drawn afresh per batch) or
+            ``"permanent"`` (the same units of every example).
+        mode: ``"bernoulli"`` (each eligible bit or entry independently
+            with probability ``rate``) or ``"exact"`` (exactly
+            ``floor(n * rate)`` per site and draw); unused by ``"noise"``,
+            which perturbs every entry of a site.
+
+    Returns:
+        The :class:`ActivationFaults`; its amount is a ``rate`` (or, for
+        ``"noise"``, a ``scale``).
+
+    Raises:
+        ValueError: for an unknown choice or bit class (now).
+    """
+    check_choice("corruption", corruption, CORRUPTIONS)
+    check_choice("persistence", persistence, PERSISTENCE)
+    check_choice("mode", mode, ("bernoulli", "exact"))
+    _check_bits(bits)
+    if not (callable(sites) or isinstance(sites, (str, list, tuple))):
+        raise TypeError(f"sites must be 'all', a site kind, a layer path or "
+                        f"regex, a list of layer paths or a predicate "
+                        f"(site) -> bool, got {sites!r}")
+    fault, fraction = _corruption(corruption, bits)
+    selection = (compose.fraction_of_entries(mode, "leaf", "random")
+                 if fraction else compose.every_entry())
+    return ActivationFaults(fault, selection,
+                            tuple(sites) if isinstance(sites, list)
+                            else sites, persistence,
+                            "rate" if fraction else "scale", fraction)
+
+
+def sites_of(faults: ActivationFaults, model, sample: Any) -> list[Site]:
+    """The sites ``faults`` hit in ``model`` for a batch like ``sample``."""
+    return choose_sites(find_sites(model, sample), faults.sites)
+
+
+__all__ = ["ActivationFaults", "Program", "Site", "choose_sites",
+           "find_sites", "make_activation_faults", "sites_of",
+           "trace_program"]

@@ -1,0 +1,222 @@
+"""Activation faults: sites, transient and permanent faults, the clean path."""
+
+import equinox as eqx
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import recovjax
+from recovjax.damage import activations
+from recovjax.damage.activations import find_sites, make_activation_faults
+from recovjax import Batches
+from recovjax.evaluate import evaluate, start_totals
+from recovjax.models import from_equinox, from_linen, from_nnx
+
+KEY = jax.random.key(0)
+X = jax.random.normal(jax.random.key(1), (6, 8, 8, 1))
+
+
+class LinenCNN(nn.Module):
+    """A user's linen model, with a jit-compiled block inside."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(4, (3, 3))(x))
+        x = x.reshape(x.shape[0], -1)
+        x = jax.jit(jnp.tanh)(nn.Dense(16)(x))
+        return nn.Dense(10)(x)
+
+
+class Single(nn.Module):
+    """One dense layer: its site is the model's output."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+class NnxMLP(nnx.Module):
+    def __init__(self, rngs):
+        self.hidden = nnx.Linear(64, 24, rngs=rngs)
+        self.out = nnx.Linear(24, 10, rngs=rngs)
+
+    def __call__(self, x):
+        return self.out(nnx.relu(self.hidden(x.reshape(x.shape[0], -1))))
+
+
+class EqxMLP(eqx.Module):
+    layers: list
+
+    def __init__(self, key):
+        first, second = jax.random.split(key)
+        self.layers = [eqx.nn.Linear(64, 24, key=first),
+                       eqx.nn.Linear(24, 10, key=second)]
+
+    def __call__(self, x):
+        return self.layers[1](jax.nn.relu(self.layers[0](x.reshape(-1))))
+
+
+def linen(module=None):
+    module = module or LinenCNN()
+    return from_linen(module, module.init(KEY, X), sample=X)
+
+
+def test_sites_of_a_users_linen_model_are_its_layers_in_order():
+    sites = find_sites(linen(), X)
+    assert list(sites) == ["Conv_0", "Dense_0", "Dense_1"]
+    assert sites["Conv_0"].shape == (6, 8, 8, 4)
+    assert [s.kind for s in sites.values()] == ["conv", "dense", "dense"]
+    assert [s.index for s in sites.values()] == [0, 1, 2]
+
+
+def test_sites_of_nnx_equinox_and_the_builtin_lenet(lenet):
+    nnx_model = from_nnx(NnxMLP(nnx.Rngs(1)), sample=X)
+    assert list(find_sites(nnx_model, X)) == ["hidden", "out"]
+    eqx_model = from_equinox(EqxMLP(KEY), sample=X)
+    assert list(find_sites(eqx_model, X)) == ["layers/0", "layers/1"]
+    images = jnp.zeros((3, 28, 28, 1))
+    sites = find_sites(lenet, images)
+    assert list(sites) == ["conv1", "conv2", "fc1", "fc2", "fc3"]
+    assert sites["conv1"].shape == (3, 24, 24, 6)
+
+
+@pytest.mark.parametrize("corruption", ["flip", "zero", "noise"])
+def test_amount_zero_is_the_clean_model_bit_for_bit(corruption):
+    model = linen()
+    faults = make_activation_faults(corruption)
+    clean = jax.jit(model.forward)(model.params, X)
+    faulty = jax.jit(lambda r: faults.apply(model, KEY, r)(model.params, X))
+    # A rate of 0 selects nothing and jnp.where passes every site value
+    # through; the program is fused differently, so the outputs may differ
+    # in their last bits (float32 rounding of the same operations).
+    atol = 16 * np.finfo(np.float32).eps * float(jnp.max(jnp.abs(clean)))
+    np.testing.assert_allclose(faulty(0.0), clean, rtol=0, atol=atol)
+    assert not np.array_equal(faulty(0.5), clean)
+
+
+def test_a_sweep_over_rates_compiles_once():
+    model = linen()
+    faults = make_activation_faults("flip", bits="exponent")
+    traces = []
+
+    def run(rates):
+        traces.append(1)
+        return jax.vmap(lambda r: faults.apply(model, KEY, r)(
+            model.params, X))(rates)
+
+    compiled = jax.jit(run)
+    compiled(jnp.array([0.0, 1e-3]))
+    compiled(jnp.array([1e-2, 1e-1]))
+    assert len(traces) == 1
+
+
+def test_exact_faults_hit_exactly_their_count_at_each_site():
+    model = linen(Single())
+    faults = make_activation_faults("zero", mode="exact")
+    out = faults.apply(model, KEY, 0.25)(model.params, X)
+    assert int(jnp.sum(out == 0)) == int(0.25 * out.size)
+
+
+def test_transient_faults_change_per_batch_permanent_ones_do_not():
+    model = linen(Single())
+    rows = jnp.broadcast_to(X[:1], X.shape)  # six copies of one example
+    transient = make_activation_faults("zero", mode="exact")
+    permanent = make_activation_faults("zero", mode="exact",
+                                       persistence="permanent")
+    apply = transient.apply(model, KEY, 0.3)
+    first, second = apply(model.params, rows, 0), apply(model.params, rows, 1)
+    assert not np.array_equal(first == 0, second == 0)
+    np.testing.assert_array_equal(apply(model.params, rows, 1), second)
+    hit = permanent.apply(model, KEY, 0.3)(model.params, rows, 4) == 0
+    # The same units of every example, 3 of the 10 outputs each.
+    np.testing.assert_array_equal(hit, jnp.broadcast_to(hit[:1], hit.shape))
+    assert int(hit[0].sum()) == 3
+    np.testing.assert_array_equal(
+        permanent.apply(model, KEY, 0.3)(model.params, rows, 0) == 0, hit)
+
+
+def test_evaluate_draws_transient_faults_afresh_per_batch():
+    model = linen(Single())
+    images = jnp.broadcast_to(X[:1], (2, 6) + X.shape[1:])
+    batches = Batches(images, jnp.zeros((2, 6), jnp.int32),
+                      jnp.ones((2, 6), jnp.float32))
+    seen = []
+    faults = make_activation_faults("zero", mode="exact")
+    apply = faults.apply(model, KEY, 0.3)
+
+    def recording(params, x, batch=0):
+        seen.append(batch)
+        return apply(params, x, batch)
+    recording.takes_batch = True
+    metrics = evaluate(recording, model.params, batches, 10)
+    assert int(metrics.count) == 12 and len(seen) >= 1
+    # The first batch is batch 0 and the second batch 1, as apply() sees.
+    expected = [apply(model.params, images[i], i) for i in range(2)]
+    hits = sum(int(jnp.sum(jnp.argmax(e, -1) == 0)) for e in expected)
+    assert int(metrics.correct) == hits
+
+
+def test_the_clean_path_compiles_to_the_same_program():
+    model = linen()
+    batches = Batches(X[None], jnp.zeros((1, 6), jnp.int32),
+                      jnp.ones((1, 6), jnp.float32))
+
+    def clean_text():
+        return jax.jit(lambda p: evaluate(model.forward, p, batches, 10)
+                       ).lower(model.params).as_text()
+
+    before = clean_text()
+    assert start_totals(model.forward, model.params, batches,
+                        10).batches is None
+    faults = make_activation_faults("flip")
+    faulty = jax.jit(lambda p: evaluate(faults.apply(model, KEY, 0.1), p,
+                                        batches, 10)).lower(model.params)
+    assert faulty.as_text() != before
+    assert clean_text() == before
+
+
+def test_a_sweep_of_activation_faults_has_the_clean_row_at_rate_zero():
+    model = linen()
+    split = recovjax.Split(np.asarray(X), np.arange(6, dtype=np.int32) % 10)
+    result = recovjax.sweep(model, model.params,
+                            damages={"act": make_activation_faults("flip")},
+                            ratios=[0.0, 0.05], seeds=[0], data=split,
+                            root_key=0, batch_size=3)
+    rows = {(r["damage"], r["ratio"]): r["value"] for r in result.table.rows
+            if r["metric"] == "loss"}
+    assert rows[("act", 0.0)] == rows[("none", 0.0)]
+    assert rows[("act", 0.05)] != rows[("none", 0.0)]
+
+
+def test_errors_say_what_is_wrong():
+    model = linen()
+    with pytest.raises(ValueError, match="corruption must be one of"):
+        make_activation_faults("melt")
+    with pytest.raises(ValueError, match="persistence must be one of"):
+        make_activation_faults(persistence="sometimes")
+    with pytest.raises(ValueError, match="no site 'Dense_7'; its sites are "
+                       "Conv_0, Dense_0, Dense_1"):
+        make_activation_faults(sites=["Dense_7"]).apply(model, KEY, 0.1)(
+            model.params, X)
+    with pytest.raises(ValueError, match="matches no site"):
+        make_activation_faults(sites="embedding").apply(model, KEY, 0.1)(
+            model.params, X)
+    with pytest.raises(ValueError, match="rate"):
+        make_activation_faults().apply(model, KEY, 1.5)
+    with pytest.raises(TypeError, match="do not damage parameters"):
+        make_activation_faults()(KEY, model.params, 0.1)
+    with pytest.raises(TypeError, match="sites must be"):
+        make_activation_faults(sites=3)
+
+
+def test_sites_by_predicate_and_regex():
+    sites = find_sites(linen(), X)
+    assert [s.layer for s in activations.choose_sites(
+        sites, lambda s: s.kind == "dense")] == ["Dense_0", "Dense_1"]
+    assert [s.layer for s in activations.choose_sites(
+        sites, "Dense_.*")] == ["Dense_0", "Dense_1"]
+    assert [s.layer for s in activations.choose_sites(
+        sites, "conv")] == ["Conv_0"]
