@@ -47,6 +47,12 @@ class Metrics(NamedTuple):
         class_correct: ``int32[num_classes]`` correct examples per class.
         class_count: ``int32[num_classes]`` examples per class.
         loss_sum: ``float32`` sum of the per-example losses.
+        outcomes: ``int32[3]``: examples whose outcome against the clean
+            model's predictions (``reference=`` of :func:`evaluate`) was
+            *masked* (finite logits, the clean top-1), *SDC* (silent data
+            corruption: finite logits, another top-1) and *DUE* (a NaN or
+            infinite logit: a detectable error); ``None`` without a
+            reference.
 
     The totals (``correct``, ``class_correct``, ``class_count``,
     ``loss_sum``) are what the fractions are made from. Vectorised XLA:CPU
@@ -66,6 +72,7 @@ class Metrics(NamedTuple):
     class_correct: Any = None
     class_count: Any = None
     loss_sum: Any = None
+    outcomes: Any = None
 
 
 def cross_entropy(logits: Array, labels: Array) -> Array:
@@ -120,8 +127,8 @@ def _batch_struct(batches: Batches) -> jax.ShapeDtypeStruct:
 
 
 def evaluate(apply: ApplyFn, params: Params, batches: Batches,
-             num_classes: int, *, metric_fn: MetricFn | None = None
-             ) -> Metrics:
+             num_classes: int, *, metric_fn: MetricFn | None = None,
+             reference: Array | None = None) -> Metrics:
     """Evaluate one model over every (unmasked) example in ``batches``.
 
     Totals are accumulated on the device in a ``lax.scan`` over batches; the
@@ -144,6 +151,9 @@ def evaluate(apply: ApplyFn, params: Params, batches: Batches,
             weights counts entries above zero).
         num_classes: number of classes (static).
         metric_fn: optional user metric, see above.
+        reference: the clean model's top-1 per example (``int32[num_batches,
+            batch]``, :func:`predictions`): each example's outcome is then
+            classified as masked, SDC or DUE (``Metrics.outcomes``).
 
     Returns:
         :class:`Metrics` of scalars (``per_class_accuracy`` is
@@ -177,7 +187,13 @@ def evaluate(apply: ApplyFn, params: Params, batches: Batches,
     """
     _check(batches, num_classes)
     _check_concrete(apply, params, batches, num_classes)
-    return _evaluate(apply, params, batches, num_classes, metric_fn)
+    if reference is not None and tuple(jnp.shape(reference)) != tuple(
+            batches.labels.shape):
+        raise ValueError(f"reference: one prediction per example, shape "
+                         f"{tuple(batches.labels.shape)}, got "
+                         f"{tuple(jnp.shape(reference))}")
+    return _evaluate(apply, params, batches, num_classes, metric_fn,
+                     reference)
 
 
 class Totals(NamedTuple):
@@ -193,6 +209,8 @@ class Totals(NamedTuple):
             batch, which a forward pass that takes one (``apply.takes_batch``,
             as a model with transient activation faults) gets; ``None`` for
             any other forward pass.
+        outcomes: ``int32[3]`` masked, SDC and DUE examples (see
+            :class:`Metrics`), or ``None`` without a reference.
     """
 
     correct: Array
@@ -201,15 +219,17 @@ class Totals(NamedTuple):
     class_count: Array
     custom: Any = None
     batches: Any = None
+    outcomes: Any = None
 
 
 def start_totals(apply: ApplyFn, params: Params, batches: Batches,
-                 num_classes: int, metric_fn: MetricFn | None = None
-                 ) -> Totals:
+                 num_classes: int, metric_fn: MetricFn | None = None,
+                 outcomes: bool = False) -> Totals:
     """Zero totals for ``batches``-shaped data (traceable).
 
     The user metric's sums take the shape and (at least float32) dtype of
-    what ``metric_fn`` returns for one batch.
+    what ``metric_fn`` returns for one batch; ``outcomes`` adds the counts
+    of outcomes against a reference (see :class:`Metrics`).
     """
     custom = None
     if metric_fn is not None:
@@ -230,23 +250,33 @@ def start_totals(apply: ApplyFn, params: Params, batches: Batches,
     batches_seen = (jnp.int32(0) if getattr(apply, "takes_batch", False)
                     else None)
     return Totals(jnp.int32(0), jnp.float32(0), zeros, zeros, custom,
-                  batches_seen)
+                  batches_seen,
+                  jnp.zeros((3,), jnp.int32) if outcomes else None)
 
 
 def accumulate(apply: ApplyFn, params: Params, batches: Batches,
                num_classes: int, totals: Totals,
-               metric_fn: MetricFn | None = None) -> Totals:
+               metric_fn: MetricFn | None = None,
+               reference: Array | None = None) -> Totals:
     """``totals`` plus those of every batch of ``batches``, in order.
 
     One ``lax.scan`` over the batches; traceable. Accumulating blocks of
     batches one after another from :func:`start_totals` performs the same
     additions, in the same order, as accumulating all of them at once.
+    ``reference`` (``int32[num_batches, batch]``, the clean model's top-1
+    per example, from :func:`predictions`) counts outcomes; it needs totals
+    started with ``outcomes=True``.
     """
+    totals = Totals(*totals)
+    if (reference is None) != (totals.outcomes is None):
+        raise ValueError("reference: outcomes are counted with a reference "
+                         "and totals started with outcomes=True, both or "
+                         "neither")
 
     takes_batch = getattr(apply, "takes_batch", False)
 
     def step(totals, batch):
-        images, labels, mask = batch
+        images, labels, mask = batch[:3]
         valid = mask > 0
         logits = (apply(params, images, totals.batches) if takes_batch
                   else apply(params, images))
@@ -257,6 +287,9 @@ def accumulate(apply: ApplyFn, params: Params, batches: Batches,
         loss = jnp.where(valid, cross_entropy(logits, labels), 0.0)
         classes = jnp.arange(num_classes)
         in_class = valid[:, None] & (labels[:, None] == classes)
+        outcomes = totals.outcomes
+        if reference is not None:
+            outcomes = outcomes + classify(logits, batch[3], valid)
         custom = totals.custom
         if metric_fn is not None:
             custom = jax.tree.map(
@@ -268,11 +301,38 @@ def accumulate(apply: ApplyFn, params: Params, batches: Batches,
                           0, dtype=jnp.int32),
                       totals.class_count + in_class.sum(0, dtype=jnp.int32),
                       custom, None if totals.batches is None
-                      else totals.batches + 1), None
+                      else totals.batches + 1, outcomes), None
 
-    totals, _ = jax.lax.scan(step, Totals(*totals),
-                             (batches.images, batches.labels, batches.mask))
+    steps = (batches.images, batches.labels, batches.mask)
+    if reference is not None:
+        steps = steps + (jnp.asarray(reference, jnp.int32),)
+    totals, _ = jax.lax.scan(step, totals, steps)
     return totals
+
+
+def classify(logits: Array, reference: Array, valid: Array) -> Array:
+    """``int32[3]``: masked, SDC and DUE examples of one batch.
+
+    Args:
+        logits: ``[B, classes]``.
+        reference: ``int32[B]`` the clean model's top-1.
+        valid: ``bool[B]``, ``False`` on padding.
+    """
+    finite = jnp.all(jnp.isfinite(logits), axis=-1)
+    same = jnp.argmax(logits, axis=-1) == reference
+    return jnp.stack([(valid & finite & same).sum(dtype=jnp.int32),
+                      (valid & finite & ~same).sum(dtype=jnp.int32),
+                      (valid & ~finite).sum(dtype=jnp.int32)])
+
+
+def predictions(apply: ApplyFn, params: Params, batches: Batches) -> Array:
+    """``int32[num_batches, batch]``: the top-1 class of every example
+    (padding included), the reference outcomes are counted against.
+
+    Traceable (one ``lax.map`` over the batches).
+    """
+    return jax.lax.map(lambda images: jnp.argmax(
+        apply(params, images), axis=-1).astype(jnp.int32), batches.images)
 
 
 def finish(totals: Totals) -> Metrics:
@@ -288,15 +348,18 @@ def finish(totals: Totals) -> Metrics:
                    / totals.class_count.astype(jnp.float32),
                    count=count, custom=custom, correct=totals.correct,
                    class_correct=totals.class_correct,
-                   class_count=totals.class_count, loss_sum=totals.loss_sum)
+                   class_count=totals.class_count, loss_sum=totals.loss_sum,
+                   outcomes=totals.outcomes)
 
 
 def _evaluate(apply: ApplyFn, params: Params, batches: Batches,
-              num_classes: int, metric_fn: MetricFn | None) -> Metrics:
+              num_classes: int, metric_fn: MetricFn | None,
+              reference: Array | None = None) -> Metrics:
     """:func:`evaluate` after its checks."""
-    start = start_totals(apply, params, batches, num_classes, metric_fn)
+    start = start_totals(apply, params, batches, num_classes, metric_fn,
+                         outcomes=reference is not None)
     return finish(accumulate(apply, params, batches, num_classes, start,
-                             metric_fn))
+                             metric_fn, reference))
 
 
 def evaluate_stack(apply: ApplyFn, stacked_params: Params, batches: Batches,

@@ -663,6 +663,32 @@ def best_strategies(rows, headline: Headline = ACCURACY) -> dict[str, str]:
     return best
 
 
+def outcome_table(rows) -> list[str]:
+    """Markdown lines: the masked / SDC / DUE fractions per damage kind and
+    amount (means over seeds), or ``[]`` when the rows have none."""
+    names = ("masked", "sdc", "due")
+    outcome = [r for r in rows if r["stage"] == "damaged"
+               and r["metric"].startswith("outcome/")]
+    if not outcome:
+        return []
+    lines = ["| damage | amount | n | masked | SDC | DUE |",
+             "|---|---|---|---|---|---|"]
+    for kind in _kinds(outcome):
+        for (ratio,), group in sorted(_group(_select(
+                outcome, damage=kind), ["ratio"]).items()):
+            cells = [kind, f"{ratio:g}"]
+            values = {}
+            for name in names:
+                got = [r["value"] for r in group
+                       if r["metric"] == f"outcome/{name}"]
+                values[name] = got
+            cells.append(str(len(values["masked"])))
+            cells += [f"{100 * float(np.mean(values[n])):.1f} %"
+                      if values[n] else "" for n in names]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def _summary_table(rows, headline: Headline) -> list[str]:
     strategies = _strategies(rows)
     header = ["damage", "amount", "n",
@@ -866,6 +892,13 @@ def write_report(run_dir: os.PathLike[str] | str, rows: list[dict] | None = None
         text += _summary_table(rows, headline) + [""]
         text += ["## Robustness curve summary", ""] + _curve_summary(
             rows, threshold, headline) + [""]
+    outcomes = outcome_table(rows)
+    if outcomes:
+        text += ["## Outcomes (mean over seeds)", "",
+                 "Each example against the clean model's top-1: *masked* "
+                 "(the same class), *SDC* (silent data corruption: another "
+                 "class, finite outputs) or *DUE* (a NaN or infinite output, "
+                 "a detectable error).", ""] + outcomes + [""]
     measures = _recovery_measures(rows)
     if measures:
         text += ["## Recovery", ""] + measures + [""]

@@ -192,6 +192,11 @@ def _fractions(metrics) -> tuple[float, float, np.ndarray]:
     return float(accuracy), float(loss), per_class
 
 
+OUTCOMES = ("masked", "sdc", "due")
+"""The outcome classes of :attr:`recovjax.evaluate.Metrics.outcomes`:
+``outcome/<name>`` rows hold the fraction of the examples in each."""
+
+
 def metrics_rows(metrics, *, damage: str, ratio: float, seed: int,
                  stage: str, step: int = 0, custom_name: str = "custom"
                  ) -> list[dict[str, Any]]:
@@ -211,7 +216,9 @@ def metrics_rows(metrics, *, damage: str, ratio: float, seed: int,
             metric gives ``<custom_name>/<key>`` rows.
 
     Returns:
-        Rows for ``accuracy``, ``loss``, ``class_accuracy/<c>`` and the user
+        Rows for ``accuracy``, ``loss``, ``class_accuracy/<c>``, the
+        outcome fractions ``outcome/masked``, ``outcome/sdc`` and
+        ``outcome/due`` (when the metrics count outcomes) and the user
         metric, if any.
     """
     where = dict(damage=damage, ratio=ratio, seed=seed, stage=stage,
@@ -222,6 +229,15 @@ def metrics_rows(metrics, *, damage: str, ratio: float, seed: int,
     for index, value in enumerate(per_class):
         rows.append(make_row(metric=f"class_accuracy/{index}",
                              value=float(value), **where))
+    outcomes = getattr(metrics, "outcomes", None)
+    if outcomes is not None:
+        counts = np.asarray(outcomes)
+        total = np.float32(counts.sum())
+        with np.errstate(divide="ignore", invalid="ignore"):
+            for name, count in zip(OUTCOMES, counts):
+                rows.append(make_row(metric=f"outcome/{name}",
+                                     value=float(np.float32(count) / total),
+                                     **where))
     custom = getattr(metrics, "custom", None)
     if custom is not None:
         if isinstance(custom, Mapping):

@@ -18,7 +18,7 @@ from recovjax import tasks as tasks_lib
 from recovjax._types import Batches, Dataset, Params, PRNGKey, Split
 from recovjax.data import batch_split
 from recovjax.data.stream import BatchStream
-from recovjax.evaluate import MetricFn, Metrics
+from recovjax.evaluate import MetricFn, Metrics, predictions
 from recovjax.models.adapter import check_params, require_model
 from recovjax.results import ResultsTable, metrics_rows, task_rows
 from recovjax.sweep.keys import _root, point_keys
@@ -338,7 +338,8 @@ def iter_sweep(model, params: Params, *,
                model_devices: int = 1, partition=None,
                metric_fn: MetricFn | None = None,
                plan: list | None = None,
-               include_clean: bool = False) -> Iterator[ChunkResult]:
+               include_clean: bool = False,
+               outcomes: bool = False) -> Iterator[ChunkResult]:
     """:func:`sweep` as a generator of finished chunks (streaming).
 
     Arguments as for :func:`sweep`. Chunk ``i + 1`` is dispatched before
@@ -351,6 +352,12 @@ def iter_sweep(model, params: Params, *,
             after the first kind's points (the chunk programs evaluate it,
             so it compiles nothing extra); its rows come in that chunk's
             ``clean_rows``.
+        outcomes: classify every example of every point against the clean
+            model's top-1 (computed once, before the points): masked, SDC
+            or DUE (see :class:`~recovjax.evaluate.Metrics`), reported as
+            ``outcome/masked``, ``outcome/sdc`` and ``outcome/due`` rows
+            (fractions of the examples). In-memory classification data
+            only.
 
     Yields:
         :class:`ChunkResult` per chunk, in sweep order.
@@ -360,14 +367,32 @@ def iter_sweep(model, params: Params, *,
     ratio_values = _ratios(ratios)
     _check_fractions(kinds, ratio_values)
     seed_values = _seeds(seeds)
+    if not isinstance(outcomes, bool):
+        raise TypeError(f"outcomes must be a bool, got {outcomes!r}")
     streamed = isinstance(data, BatchStream)
     if streamed:
+        if outcomes:
+            raise ValueError("outcomes: classifying outcomes needs the clean "
+                             "model's predictions of the whole set; give "
+                             "the data in memory, not as a BatchStream")
         _check_stream(model, data)
         batches = data.first_block()
     else:
         batches = _batches(data, batch_size)
         _check_data(model, batches)
     check_params(model, params)
+    if outcomes:
+        if tasks_lib.general_task(model) is not None:
+            raise ValueError("outcomes: masked/SDC/DUE outcomes compare "
+                             "top-1 classes; the model's task is not "
+                             "classification")
+        # The clean top-1 of every example, computed once: the points'
+        # outcomes are counted against it.
+        reference = jax.jit(predictions, static_argnums=0)(
+            model.forward, params, batches)
+        evaluation = (batches, np.asarray(reference))
+    else:
+        evaluation = batches
     device_list = list(runner.devices_of(devices))
     layout = _layout(list(kinds), ratio_values, seed_values)
     num_points = len(ratio_values) * len(seed_values)
@@ -378,8 +403,8 @@ def iter_sweep(model, params: Params, *,
                  jax.ShapeDtypeStruct((), jnp.float32),
                  jax.ShapeDtypeStruct((), jnp.bool_))
         model_bytes = runner.point_memory(
-            point_fn(model, next(iter(kinds.values())), metric_fn), point,
-            (params, batches)).point_bytes
+            point_fn(model, next(iter(kinds.values())), metric_fn, outcomes),
+            point, (params, evaluation)).point_bytes
     mesh = runner.make_mesh(tuple(device_list), model_devices)
     the_plan = plan_sweep(model_bytes, num_points + clean_slots,
                           num_devices=int(mesh.shape[runner.AXIS]),
@@ -390,9 +415,9 @@ def iter_sweep(model, params: Params, *,
         plan.append(the_plan)
     first = chunk_program(model, next(iter(kinds.values())), metric_fn,
                           the_plan.vmap_size, tuple(device_list),
-                          model_devices, partition)
+                          model_devices, partition, outcomes)
     sharded = first.sharded
-    shared = None if streamed else first.place_shared((params, batches))
+    shared = None if streamed else first.place_shared((params, evaluation))
     size = the_plan.chunk_size
 
     def padded_slots(name: str, points: list[SweepPoint], clean: bool
@@ -409,7 +434,8 @@ def iter_sweep(model, params: Params, *,
         flags[len(points):len(points) + clean] = True
         make = stream_chunk_program if streamed else chunk_program
         program = make(model, kinds[name], metric_fn, the_plan.vmap_size,
-                       tuple(device_list), model_devices, partition)
+                       tuple(device_list), model_devices, partition,
+                       outcomes)
         return program, runner.place(
             (keys, np.asarray([p.ratio for p in padded], np.float32), flags),
             sharded)
@@ -491,6 +517,7 @@ def sweep(model, params: Params, *,
           metric_fn: MetricFn | None = None,
           on_chunk: Callable[[ChunkResult], None] | None = None,
           include_clean: bool = True,
+          outcomes: bool = False,
           config: Mapping[str, Any] | None = None) -> SweepResult:
     """Damage and evaluate every (damage kind, ratio, seed) point.
 
@@ -538,6 +565,8 @@ def sweep(model, params: Params, *,
             (e.g. to persist partial results).
         include_clean: add ``stage="clean"`` rows of the undamaged model
             (``damage="none"``, ratio 0, seed 0).
+        outcomes: add each point's outcome fractions (masked, SDC, DUE
+            against the clean model's top-1; see :func:`iter_sweep`).
         config: recorded in the table's metadata (merged over the sweep's
             own description).
 
@@ -578,7 +607,8 @@ def sweep(model, params: Params, *,
                             memory_budget_bytes=memory_budget_bytes,
                             devices=devices, model_devices=model_devices,
                             partition=partition, metric_fn=metric_fn,
-                            plan=plans, include_clean=include_clean):
+                            plan=plans, include_clean=include_clean,
+                            outcomes=outcomes):
         rows.extend(chunk.rows)
         clean_rows.extend(chunk.clean_rows)
         if on_chunk is not None:

@@ -28,31 +28,42 @@ DamageOp = Callable[[PRNGKey, Params, Any], Damage]
 
 
 @functools.lru_cache(maxsize=64)
-def point_fn(model, op: DamageOp, metric_fn: MetricFn | None):
+def point_fn(model, op: DamageOp, metric_fn: MetricFn | None,
+             outcomes: bool = False):
     """Damage and evaluate one point: the runner's unit of work.
 
     A point is ``(key, ratio, clean)``; the shared inputs are ``(params,
-    batches)``. A point whose ``clean`` flag is set evaluates the undamaged
-    parameters instead (the flag is traced), so the clean model rides along
-    in a chunk and needs no program of its own. Cached, so that the
-    runner's compiled program is reused for the same model and operator.
+    batches)``, or ``(params, (batches, reference))`` with ``outcomes``
+    (``reference`` the clean top-1 of every example, against which each
+    point's outcomes are counted). A point whose ``clean`` flag is set
+    evaluates the undamaged parameters instead (the flag is traced), so the
+    clean model rides along in a chunk and needs no program of its own.
+    Cached, so that the runner's compiled program is reused for the same
+    model and operator.
     """
     extra = {"info": model.info} if accepts_info(op) else {}
     forward, task = model.forward, tasks_lib.general_task(model)
     num_classes = model.num_classes if task is None else None
-    if is_activation_fault(op):
-        return _faulty_point_fn(model, op, task, metric_fn)
+    faulty = is_activation_fault(op)
 
     def one(point, shared):
         key, ratio, keep = point
-        params, batches = shared
-        damaged = op(key, params, ratio, **extra).params
-        chosen = jax.tree.map(lambda p, d: jnp.where(keep, p, d),
-                              params, damaged)
+        params, data = shared
+        batches, reference = data if outcomes else (data, None)
+        if faulty:
+            # The faulty forward pass of the undamaged parameters; the
+            # clean flag sets the amount to 0, which hits nothing.
+            apply, chosen = op.apply(model, key, jnp.where(
+                keep, 0.0, ratio)), params
+        else:
+            damaged = op(key, params, ratio, **extra).params
+            chosen = jax.tree.map(lambda p, d: jnp.where(keep, p, d),
+                                  params, damaged)
+            apply = forward
         if task is not None:
-            return tasks_lib.evaluate_task(task, forward, chosen, batches)
-        return evaluate(forward, chosen, batches, num_classes,
-                        metric_fn=metric_fn)
+            return tasks_lib.evaluate_task(task, apply, chosen, batches)
+        return evaluate(apply, chosen, batches, num_classes,
+                        metric_fn=metric_fn, reference=reference)
 
     return one
 
@@ -62,28 +73,12 @@ def is_activation_fault(op) -> bool:
     return getattr(op, "damage_kind", None) == "activations"
 
 
-def _faulty_point_fn(model, faults, task, metric_fn: MetricFn | None):
-    # A point evaluates the faulty forward pass of the undamaged parameters;
-    # the clean flag sets the amount to 0, which hits nothing.
-    num_classes = model.num_classes if task is None else None
-
-    def one(point, shared):
-        key, amount, keep = point
-        params, batches = shared
-        apply = faults.apply(model, key, jnp.where(keep, 0.0, amount))
-        if task is not None:
-            return tasks_lib.evaluate_task(task, apply, params, batches)
-        return evaluate(apply, params, batches, num_classes,
-                        metric_fn=metric_fn)
-
-    return one
-
-
 def chunk_program(model, op: DamageOp, metric_fn: MetricFn | None,
                    vmap_size: int, devices: tuple, model_devices: int = 1,
-                   partition=None) -> runner.PointProgram:
-    return _sweep_program(point_fn(model, op, metric_fn), vmap_size,
-                          devices, model_devices, partition)
+                   partition=None, outcomes: bool = False
+                   ) -> runner.PointProgram:
+    return _sweep_program(point_fn(model, op, metric_fn, outcomes),
+                          vmap_size, devices, model_devices, partition)
 
 
 def _sweep_program(fn, vmap_size: int, devices: tuple, model_devices: int,
@@ -130,7 +125,10 @@ def stream_point_fn(model, op: DamageOp, metric_fn: MetricFn | None):
 def stream_chunk_program(model, op: DamageOp, metric_fn: MetricFn | None,
                          vmap_size: int, devices: tuple,
                          model_devices: int = 1,
-                         partition=None) -> runner.PointProgram:
+                         partition=None, outcomes: bool = False
+                         ) -> runner.PointProgram:
+    if outcomes:  # pragma: no cover - the sweep refuses it first
+        raise ValueError("outcomes need the data in memory")
     return _sweep_program(stream_point_fn(model, op, metric_fn), vmap_size,
                           devices, model_devices, partition)
 
