@@ -14,7 +14,7 @@ import inspect
 from types import MappingProxyType
 from typing import Any, Callable, Literal, Mapping
 
-from recovjax.damage import activations, data, params, structure
+from recovjax.damage import activations, data, memory, params, structure
 
 Kind = Literal["params", "structure", "data", "activations"]
 KINDS = ("params", "structure", "data", "activations")
@@ -108,6 +108,12 @@ _REGISTRY: dict[str, DamageSpec] = {spec.name: spec for spec in (
     _spec("bit_position_flip", "params", params.make_bit_position_flip,
           "position", "flip bit <position> of the largest (or chosen) "
           "entries"),
+    _spec("rowhammer", "params", memory.make_rowhammer, "rate",
+          "clustered bit flips in a fraction of the memory pages"),
+    _spec("stuck_region", "params", memory.make_stuck_region, "ratio",
+          "a contiguous stretch of memory stuck at 0 or 1"),
+    _spec("lost_pages", "params", memory.make_lost_pages, "ratio",
+          "a fraction of the memory pages reads back as zeros"),
     _spec("remove_neurons", "structure", structure.make_remove_neurons,
           "ratio", "remove dense units / conv output channels"),
     _spec("remove_connections", "structure",
