@@ -220,3 +220,52 @@ def test_sites_by_predicate_and_regex():
         sites, "Dense_.*")] == ["Dense_0", "Dense_1"]
     assert [s.layer for s in activations.choose_sites(
         sites, "conv")] == ["Conv_0"]
+
+
+def test_range_restriction_recovers_exponent_flips(lenet, trained_lenet,
+                                                   small_mnist):
+    from recovjax.data import batch_split
+    profile = batch_split(small_mnist.train, 100)
+    evaluation = batch_split(small_mnist.test, 100)
+    bounds = activations.profile_ranges(lenet, trained_lenet, profile)
+    assert list(bounds.low) == ["conv1", "conv2", "fc1", "fc2", "fc3"]
+    assert all(bounds.low[k] < 0 < bounds.high[k] for k in bounds.low)
+
+    def accuracy(apply):
+        return float(jax.jit(lambda p: evaluate(apply, p, evaluation, 10)
+                             .accuracy)(trained_lenet))
+
+    clean = accuracy(lenet.forward)
+    # Restriction alone changes no clean prediction of the profiled data's
+    # distribution on these examples.
+    assert abs(accuracy(bounds.apply(lenet)) - clean) <= 1 / 200 + 1e-6
+    faults = make_activation_faults("flip", bits=30)
+    hit = accuracy(faults.apply(lenet, KEY, 1e-3))
+    restored = accuracy(faults.protected(bounds).apply(lenet, KEY, 1e-3))
+    assert hit < clean - 0.3
+    assert restored - hit > 0.8 * (clean - hit)
+
+
+def test_range_restriction_modes_and_errors():
+    model = linen()
+    split = Batches(X[None], jnp.zeros((1, 6), jnp.int32),
+                    jnp.ones((1, 6), jnp.float32))
+    bounds = activations.profile_ranges(model, model.params, split,
+                                        sites=["Dense_0"], mode="zero")
+    value = jnp.array([bounds.low["Dense_0"] - 1.0, 0.0, jnp.nan,
+                       bounds.high["Dense_0"] + 1.0])
+    np.testing.assert_array_equal(bounds.restrict(value, "Dense_0"),
+                                  [0.0, 0.0, 0.0, 0.0])
+    clip = activations.RangeRestriction(bounds.low, bounds.high, "clip")
+    np.testing.assert_array_equal(
+        clip.restrict(value, "Dense_0"),
+        np.asarray([bounds.low["Dense_0"], 0.0, 0.0, bounds.high["Dense_0"]],
+                   np.float32))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        activations.profile_ranges(model, model.params, split, mode="wrap")
+    with pytest.raises(TypeError, match="restriction must be a "
+                       "RangeRestriction"):
+        make_activation_faults().protected({"Dense_0": (0, 1)})
+    other = activations.RangeRestriction({"fc9": 0.0}, {"fc9": 1.0})
+    with pytest.raises(ValueError, match="no site 'fc9'"):
+        other.apply(model)(model.params, X)

@@ -267,6 +267,171 @@ def choose_sites(sites: dict[str, Site], choice: SiteChoice) -> list[Site]:
     return chosen
 
 
+def with_site_hooks(model, hooks: Callable[[Program, Any], dict]
+                    ) -> Callable:
+    """The model's forward pass with functions applied at its sites.
+
+    Args:
+        model: a :class:`~recovjax.models.Model`.
+        hooks: ``hooks(program, batch) -> {layer: fn}``, called while
+            tracing: each ``fn(value) -> value`` replaces the site's value.
+
+    Returns:
+        ``apply(params, x, batch=0) -> outputs`` with ``takes_batch =
+        True``; the program is traced once per input shape.
+    """
+    programs: dict = {}
+
+    def apply(params: Params, x: Any, batch: Any = 0) -> Any:
+        signature = (jax.tree.structure((params, x)), tuple(
+            (jnp.shape(v), jnp.result_type(v))
+            for v in jax.tree.leaves((params, x))))
+        if signature not in programs:
+            programs[signature] = trace_program(model, params, x)
+        program = programs[signature]
+        by_layer = hooks(program, batch)
+        by_equation = {program.equations[layer]: (
+            lambda outs, fn=fn: [fn(outs[0])] + list(outs[1:]))
+            for layer, fn in by_layer.items()}
+        outs = _evaluate(program.program.jaxpr, program.program.consts,
+                         jax.tree.leaves((params, x)), by_equation)
+        return jax.tree.unflatten(program.out_tree, outs)
+
+    apply.takes_batch = True
+    return apply
+
+
+def site_values(model, params: Params, x: Any, sites: SiteChoice = "all"
+                ) -> dict[str, Array]:
+    """The values at the chosen sites for one batch (traceable).
+
+    Returns:
+        ``{layer: value}`` in program order.
+    """
+    seen: dict = {}
+
+    def hooks(program, batch):
+        def record(layer):
+            def fn(value):
+                seen[layer] = value
+                return value
+            return fn
+        return {site.layer: record(site.layer)
+                for site in choose_sites(program.sites, sites)}
+
+    with_site_hooks(model, hooks)(params, x)
+    return dict(seen)
+
+
+# --------------------------------------------------------------------------
+# Range restriction.
+# --------------------------------------------------------------------------
+
+RESTRICTIONS = ("clip", "zero")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class RangeRestriction:
+    """Ranger's protection: site values kept to the range seen on clean
+    data.
+
+    Attributes:
+        low, high: ``{layer: float32 scalar}``: each bounded site's smallest
+            and largest value over the profiling data.
+        mode: ``"clip"`` (values outside the range are clipped to it) or
+            ``"zero"`` (they become 0). Either way a NaN becomes 0: a
+            detector that passed NaN on would protect nothing from the
+            exponent flips that make it.
+    """
+
+    low: dict
+    high: dict
+    mode: str = "clip"
+
+    def restrict(self, value: Array, layer: str) -> Array:
+        """``value`` at site ``layer`` restricted to its range."""
+        low = jnp.asarray(self.low[layer], value.dtype)
+        high = jnp.asarray(self.high[layer], value.dtype)
+        if self.mode == "clip":
+            kept = jnp.clip(value, low, high)
+        else:
+            kept = jnp.where((value >= low) & (value <= high), value,
+                             jnp.zeros((), value.dtype))
+        return jnp.where(jnp.isnan(value), jnp.zeros((), value.dtype), kept)
+
+    def hooks(self, program: Program, inner: dict | None = None) -> dict:
+        """Hooks restricting every bounded site, after ``inner``'s."""
+        inner = dict(inner or {})
+        missing = sorted(set(self.low) - set(program.sites))
+        if missing:
+            raise ValueError(f"restriction: the model has no site "
+                             f"{missing[0]!r}; its sites are "
+                             f"{', '.join(program.sites)}")
+
+        def chained(layer, first):
+            def fn(value):
+                if first is not None:
+                    value = first(value)
+                return self.restrict(value, layer)
+            return fn
+
+        for layer in self.low:
+            inner[layer] = chained(layer, inner.get(layer))
+        return inner
+
+    def apply(self, model) -> Callable:
+        """The model's forward pass with range restriction and no fault:
+        what protection costs a clean evaluation."""
+        return with_site_hooks(model, lambda program, batch: self.hooks(
+            program))
+
+
+def profile_ranges(model, params: Params, batches, *,
+                   sites: SiteChoice = "all", mode: str = "clip"
+                   ) -> RangeRestriction:
+    """Profile each site's range on clean data (Ranger's bounds).
+
+    Args:
+        model: a :class:`~recovjax.models.Model`.
+        params: its clean parameters.
+        batches: the profiling data, :class:`~recovjax.Batches` (padding
+            excluded from the ranges).
+        sites: the sites to bound.
+        mode: ``"clip"`` or ``"zero"`` (see :class:`RangeRestriction`).
+
+    Returns:
+        The :class:`RangeRestriction`.
+
+    Raises:
+        ValueError: for an unknown mode or a site choice matching nothing.
+    """
+    check_choice("mode", mode, RESTRICTIONS)
+
+    def ranges(params, batches):
+        def step(carry, batch):
+            images, mask = batch
+            values = site_values(model, params, images, sites)
+            valid = mask > 0
+            out = {}
+            for layer, value in values.items():
+                keep = valid.reshape((-1,) + (1,) * (value.ndim - 1))
+                low = jnp.min(jnp.where(keep, value, jnp.inf))
+                high = jnp.max(jnp.where(keep, value, -jnp.inf))
+                out[layer] = (jnp.minimum(carry[layer][0], low),
+                              jnp.maximum(carry[layer][1], high))
+            return out, None
+
+        first = site_values(model, params, batches.images[0], sites)
+        start = {layer: (jnp.float32(jnp.inf), jnp.float32(-jnp.inf))
+                 for layer in first}
+        out, _ = jax.lax.scan(step, start, (batches.images, batches.mask))
+        return out
+
+    found = jax.device_get(jax.jit(ranges)(params, batches))
+    return RangeRestriction({k: float(v[0]) for k, v in found.items()},
+                            {k: float(v[1]) for k, v in found.items()}, mode)
+
+
 # --------------------------------------------------------------------------
 # Faults.
 # --------------------------------------------------------------------------
@@ -298,6 +463,8 @@ class ActivationFaults:
         amount_name: ``"rate"`` or ``"scale"``.
         amount_is_fraction: whether the amount lies in ``[0, 1]``.
         damage_kind: ``"activations"``.
+        protection: a :class:`RangeRestriction` applied after the faults
+            (see :meth:`protected`), or ``None``.
     """
 
     corruption: corrupt.Corruption
@@ -309,6 +476,7 @@ class ActivationFaults:
     damage_kind: str = "activations"
     per_leaf_amounts: bool = False
     check_traced: bool = False
+    protection: Any = None
 
     def __call__(self, key: PRNGKey, params: Params, amount: Any, *,
                  info: Any = None):
@@ -346,46 +514,43 @@ class ActivationFaults:
         select.check_key(key)
         amount = select.check_amount(amount, name=self.amount_name,
                                      fraction=self.amount_is_fraction)
-        programs: dict = {}
+        protection = self.protection
 
-        def faulty(params: Params, x: Any, batch: Any = 0) -> Any:
-            signature = jax.tree.map(lambda v: (jnp.shape(v),
-                                                jnp.result_type(v)),
-                                     (params, x))
-            signature = (jax.tree.structure((params, x)),
-                         tuple(jax.tree.leaves(signature)))
-            if signature not in programs:
-                programs[signature] = trace_program(model, params, x)
-            program = programs[signature]
+        def hooks(program: Program, batch: Any) -> dict:
             chosen = choose_sites(program.sites, self.sites)
             batch_key = (key if self.persistence == "permanent"
                          else jax.random.fold_in(key, batch))
-            hooks = {program.equations[site.layer]: functools.partial(
-                self._hit, jax.random.fold_in(batch_key, site.index),
-                amount, site.layer) for site in chosen}
-            outs = _evaluate(program.program.jaxpr, program.program.consts,
-                             jax.tree.leaves((params, x)), hooks)
-            return jax.tree.unflatten(program.out_tree, outs)
+            found = {site.layer: functools.partial(
+                self._hit, jax.random.fold_in(batch_key, site.index), amount,
+                site.layer) for site in chosen}
+            if protection is not None:
+                found = protection.hooks(program, found)
+            return found
 
-        faulty.takes_batch = True
+        faulty = with_site_hooks(model, hooks)
         faulty.__name__ = f"{getattr(model, 'name', 'model')}_with_faults"
         return faulty
 
+    def protected(self, restriction: "RangeRestriction") -> "ActivationFaults":
+        """These faults with range restriction at the sites it bounds:
+        every site value is faulted first, then restricted."""
+        if not isinstance(restriction, RangeRestriction):
+            raise TypeError(f"restriction must be a RangeRestriction, got "
+                            f"{type(restriction).__name__}")
+        return dataclasses.replace(self, protection=restriction)
+
     def _hit(self, key: PRNGKey, amount: Array, layer: str,
-             outs: list) -> list:
+             value: Array) -> Array:
         def corrupt_one(value, key):
             (new,), _ = compose.corrupt_arrays(
                 key, self.selection, self.corruption, [value], amount,
                 [layer], noun="site", plural="values")
             return new
 
-        value = outs[0]
         if self.persistence == "permanent":
             # One draw over the per-example shape, shared by the batch.
-            new = jax.vmap(corrupt_one, in_axes=(0, None))(value, key)
-        else:
-            new = corrupt_one(value, key)
-        return [new]
+            return jax.vmap(corrupt_one, in_axes=(0, None))(value, key)
+        return corrupt_one(value, key)
 
 
 def make_activation_faults(
@@ -438,6 +603,7 @@ def sites_of(faults: ActivationFaults, model, sample: Any) -> list[Site]:
     return choose_sites(find_sites(model, sample), faults.sites)
 
 
-__all__ = ["ActivationFaults", "Program", "Site", "choose_sites",
-           "find_sites", "make_activation_faults", "sites_of",
-           "trace_program"]
+__all__ = ["ActivationFaults", "Program", "RangeRestriction", "Site",
+           "choose_sites", "find_sites", "make_activation_faults",
+           "profile_ranges", "site_values", "sites_of", "trace_program",
+           "with_site_hooks"]

@@ -46,7 +46,7 @@ import optax
 from recovjax import _checks, runner
 from recovjax._types import (Array, ApplyFn, Batches, Damage, InitFn, Params,
                              PRNGKey, Split)
-from recovjax.recovery import points
+from recovjax.recovery import points, protect
 from recovjax.recovery import restore as restore_lib
 from recovjax.recovery.distill import make_distill, teacher_logits
 from recovjax.recovery.finetune import (DEFAULT_BATCH_SIZE, Curve,
@@ -579,6 +579,43 @@ def _detect_restore_factory(*, block_size: int = 1) -> Strategy:
                              block_size=block_size)
 
 
+def _checksum_restore_factory(*, block_size: int = 256) -> Strategy:
+    """Flag blocks whose checksums changed; restore only those blocks."""
+    if isinstance(block_size, bool) or not isinstance(
+            block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got "
+                         f"{block_size!r}")
+
+    def prepare(task: RecoveryTask, candidates) -> points.Prepared:
+        _need_checkpoint(task, "checksum_restore")
+        values, bytes_read = points.read_checkpoint(
+            task, list(candidates("bits")), "checksum_restore")
+        checksums = protect.clean_checksums(values, block_size)
+        fn = protect.checksum_fn(_evaluator(task), block_size)
+        return points.Prepared(fn=fn, shared=(values, checksums,
+                                              task.eval_batches),
+                               trains=False, bytes_read=bytes_read)
+
+    return PointStrategy("checksum_restore", prepare)
+
+
+def _saturate_factory() -> Strategy:
+    """Clip every weight to its clean leaf's range (NaN becomes 0)."""
+
+    def prepare(task: RecoveryTask, candidates) -> points.Prepared:
+        _need_checkpoint(task, "saturate")
+        # The ranges of the leaves that differ from the checkpoint; the
+        # others are within their own range already.
+        values, bytes_read = points.read_checkpoint(
+            task, list(candidates("bits")), "saturate")
+        fn = protect.saturate_fn(_evaluator(task))
+        return points.Prepared(fn=fn, shared=(protect.clean_ranges(values),
+                                              task.eval_batches),
+                               trains=False, bytes_read=bytes_read)
+
+    return PointStrategy("saturate", prepare)
+
+
 def _recalibrate_factory(*, batch_size: int = DEFAULT_BATCH_SIZE,
                          epochs: int | None = None, steps: int | None = None,
                          eval_every: int | None = None) -> Strategy:
@@ -613,6 +650,8 @@ _FACTORIES: dict[str, Callable[..., Strategy]] = {
     "restore_leaves": _restore_leaves_factory,
     "restore_entries": _restore_entries_factory(),
     "detect_restore": _detect_restore_factory,
+    "checksum_restore": _checksum_restore_factory,
+    "saturate": _saturate_factory,
     "rebuild_reinit": _rebuild_reinit_factory,
     "rebuild_checkpoint": _restore_entries_factory("rebuild_checkpoint"),
     "distill": _distill_factory,
