@@ -84,6 +84,14 @@ class SweepConfig:
         1, low=1, high=COUNT_MAX,
         help="devices each damaged model is split over (a points x model "
              "mesh); divides the device count")
+    outcomes: bool = _field(
+        False, help="classify every example of every point as masked, SDC "
+                    "or DUE against the clean model's top-1 (outcome/* "
+                    "rows; in-memory classification data)")
+    fault_lists: bool = _field(
+        False, help="write each point's concrete faults to faults/<label>/"
+                    "r<ratio index>_s<seed>.safetensors (parameter damage; "
+                    "read back with recovjax.damage.replay)")
 
 
 @dataclasses.dataclass(frozen=True)

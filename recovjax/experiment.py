@@ -36,6 +36,8 @@ from recovjax.data import batch_split
 from recovjax.data.loading import dataset_features
 from recovjax.data.stream import stream_dataset
 from recovjax.damage import damage_spec, get_damage
+from recovjax.damage.registry import accepts_info
+from recovjax.damage.replay import fault_list, save_faults
 from recovjax.evaluate import evaluate, evaluate_stream
 from recovjax import checkpoints, sources
 from recovjax.models import pretrained_loader
@@ -213,7 +215,7 @@ class Experiment:
 
     def damage_chunks(self, damage: config_lib.DamageConfig):
         label = damage.label or damage.kind
-        op = get_damage(damage.kind, **damage.options)
+        op = self.damage_op(damage)
         sweep_config = self.config.sweep
         return iter_sweep(
             self.model, self.params, damages={label: op},
@@ -221,7 +223,24 @@ class Experiment:
             data=self.batches if self.stream is None else self.stream,
             root_key=self.root, chunk_size=sweep_config.chunk_size,
             model_devices=sweep_config.model_devices,
-            memory_budget_bytes=int(sweep_config.memory_budget_mb * 2**20))
+            memory_budget_bytes=int(sweep_config.memory_budget_mb * 2**20),
+            outcomes=sweep_config.outcomes)
+
+    def fault_lists(self, damage: config_lib.DamageConfig):
+        """``(file name, FaultList)`` of every point of a parameter damage,
+        each damaged again on the host from its point key."""
+        label = damage.label or damage.kind
+        op = self.damage_op(damage)
+        extra = {"info": self.model.info} if accepts_info(op) else {}
+        for index, ratio, seed in self.points(damage):
+            (key,) = point_keys(self.root, label, [index], [seed])
+            damaged = jax.device_get(op(key, self.params, ratio, **extra))
+            metadata = {"damage": damage.kind, "label": label,
+                        "ratio": repr(float(ratio)), "seed": str(seed),
+                        "options": json.dumps(damage.options,
+                                              sort_keys=True)}
+            yield (f"faults/{label}/r{index}_s{seed}.safetensors",
+                   fault_list(self.params, damaged, metadata=metadata))
 
     def recovery_data(self, label: str, data: config_lib.RecoveryDataConfig):
         key = jax.random.fold_in(
@@ -252,8 +271,21 @@ class Experiment:
         that its compiled programs are reused across recovery groups)."""
         label = damage.label or damage.kind
         if label not in self._ops:
-            self._ops[label] = get_damage(damage.kind, **damage.options)
+            self._ops[label] = self._ready(get_damage(damage.kind,
+                                                      **damage.options))
         return self._ops[label]
+
+    def _ready(self, op):
+        # Operators that need clean data first get the first training
+        # examples: range restriction profiles its bounds on them, the bit
+        # search draws its attack batches from them.
+        train = sources.subset(self.data.train, PROFILE_EXAMPLES)
+        if getattr(op, "wants_restriction", None) is not None:
+            profile = batch_split(train, self.config.evaluate.batch_size)
+            return op.profiled(self.model, self.params, profile)
+        if hasattr(op, "bind"):
+            return op.bind(self.model, train.images, train.labels)
+        return op
 
     def recover(self, strategy, task, damage: config_lib.DamageConfig,
                 points: Sequence[tuple]):
@@ -272,6 +304,11 @@ class Experiment:
                               self.params, damage_keys=keys, amounts=ratios,
                               keys=recovery_keys,
                               model_devices=self.config.sweep.model_devices)
+
+
+PROFILE_EXAMPLES = 1000
+"""Training examples range restriction profiles its bounds on, and the bit
+search draws its attack batches from."""
 
 
 def _pad(points: list, size: int) -> list:
@@ -418,6 +455,12 @@ def run_experiment(config: config_lib.ExperimentConfig,
             run.write_part(name, kind_rows)
         kind_rows = run.read_part(name)
         rows.extend(kind_rows)
+        if config.sweep.fault_lists and leader and damage_spec(
+                damage.kind).kind != "activations":
+            for file_name, faults in experiment.fault_lists(damage):
+                target = run.path / file_name
+                if not target.is_file():
+                    save_faults(target, faults)
         for row in kind_rows:
             if row["metric"] == "accuracy":
                 damaged_accuracy[(label, row["ratio"], row["seed"])] = (

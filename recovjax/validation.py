@@ -10,6 +10,8 @@ run directory, so a config that fails leaves nothing behind.
 
 from __future__ import annotations
 
+import dataclasses
+
 import difflib
 import inspect
 import math
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 from recovjax import checkpoints, sources
 from recovjax import config as config_lib
 from recovjax.damage import damage_spec, get_damage
+from recovjax.damage.registry import WHOLE_NUMBERS
 from recovjax.damage.scope import select_leaves
 from recovjax.models import model_names
 from recovjax import tasks as tasks_lib
@@ -146,6 +149,13 @@ def _check(config: config_lib.ExperimentConfig) -> None:
                     f"{config.dataset!r} {inputs}: {error}") from None
     if config.evaluate.stream:
         _check_stream(config, task)
+    if config.sweep.outcomes and (config.evaluate.stream or task is not None):
+        raise config_lib.ConfigError(
+            "sweep.outcomes: masked/SDC/DUE outcomes compare the top-1 "
+            "class of every example with the clean model's, which needs "
+            "classification data in memory" + (
+                " (evaluate.stream is set)" if config.evaluate.stream else
+                f" (the task is {task.name!r})"))
     devices = jax.device_count()
     if devices % config.sweep.model_devices:
         raise config_lib.ConfigError(
@@ -162,7 +172,7 @@ def _check(config: config_lib.ExperimentConfig) -> None:
     labels: set[str] = set()
     for index, damage in enumerate(config.damage):
         _check_damage(f"damage[{index}]", damage, abstract, model.info,
-                      config.model)
+                      config.model, model, sample)
         label = damage.label or damage.kind
         if label in labels:
             raise config_lib.ConfigError(
@@ -171,6 +181,14 @@ def _check(config: config_lib.ExperimentConfig) -> None:
         labels.add(label)
     if config.recovery is None:
         return
+    for index, damage in enumerate(config.damage):
+        if damage_spec(damage.kind).kind == "activations":
+            raise config_lib.ConfigError(
+                f"damage[{index}].kind: {damage.kind!r} corrupts activations "
+                "while the model runs, which no parameter recovery undoes; "
+                "sweep it (recovjax sweep, no recovery section), or protect "
+                "the model with range restriction "
+                "(recovjax.damage.activations.profile_ranges)")
     recovery = config.recovery
     structural = sorted({damage_spec(d.kind).kind == "structure"
                          for d in config.damage})
@@ -218,7 +236,7 @@ def _check_task(config, model, task, abstract, sample) -> None:
 
 
 def _check_damage(where: str, damage: config_lib.DamageConfig, abstract,
-                  info, model: str) -> None:
+                  info, model: str, model_object=None, sample=None) -> None:
     try:
         spec = damage_spec(damage.kind)
     except ValueError as error:
@@ -244,9 +262,22 @@ def _check_damage(where: str, damage: config_lib.DamageConfig, abstract,
                         f"{model!r})") from None
     amount = jax.ShapeDtypeStruct((), jnp.float32)
     try:
-        jax.eval_shape(lambda params, ratio: op(jax.random.key(0), params,
-                                                ratio, info=info),
-                       abstract, amount)
+        if spec.kind == "activations":
+            # The faulty forward pass on one batch shaped like the data
+            # (range restriction's bounds are profiled when it runs).
+            op = dataclasses.replace(op, wants_restriction=None)
+            jax.eval_shape(lambda params, ratio: op.apply(
+                model_object, jax.random.key(0), ratio)(params, sample),
+                abstract, amount)
+        else:
+            if hasattr(op, "bind"):  # bound to attack data when it runs
+                count = op.attack_examples
+                op = op.bind(model_object, jnp.zeros(
+                    (count,) + tuple(sample.shape[1:]), sample.dtype),
+                    jnp.zeros((count,), jnp.int32))
+            jax.eval_shape(lambda params, ratio: op(
+                jax.random.key(0), params, ratio, info=info), abstract,
+                amount)
     except _USER_ERRORS as error:
         options = f" with options {damage.options}" if damage.options else ""
         raise _fail(where, f"damage {damage.kind!r}{options} does not "
@@ -259,6 +290,13 @@ def _check_amounts_and_options(amount_key: str, spec, amounts: Any,
     """A damage entry's amounts (a list, or one) and its option names and
     types, against the operator's registry entry ``spec``."""
     values = amounts if isinstance(amounts, list) else [amounts]
+    if spec.amount_name in WHOLE_NUMBERS and any(
+            float(value) != int(value) for value in values):
+        what = ("bit positions" if spec.amount_name == "position"
+                else f"numbers of {spec.amount_name}")
+        raise config_lib.ConfigError(
+            f"{amount_key}: the amounts of {spec.name!r} are {what} (whole "
+            f"numbers), got {amounts}")
     if spec.amount_is_fraction and any(value > 1 for value in values):
         raise config_lib.ConfigError(
             f"{amount_key}: {spec.amount_name}s of {spec.name!r} are "

@@ -465,6 +465,8 @@ class ActivationFaults:
         damage_kind: ``"activations"``.
         protection: a :class:`RangeRestriction` applied after the faults
             (see :meth:`protected`), or ``None``.
+        wants_restriction: the range restriction asked for and not yet
+            profiled (``"clip"`` or ``"zero"``; see :meth:`profiled`).
     """
 
     corruption: corrupt.Corruption
@@ -477,6 +479,7 @@ class ActivationFaults:
     per_leaf_amounts: bool = False
     check_traced: bool = False
     protection: Any = None
+    wants_restriction: str | None = None
 
     def __call__(self, key: PRNGKey, params: Params, amount: Any, *,
                  info: Any = None):
@@ -514,6 +517,11 @@ class ActivationFaults:
         select.check_key(key)
         amount = select.check_amount(amount, name=self.amount_name,
                                      fraction=self.amount_is_fraction)
+        if self.wants_restriction is not None and self.protection is None:
+            raise ValueError(
+                f"range_restriction={self.wants_restriction!r} needs bounds "
+                "profiled on clean data: faults.profiled(model, params, "
+                "batches) first")
         protection = self.protection
 
         def hooks(program: Program, batch: Any) -> dict:
@@ -539,6 +547,15 @@ class ActivationFaults:
                             f"{type(restriction).__name__}")
         return dataclasses.replace(self, protection=restriction)
 
+    def profiled(self, model, params: Params, batches) -> "ActivationFaults":
+        """These faults protected by the range restriction they ask for,
+        with bounds profiled on ``batches`` (see :func:`profile_ranges`);
+        the faults themselves when they ask for none."""
+        if self.wants_restriction is None:
+            return self
+        return self.protected(profile_ranges(
+            model, params, batches, mode=self.wants_restriction))
+
     def _hit(self, key: PRNGKey, amount: Array, layer: str,
              value: Array) -> Array:
         def corrupt_one(value, key):
@@ -556,7 +573,9 @@ class ActivationFaults:
 def make_activation_faults(
         corruption: str = "flip", *, bits="any", sites: SiteChoice = "all",
         persistence: Literal["transient", "permanent"] = "transient",
-        mode: Literal["bernoulli", "exact"] = "bernoulli") -> ActivationFaults:
+        mode: Literal["bernoulli", "exact"] = "bernoulli",
+        range_restriction: Literal["clip", "zero"] | None = None
+        ) -> ActivationFaults:
     """Build faults that corrupt layer outputs as the model runs.
 
     Args:
@@ -573,6 +592,12 @@ def make_activation_faults(
             with probability ``rate``) or ``"exact"`` (exactly
             ``floor(n * rate)`` per site and draw); unused by ``"noise"``,
             which perturbs every entry of a site.
+        range_restriction: ask for Ranger's protection (``"clip"`` or
+            ``"zero"``, see :class:`RangeRestriction`) at every site, with
+            bounds profiled on clean data: :meth:`ActivationFaults.profiled`
+            profiles them (an experiment does it on the first 1,000
+            training examples); the faults cannot be applied before. In
+            Python, ``faults.protected(profile_ranges(...))`` is the same.
 
     Returns:
         The :class:`ActivationFaults`; its amount is a ``rate`` (or, for
@@ -589,13 +614,16 @@ def make_activation_faults(
         raise TypeError(f"sites must be 'all', a site kind, a layer path or "
                         f"regex, a list of layer paths or a predicate "
                         f"(site) -> bool, got {sites!r}")
+    if range_restriction is not None:
+        check_choice("range_restriction", range_restriction, RESTRICTIONS)
     fault, fraction = _corruption(corruption, bits)
     selection = (compose.fraction_of_entries(mode, "leaf", "random")
                  if fraction else compose.every_entry())
     return ActivationFaults(fault, selection,
                             tuple(sites) if isinstance(sites, list)
                             else sites, persistence,
-                            "rate" if fraction else "scale", fraction)
+                            "rate" if fraction else "scale", fraction,
+                            wants_restriction=range_restriction)
 
 
 def sites_of(faults: ActivationFaults, model, sample: Any) -> list[Site]:

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from recovjax import _checks
 from recovjax._types import Array, Damage, Params, PRNGKey
 from recovjax.damage import formats, select
 from recovjax.damage.params import check_choice
@@ -94,10 +95,13 @@ def make_bit_search(model, *, flips: int, scope: ScopeLike = "weights",
             random bits of the leaves in scope, each flip a fresh draw).
 
     Returns:
-        ``search(key, params, attack_batch, eval_batches) -> BitSearch``,
-        traceable (jit and vmap it); ``attack_batch`` is ``(images,
-        labels)`` and ``eval_batches`` a :class:`~recovjax.Batches`. The
-        key is used by the random strategy only (and must still be given).
+        ``search(key, params, attack_batch, eval_batches=None, budget=None)
+        -> BitSearch``, traceable (jit and vmap it); ``attack_batch`` is
+        ``(images, labels)`` and ``eval_batches`` a
+        :class:`~recovjax.Batches` (``None``: no accuracy is recorded, it
+        is NaN). ``budget`` (traced; default ``flips``) stops the flips
+        after that many: the later steps change nothing. The key is used by
+        the random strategy only (and must still be given).
 
     Raises:
         ValueError: for a bad budget, format or strategy (now), or a scope
@@ -123,7 +127,8 @@ def make_bit_search(model, *, flips: int, scope: ScopeLike = "weights",
         return chosen
 
     def search(key: PRNGKey, params: Params, attack_batch: Batch,
-               eval_batches) -> BitSearch:
+               eval_batches=None, budget: Array | None = None
+               ) -> BitSearch:
         select.check_key(key)
         chosen = in_scope(params)
         leaves, treedef = jax.tree.flatten(params)
@@ -143,6 +148,8 @@ def make_bit_search(model, *, flips: int, scope: ScopeLike = "weights",
             return jnp.mean(cross_entropy(logits, labels))
 
         def accuracy_of(codes):
+            if eval_batches is None:
+                return jnp.float32(jnp.nan)
             return evaluate(forward, assemble(codes), eval_batches,
                             num_classes).accuracy
 
@@ -197,17 +204,25 @@ def make_bit_search(model, *, flips: int, scope: ScopeLike = "weights",
 
         pick = gradient_pick if strategy == "gradient" else random_pick
 
-        def step(codes, step_key):
+        limit = jnp.float32(flips) if budget is None else budget
+
+        def step(codes, inputs):
+            step_key, number = inputs
             leaf, index, bit = pick(codes, step_key)
-            codes = jax.lax.switch(leaf, [
+            flipped = jax.lax.switch(leaf, [
                 (lambda c, p=p: flip(c, p, index, bit))
                 for p in range(len(chosen))], codes)
+            # Past the budget the codes stay as they are.
+            live = number.astype(jnp.float32) < limit
+            codes = [jnp.where(live, new, old)
+                     for new, old in zip(flipped, codes)]
             return codes, (leaf, index, bit, loss_of(codes),
                            accuracy_of(codes))
 
         start = [e.codes for e in encoded]
         codes, (leaf, index, bit, loss, accuracy) = jax.lax.scan(
-            step, start, jax.random.split(key, flips))
+            step, start, (jax.random.split(key, flips),
+                          jnp.arange(flips, dtype=jnp.int32)))
         return BitSearch(assemble(codes), assemble(start), leaf, index, bit,
                          loss, jnp.concatenate([accuracy_of(start)[None],
                                                 accuracy]))
@@ -220,6 +235,110 @@ def make_bit_search(model, *, flips: int, scope: ScopeLike = "weights",
 
     search.paths = paths
     return search
+
+
+ATTACK_EXAMPLES = 128
+"""Examples in the attack batch of :func:`make_bit_search_damage`."""
+
+
+class BitSearchDamage:
+    """The bit search as a damage operator, once bound to a model and data.
+
+    Built by :func:`make_bit_search_damage`. :meth:`bind` gives ``op(key,
+    params, flips, *, info=None) -> Damage``: the attack with a budget of
+    ``flips`` (traced, at most the ``flips`` it was built with) on an
+    attack batch drawn by the key from the training examples it was bound
+    to. An experiment binds it to the first 1,000 training examples.
+    """
+
+    amount_name = "flips"
+    amount_is_fraction = False
+    damage_kind = "params"
+    per_leaf_amounts = False
+    check_traced = False
+
+    def __init__(self, flips: int, scope, format: str, granularity: str,
+                 strategy: str, attack_examples: int):
+        if isinstance(attack_examples, bool) or not isinstance(
+                attack_examples, (int, np.integer)) or attack_examples < 1:
+            raise ValueError(f"attack_examples must be a positive int, got "
+                             f"{attack_examples!r}")
+        self.settings = dict(flips=flips, scope=scope, format=format,
+                             granularity=granularity, strategy=strategy)
+        formats.get_format(format, granularity)
+        check_choice("strategy", strategy, STRATEGIES)
+        if isinstance(flips, bool) or not isinstance(
+                flips, (int, np.integer)) or flips < 1:
+            raise ValueError(f"flips must be a positive int, got {flips!r}")
+        self.attack_examples = int(attack_examples)
+
+    def __call__(self, key: PRNGKey, params: Params, amount, *,
+                 info=None) -> Damage:
+        raise TypeError("the bit search needs a model and attack data: "
+                        "op.bind(model, images, labels) first")
+
+    def bind(self, model, images: Array, labels: Array) -> Callable:
+        """The operator for ``model``, drawing attack batches from
+        ``images`` and ``labels``.
+
+        Raises:
+            ValueError: for fewer examples than an attack batch.
+        """
+        images, labels = jnp.asarray(images), jnp.asarray(labels)
+        count = int(images.shape[0])
+        if count < self.attack_examples:
+            raise ValueError(f"attack data: {count} examples, fewer than "
+                             f"the attack batch of {self.attack_examples}")
+        search = make_bit_search(model, **self.settings)
+        size, limit = self.attack_examples, self.settings["flips"]
+
+        def op(key: PRNGKey, params: Params, amount, *, info=None
+               ) -> Damage:
+            select.check_key(key)
+            amount = select.check_amount(amount, name="flips",
+                                         fraction=False)
+            if not _checks.is_traced(amount) and (
+                    float(amount) != int(amount) or amount > limit):
+                raise ValueError(f"flips must be a whole number of at most "
+                                 f"{limit}, got {float(amount)}")
+            chosen = jax.random.choice(jax.random.fold_in(key, 1), count,
+                                       (size,), replace=False)
+            result = search(key, params, (images[chosen], labels[chosen]),
+                            None, budget=amount)
+            return as_damage(result)
+
+        op.__name__ = f"bit_search_{self.settings['strategy']}"
+        op.amount_name, op.amount_is_fraction = "flips", False
+        op.damage_kind, op.per_leaf_amounts = "params", False
+        op.check_traced = False
+        op._checked_version = lambda: op
+        return op
+
+
+def make_bit_search_damage(flips: int = 30, scope: ScopeLike = "weights", *,
+                           format: str = "int8", granularity: str = "tensor",
+                           strategy: Literal["gradient", "random"]
+                           = "gradient",
+                           attack_examples: int = ATTACK_EXAMPLES
+                           ) -> BitSearchDamage:
+    """The progressive bit search as a damage kind for sweeps and configs.
+
+    Args:
+        flips: the largest budget (the scan's length); a point's amount is
+            its budget, at most this.
+        scope, format, granularity, strategy: as for
+            :func:`make_bit_search`.
+        attack_examples: the attack batch size.
+
+    Returns:
+        A :class:`BitSearchDamage`; ``bind(model, images, labels)`` gives
+        the operator. The damaged parameters are the deployed model with
+        the flips (entries no flip hit carry the format's rounding, as
+        :func:`~recovjax.damage.formats.deploy` gives them); the mask marks
+        the entries whose codes changed.
+    """
+    return BitSearchDamage(flips, scope, format, granularity, strategy,
+                           attack_examples)
 
 
 def run_bit_search(search: Callable[..., BitSearch], keys: Array,
@@ -254,4 +373,5 @@ def as_damage(result: BitSearch) -> Damage:
     return Damage(params=result.params, mask=mask)
 
 
-__all__ = ["BitSearch", "as_damage", "make_bit_search", "run_bit_search"]
+__all__ = ["BitSearch", "BitSearchDamage", "as_damage", "make_bit_search",
+           "make_bit_search_damage", "run_bit_search"]

@@ -14,7 +14,8 @@ import inspect
 from types import MappingProxyType
 from typing import Any, Callable, Literal, Mapping
 
-from recovjax.damage import activations, data, memory, params, structure
+from recovjax.damage import (activations, attack, data, memory, params,
+                             structure)
 
 Kind = Literal["params", "structure", "data", "activations"]
 KINDS = ("params", "structure", "data", "activations")
@@ -22,7 +23,11 @@ KINDS = ("params", "structure", "data", "activations")
 
 FRACTIONS = ("ratio", "rate")
 """Amount names that are fractions in ``[0, 1]``; a ``scale`` is any
-non-negative number and a ``position`` a bit position."""
+non-negative number, a ``position`` a bit position and ``flips`` a number
+of flips."""
+
+WHOLE_NUMBERS = ("position", "flips")
+"""Amount names whose values are whole numbers."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +113,9 @@ _REGISTRY: dict[str, DamageSpec] = {spec.name: spec for spec in (
     _spec("bit_position_flip", "params", params.make_bit_position_flip,
           "position", "flip bit <position> of the largest (or chosen) "
           "entries"),
+    _spec("bit_search", "params", attack.make_bit_search_damage, "flips",
+          "the progressive bit search (Bit-Flip Attack) on int8 codes; "
+          "amount: flips"),
     _spec("rowhammer", "params", memory.make_rowhammer, "rate",
           "clustered bit flips in a fraction of the memory pages"),
     _spec("stuck_region", "params", memory.make_stuck_region, "ratio",
@@ -197,7 +205,7 @@ def register_damage(name: str, factory: Callable[..., Callable], *,
         raise ValueError(f"damage {name!r} is already registered" + (
             "" if name in BUILT_IN else "; pass overwrite=True to replace "
             "it"))
-    fraction = (amount_name not in ("scale", "position")
+    fraction = (amount_name not in ("scale",) + WHOLE_NUMBERS
                 if amount_is_fraction is None
                 else bool(amount_is_fraction))
     spec = DamageSpec(name=name, kind=kind, factory=factory,

@@ -18,6 +18,7 @@ from recovjax import tasks as tasks_lib
 from recovjax._types import Batches, Dataset, Params, PRNGKey, Split
 from recovjax.data import batch_split
 from recovjax.data.stream import BatchStream
+from recovjax.damage.registry import WHOLE_NUMBERS
 from recovjax.evaluate import MetricFn, Metrics, predictions
 from recovjax.models.adapter import check_params, require_model
 from recovjax.results import ResultsTable, metrics_rows, task_rows
@@ -171,11 +172,13 @@ def _check_fractions(kinds: Mapping[str, DamageOp], ratios: Sequence[float]
     # rate) takes amounts in [0, 1]; inside the programs they are traced,
     # and an unchecked traced fraction is clipped, not reported.
     for name, op in kinds.items():
-        if getattr(op, "amount_name", None) == "position":
+        amount = getattr(op, "amount_name", None)
+        if amount in WHOLE_NUMBERS:
             bad = [r for r in ratios if float(r) != int(r)]
             if bad:
-                raise ValueError(f"ratios: damage {name!r} takes a bit "
-                                 f"position (a whole number), got {bad[0]}")
+                what = "a bit position" if amount == "position" else amount
+                raise ValueError(f"ratios: damage {name!r} takes {what} (a "
+                                 f"whole number), got {bad[0]}")
         if not getattr(op, "amount_is_fraction", False):
             continue
         high = max(ratios)
