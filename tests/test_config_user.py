@@ -159,3 +159,77 @@ def test_weights_from_a_torch_layout_safetensors_file(user):
     with pytest.raises(ConfigError,
                        match="weights: .*no source tensor .*for leaf"):
         check_config(bad)
+
+
+def test_hardware_faults_attacks_and_protection_from_a_config(user):
+    from recovjax.damage.replay import load_faults
+    tmp_path, data = user
+    config = _config(tmp_path, f"""
+        name: faults
+        model: usernets:make_model
+        dataset: {data}
+        damage:
+          - kind: bit_position_flip
+            ratios: [2, 30]
+          - kind: bit_search
+            label: attack
+            ratios: [0, 2]
+            options: {{flips: 2, attack_examples: 8}}
+          - kind: bit_flip
+            ratios: [0.01]
+            options: {{format: int8}}
+        sweep: {{seeds: 1, outcomes: true, fault_lists: true}}
+        evaluate: {{batch_size: 6}}
+        recovery:
+          strategies: [checksum_restore, saturate]
+          batch_size: 12
+        """)
+    check_config(config)
+    run = tmp_path / "run"
+    table = run_experiment(config, run, progress=False,
+                           zoo_dir=tmp_path / "zoo")
+    metrics = {row["metric"] for row in table.rows}
+    assert {"outcome/masked", "outcome/sdc", "outcome/due"} <= metrics
+    stages = {row["stage"] for row in table.rows}
+    assert {"recovered/checksum_restore", "recovered/saturate"} <= stages
+    clean = [row["value"] for row in table.rows
+             if row["stage"] == "clean" and row["metric"] == "accuracy"][0]
+    repaired = [row["value"] for row in table.rows
+                if row["stage"] == "recovered/checksum_restore"
+                and row["metric"] == "accuracy"]
+    assert repaired and set(repaired) == {clean}
+    files = sorted(p.relative_to(run).as_posix()
+                   for p in (run / "faults").rglob("*.safetensors"))
+    assert files == ["faults/attack/r0_s0.safetensors",
+                     "faults/attack/r1_s0.safetensors",
+                     "faults/bit_flip/r0_s0.safetensors",
+                     "faults/bit_position_flip/r0_s0.safetensors",
+                     "faults/bit_position_flip/r1_s0.safetensors"]
+    one = load_faults(run / "faults/bit_position_flip/r1_s0.safetensors")
+    assert one.metadata["damage"] == "bit_position_flip"
+    assert sum(int(np.size(f.index)) for f in one.leaves.values()) == 1
+    assert "report.md" in {p.name for p in run.iterdir()}
+    assert "## Outcomes" in (run / "report.md").read_text()
+
+
+def test_activation_faults_with_range_restriction_from_a_config(user):
+    tmp_path, data = user
+    config = _config(tmp_path, f"""
+        name: ranger
+        model: usernets:make_model
+        dataset: {data}
+        damage:
+          - kind: activation_bit_flip
+            ratios: [0.0, 0.01]
+            options: {{bits: exponent, range_restriction: clip}}
+        sweep: {{seeds: 1}}
+        evaluate: {{batch_size: 6}}
+        """)
+    import dataclasses
+    config = dataclasses.replace(config, recovery=None)
+    check_config(config)
+    table = run_experiment(config, tmp_path / "run", progress=False,
+                           zoo_dir=tmp_path / "zoo")
+    values = {(row["damage"], row["ratio"]): row["value"]
+              for row in table.rows if row["metric"] == "accuracy"}
+    assert values[("activation_bit_flip", 0.0)] == values[("none", 0.0)]
