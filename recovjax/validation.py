@@ -262,6 +262,12 @@ def _check_damage(where: str, damage: config_lib.DamageConfig, abstract,
                         f"{model!r})") from None
     amount = jax.ShapeDtypeStruct((), jnp.float32)
     try:
+        limit = getattr(op, "max_rate", None)
+        if limit is not None and max(damage.ratios) > limit:
+            raise config_lib.ConfigError(
+                f"{where}.ratios: {damage.kind!r} samples its faults for "
+                f"rates up to options.max_rate={limit}, got "
+                f"{max(damage.ratios)}")
         if spec.kind == "activations":
             # The faulty forward pass on one batch shaped like the data
             # (range restriction's bounds are profiled when it runs).

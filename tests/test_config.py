@@ -307,6 +307,9 @@ def checked(tmp_path, text: str):
       "'zero' or null"]),
     ("damage: [{kind: rowhammer, options: {format: int4}}]\n",
      ["damage[0]", "int4 codes are 4 bits"]),
+    ("damage: [{kind: activation_bit_flip, ratios: [0.01], "
+     "options: {max_rate: 0.001}}]\n",
+     ["damage[0].ratios", "rates up to options.max_rate=0.001"]),
     ("sweep: {outcomes: true}\nevaluate: {stream: true}\n",
      ["sweep.outcomes", "evaluate.stream is set"]),
 ])

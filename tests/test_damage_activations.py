@@ -269,3 +269,46 @@ def test_range_restriction_modes_and_errors():
     other = activations.RangeRestriction({"fc9": 0.0}, {"fc9": 1.0})
     with pytest.raises(ValueError, match="no site 'fc9'"):
         other.apply(model)(model.params, X)
+
+
+def _bit_changes(before, after):
+    a = np.asarray(before, np.float32).view(np.uint32)
+    b = np.asarray(after, np.float32).view(np.uint32)
+    return np.unpackbits((a ^ b).view(np.uint8)).reshape(a.shape + (32,)
+                                                          ).sum(-1)
+
+
+@pytest.mark.parametrize("max_rate", [None, 0.05])
+def test_value_mode_flips_one_eligible_bit_of_each_hit_value(max_rate):
+    model = linen(Single())
+    clean = model.forward(model.params, X)
+    faults = make_activation_faults("flip", bits="exponent",
+                                    max_rate=max_rate)
+    out = faults.apply(model, KEY, 0.05)(model.params, X, 3)
+    changes = _bit_changes(clean, out)
+    assert set(np.unique(changes)) <= {0, 1}
+    flipped = (np.asarray(clean).view(np.uint32)
+               ^ np.asarray(out).view(np.uint32))[changes == 1]
+    exponent = np.uint32(0xFF << 23)
+    assert np.all(flipped & ~exponent == 0)
+
+
+def test_sparse_faults_hit_values_at_the_rate():
+    # 20 draws of 6 x 10 outputs at rate 0.2: about 240 hits of 1,200.
+    model = linen(Single())
+    clean = model.forward(model.params, X)
+    faults = make_activation_faults("zero", max_rate=0.5)
+    apply = jax.jit(lambda batch: faults.apply(model, KEY, 0.2)(
+        model.params, X, batch))
+    hits = sum(int(jnp.sum((apply(b) == 0) & (clean != 0)))
+               for b in range(20))
+    # Binomial(1200, 0.2): sd 13.9; collisions remove about 0.5 % of hits.
+    assert abs(hits - 240) < 5 * 13.9
+    np.testing.assert_array_equal(
+        faults.apply(model, KEY, 0.0)(model.params, X), clean)
+    with pytest.raises(ValueError, match="above max_rate=0.5"):
+        faults.apply(model, KEY, 0.6)
+    with pytest.raises(ValueError, match="max_rate .* needs mode='value'"):
+        make_activation_faults("noise", max_rate=0.1)
+    with pytest.raises(ValueError, match="max_rate must be a rate"):
+        make_activation_faults(max_rate=0.0)

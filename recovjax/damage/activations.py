@@ -48,8 +48,10 @@ from typing import Any, Callable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.extend import core as jax_core
 
+from recovjax import _checks
 from recovjax._types import Array, Params, PRNGKey
 from recovjax.damage import compose, corrupt, select
 from recovjax.damage.params import _check_bits, check_choice
@@ -437,8 +439,11 @@ def profile_ranges(model, params: Params, batches, *,
 # --------------------------------------------------------------------------
 
 
-def _corruption(name: str, bits) -> tuple[corrupt.Corruption, bool]:
+def _corruption(name: str, bits, mode: str
+                ) -> tuple[corrupt.Corruption, bool]:
     # The corruption, and whether the amount is a fraction (not a scale).
+    if name == "flip" and mode == "value":
+        return corrupt.flip_one_bit(bits), True
     if name in ("flip", "stuck_at_0", "stuck_at_1"):
         return corrupt.bit_fault(name, bits), True
     if name == "zero":
@@ -467,6 +472,8 @@ class ActivationFaults:
             (see :meth:`protected`), or ``None``.
         wants_restriction: the range restriction asked for and not yet
             profiled (``"clip"`` or ``"zero"``; see :meth:`profiled`).
+        max_rate: the largest rate of sparse sampling (see
+            :func:`make_activation_faults`), or ``None``.
     """
 
     corruption: corrupt.Corruption
@@ -480,6 +487,7 @@ class ActivationFaults:
     check_traced: bool = False
     protection: Any = None
     wants_restriction: str | None = None
+    max_rate: float | None = None
 
     def __call__(self, key: PRNGKey, params: Params, amount: Any, *,
                  info: Any = None):
@@ -517,6 +525,10 @@ class ActivationFaults:
         select.check_key(key)
         amount = select.check_amount(amount, name=self.amount_name,
                                      fraction=self.amount_is_fraction)
+        if (self.max_rate is not None and not _checks.is_traced(amount)
+                and np.float32(amount) > np.float32(self.max_rate)):
+            raise ValueError(f"{self.amount_name}: {float(amount)} is above "
+                             f"max_rate={self.max_rate}")
         if self.wants_restriction is not None and self.protection is None:
             raise ValueError(
                 f"range_restriction={self.wants_restriction!r} needs bounds "
@@ -559,6 +571,11 @@ class ActivationFaults:
     def _hit(self, key: PRNGKey, amount: Array, layer: str,
              value: Array) -> Array:
         def corrupt_one(value, key):
+            if self.max_rate is not None:
+                return compose.corrupt_sparse(
+                    key, self.corruption, value, jnp.minimum(
+                        amount, self.max_rate),
+                    compose.capacity(value.size, self.max_rate), layer)
             (new,), _ = compose.corrupt_arrays(
                 key, self.selection, self.corruption, [value], amount,
                 [layer], noun="site", plural="values")
@@ -573,9 +590,9 @@ class ActivationFaults:
 def make_activation_faults(
         corruption: str = "flip", *, bits="any", sites: SiteChoice = "all",
         persistence: Literal["transient", "permanent"] = "transient",
-        mode: Literal["bernoulli", "exact"] = "bernoulli",
-        range_restriction: Literal["clip", "zero"] | None = None
-        ) -> ActivationFaults:
+        mode: Literal["value", "bernoulli", "exact"] = "value",
+        range_restriction: Literal["clip", "zero"] | None = None,
+        max_rate: float | None = None) -> ActivationFaults:
     """Build faults that corrupt layer outputs as the model runs.
 
     Args:
@@ -588,16 +605,31 @@ def make_activation_faults(
         sites: which sites (see :data:`SiteChoice`).
         persistence: ``"transient"`` (drawn afresh per batch) or
             ``"permanent"`` (the same units of every example).
-        mode: ``"bernoulli"`` (each eligible bit or entry independently
-            with probability ``rate``) or ``"exact"`` (exactly
-            ``floor(n * rate)`` per site and draw); unused by ``"noise"``,
-            which perturbs every entry of a site.
+        mode: ``"value"`` (each value of a site is hit independently with
+            probability ``rate``, and a hit value gets one flip of a
+            uniformly drawn eligible bit: PyTorchFI's single-bit model; for
+            corruptions other than ``"flip"`` the same as
+            ``"bernoulli"``), ``"bernoulli"`` (each eligible bit, or each
+            value for the corruptions without bits, independently with
+            probability ``rate``) or ``"exact"`` (exactly ``floor(n *
+            rate)`` bits or values per site and draw); unused by
+            ``"noise"``, which perturbs every entry of a site. ``"value"``
+            draws once per value, ``"bernoulli"`` once per eligible bit.
         range_restriction: ask for Ranger's protection (``"clip"`` or
             ``"zero"``, see :class:`RangeRestriction`) at every site, with
             bounds profiled on clean data: :meth:`ActivationFaults.profiled`
             profiles them (an experiment does it on the first 1,000
             training examples); the faults cannot be applied before. In
             Python, ``faults.protected(profile_ranges(...))`` is the same.
+        max_rate: sample the faults sparsely, for rates up to this: each
+            site draws its number of faults (``Binomial(n, rate)``) and
+            their positions, so a point costs in its faults, not in the
+            site's values (see :func:`~recovjax.damage.compose.
+            corrupt_sparse`; a value drawn twice is hit once). Needs
+            ``mode="value"`` and a corruption of whole values (``"flip"``,
+            ``"zero"``, ``"sign_flip"``). A concrete rate above it is
+            refused, a traced one is clipped to it. ``None``: one draw per
+            value (or per bit), exact at any rate.
 
     Returns:
         The :class:`ActivationFaults`; its amount is a ``rate`` (or, for
@@ -608,7 +640,7 @@ def make_activation_faults(
     """
     check_choice("corruption", corruption, CORRUPTIONS)
     check_choice("persistence", persistence, PERSISTENCE)
-    check_choice("mode", mode, ("bernoulli", "exact"))
+    check_choice("mode", mode, ("value", "bernoulli", "exact"))
     _check_bits(bits)
     if not (callable(sites) or isinstance(sites, (str, list, tuple))):
         raise TypeError(f"sites must be 'all', a site kind, a layer path or "
@@ -616,14 +648,27 @@ def make_activation_faults(
                         f"(site) -> bool, got {sites!r}")
     if range_restriction is not None:
         check_choice("range_restriction", range_restriction, RESTRICTIONS)
-    fault, fraction = _corruption(corruption, bits)
-    selection = (compose.fraction_of_entries(mode, "leaf", "random")
-                 if fraction else compose.every_entry())
+    if max_rate is not None:
+        if isinstance(max_rate, bool) or not isinstance(
+                max_rate, (int, float)) or not 0 < max_rate <= 1:
+            raise ValueError(f"max_rate must be a rate in (0, 1], got "
+                             f"{max_rate!r}")
+        if mode != "value" or corruption not in ("flip", "zero",
+                                                 "sign_flip"):
+            raise ValueError("max_rate (sparse faults) needs mode='value' "
+                             "and corruption 'flip', 'zero' or "
+                             "'sign_flip'")
+        max_rate = float(max_rate)
+    fault, fraction = _corruption(corruption, bits, mode)
+    selection = (compose.fraction_of_entries(
+        "bernoulli" if mode == "value" else mode, "leaf", "random")
+        if fraction else compose.every_entry())
     return ActivationFaults(fault, selection,
                             tuple(sites) if isinstance(sites, list)
                             else sites, persistence,
                             "rate" if fraction else "scale", fraction,
-                            wants_restriction=range_restriction)
+                            wants_restriction=range_restriction,
+                            max_rate=max_rate)
 
 
 def sites_of(faults: ActivationFaults, model, sample: Any) -> list[Site]:

@@ -233,6 +233,57 @@ def corrupt_arrays(key: PRNGKey, selection: Selection,
     return [n.astype(v.dtype) for n, v in zip(new, values)], hit
 
 
+def capacity(size: int, max_rate: float) -> int:
+    """Fault slots for ``size`` values at rates up to ``max_rate``: the
+    binomial mean plus 8 standard deviations plus 8, so that more faults
+    than slots has a probability below ``1e-15``."""
+    mean = size * max_rate
+    return int(min(size, np.ceil(mean + 8 * np.sqrt(mean * (1 - max_rate))
+                                 + 8)))
+
+
+def corrupt_sparse(key: PRNGKey, corruption: Corruption, value: Array,
+                   rate: Array, slots: int, name: str) -> Array:
+    """Corrupt each value independently with probability ``rate``, at a
+    cost in the number of faults rather than of values.
+
+    The number of faults is drawn from ``Binomial(n, rate)`` and their
+    positions uniformly (with replacement: a position drawn twice is
+    corrupted once, which changes the distribution by ``O(k**2 / n)`` for
+    ``k`` faults), at most ``slots`` of them (:func:`capacity`). The
+    corruption sees the chosen values only (one cell each).
+
+    Args:
+        key: typed key (stream 0 chooses, the corruption draws from its own
+            streams of the same key).
+        corruption: a corruption of one cell per entry.
+        value: the array.
+        rate: traced probability per value, clipped to ``[0, 1]``.
+        slots: static number of fault slots.
+        name: the array's name, for messages.
+
+    Returns:
+        The corrupted array.
+    """
+    require_floating(corruption, [value], [name], noun="site",
+                     plural="values")
+    if corruption.cells(value) != 1:  # pragma: no cover - factories check
+        raise ValueError(f"{corruption.name} selects bits; sparse faults "
+                         "hit whole values")
+    flat = value.ravel()
+    size = flat.size
+    count_key, place_key = jax.random.split(jax.random.fold_in(
+        key, select.SELECT_STREAM))
+    rate = select.sanitize_fraction(jnp.asarray(rate, jnp.float32))
+    count = jax.random.binomial(count_key, jnp.float32(size), rate)
+    places = jax.random.randint(place_key, (slots,), 0, size)
+    live = jnp.arange(slots) < count
+    chosen = flat[places]
+    (new,) = corruption.apply(key, [chosen], [live], [rate])
+    return flat.at[jnp.where(live, places, size)].set(
+        new, mode="drop").reshape(value.shape)
+
+
 class Leaves(NamedTuple):
     """The leaves of a parameter tree and which of them an operator hits."""
 

@@ -251,6 +251,42 @@ def bit_fault(fault: str, bits, fmt: formats.Format | None = None
     return Corruption(name, apply, cells, floating=fmt is not None)
 
 
+def flip_one_bit(bits) -> Corruption:
+    """Flip one eligible bit, drawn uniformly, of each selected entry.
+
+    The single-bit fault model of PyTorchFI: a fault hits a value and flips
+    one of its bits. One draw per entry (stream
+    :data:`~recovjax.damage.select.VALUE_STREAM`) picks the position among
+    the eligible ones (``bits``: ``"any"``, ``"sign"``, ``"exponent"``,
+    ``"mantissa"`` or one position) of the value's own dtype.
+    """
+
+    def cells(leaf: Array) -> int:
+        formats.bit_positions(formats.format_of_dtype(leaf.dtype), bits)
+        return 1
+
+    def apply(key, values, masks, amounts):
+        draws = select.draw_bits(key, [int(x.size) for x in values],
+                                 select.VALUE_STREAM)
+        out = []
+        for x, chosen, draw in zip(values, masks, draws):
+            stored = formats.format_of_dtype(x.dtype)
+            uint = stored.layout.uint
+            places = jnp.asarray(formats.bit_positions(stored, bits),
+                                 jnp.uint32)
+            # A uniform index among the places: the top 24 bits of the
+            # draw times their number, over 2**24 (bias below 2**-19).
+            index = ((draw >> 8) * jnp.uint32(places.size)) >> 24
+            bit = jnp.left_shift(jnp.ones((), uint),
+                                 places[index].astype(uint)).reshape(x.shape)
+            pattern = jnp.where(chosen, bit, jnp.zeros((), uint))
+            codes = lax.bitcast_convert_type(x, uint)
+            out.append(lax.bitcast_convert_type(codes ^ pattern, x.dtype))
+        return out
+
+    return Corruption("bit flip", apply, cells)
+
+
 def flip_bit_at(fmt: formats.Format | None = None) -> Corruption:
     """Flip one bit of each selected entry: bit ``amount`` (a traced
     position, 0 = least significant, in the stored format's layout).

@@ -179,6 +179,11 @@ def _check_fractions(kinds: Mapping[str, DamageOp], ratios: Sequence[float]
                 what = "a bit position" if amount == "position" else amount
                 raise ValueError(f"ratios: damage {name!r} takes {what} (a "
                                  f"whole number), got {bad[0]}")
+        limit = getattr(op, "max_rate", None)
+        if limit is not None and np.float32(max(ratios)) > np.float32(limit):
+            raise ValueError(f"ratios: damage {name!r} samples its faults "
+                             f"for rates up to max_rate={limit}, got "
+                             f"{max(ratios)}")
         if not getattr(op, "amount_is_fraction", False):
             continue
         high = max(ratios)
