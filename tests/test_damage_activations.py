@@ -312,3 +312,39 @@ def test_sparse_faults_hit_values_at_the_rate():
         make_activation_faults("noise", max_rate=0.1)
     with pytest.raises(ValueError, match="max_rate must be a rate"):
         make_activation_faults(max_rate=0.0)
+
+
+def test_mixed_faults_weights_and_a_model_per_layer(lenet, trained_lenet,
+                                                    small_mnist):
+    from recovjax.damage import make_bit_position_flip, mix
+    model = linen()
+    zero_fc = make_activation_faults("zero", sites=["Dense_0"], mode="exact")
+    negate_conv = make_activation_faults("sign_flip", sites="conv",
+                                         mode="exact")
+    both = mix(zero_fc, negate_conv)
+    # Each part hits its own layer: the composed hooks run both.
+    out = both.apply(model, KEY, 0.5)(model.params, X)
+    alone = zero_fc.apply(model, jax.random.fold_in(KEY, 1), 0.5)(
+        model.params, X)
+    assert not np.array_equal(out, alone)
+    np.testing.assert_allclose(
+        both.apply(model, KEY, 0.0)(model.params, X),
+        jax.jit(model.forward)(model.params, X), rtol=0, atol=1e-5)
+    # Weights damaged in the same point: the largest weight's exponent bit,
+    # with activation faults at rate 0 (scale 0), equals the weight damage.
+    weights = make_bit_position_flip(scope="weights")
+    mixed = mix(make_activation_faults("flip"), weights=weights,
+                scales=(1.0, 0.0))
+    result = recovjax.sweep(lenet, trained_lenet,
+                            damages={"mixed": mixed, "alone": weights},
+                            ratios=[30], seeds=[0], data=small_mnist.test,
+                            root_key=0, batch_size=100)
+    accuracy = {r["damage"]: r["value"] for r in result.table.rows
+                if r["metric"] == "accuracy"}
+    assert accuracy["mixed"] == accuracy["alone"] < accuracy["none"] - 0.2
+    with pytest.raises(ValueError, match="at least one part"):
+        mix()
+    with pytest.raises(TypeError, match="is not activation faults"):
+        mix(weights)
+    with pytest.raises(ValueError, match="scales: one per part"):
+        mix(zero_fc, scales=(1.0, 2.0))

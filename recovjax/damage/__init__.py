@@ -1,8 +1,9 @@
 """Damage operators: pure functions, key first, amount traced."""
 
 from recovjax._types import DataDamage, Damage
-from recovjax.damage.activations import (ActivationFaults, Site, find_sites,
-                                         make_activation_faults)
+from recovjax.damage.activations import (ActivationFaults, MixedFaults, Site,
+                                         find_sites, make_activation_faults,
+                                         mix)
 from recovjax.damage.compose import select_entries
 from recovjax.damage.data import (DataDamageFn, add_input_noise, drop_samples,
                                   flip_labels, make_drop_samples,
@@ -38,6 +39,7 @@ from recovjax.damage.structure import (drop_blocks, find_attention,
 
 __all__ = [
     "ActivationFaults",
+    "MixedFaults",
     "Site",
     "find_sites",
     "make_activation_faults",
@@ -85,6 +87,7 @@ __all__ = [
     "make_stuck_at",
     "make_stuck_region",
     "make_zero",
+    "mix",
     "parse_scope",
     "randomize_normal",
     "register_damage",

@@ -523,6 +523,13 @@ class ActivationFaults:
                 called) a site choice that matches no site.
         """
         select.check_key(key)
+        faulty = with_site_hooks(model, self.site_hooks(key, amount))
+        faulty.__name__ = f"{getattr(model, 'name', 'model')}_with_faults"
+        return faulty
+
+    def site_hooks(self, key: PRNGKey, amount: Any) -> Callable:
+        """``hooks(program, batch) -> {layer: fn}`` of these faults (what
+        :meth:`apply` runs; :func:`mix` merges several)."""
         amount = select.check_amount(amount, name=self.amount_name,
                                      fraction=self.amount_is_fraction)
         if (self.max_rate is not None and not _checks.is_traced(amount)
@@ -547,9 +554,7 @@ class ActivationFaults:
                 found = protection.hooks(program, found)
             return found
 
-        faulty = with_site_hooks(model, hooks)
-        faulty.__name__ = f"{getattr(model, 'name', 'model')}_with_faults"
-        return faulty
+        return hooks
 
     def protected(self, restriction: "RangeRestriction") -> "ActivationFaults":
         """These faults with range restriction at the sites it bounds:
@@ -671,12 +676,120 @@ def make_activation_faults(
                             max_rate=max_rate)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class MixedFaults:
+    """Weight and activation faults in one point (built by :func:`mix`).
+
+    Attributes:
+        weights: a parameter damage operator, or ``None``.
+        activations: the activation faults, applied in order.
+        scales: the factor of the point's amount each part gets
+            (``weights`` first, if any).
+    """
+
+    weights: Any
+    activations: tuple
+    scales: tuple
+    amount_name: str = "rate"
+    amount_is_fraction: bool = True
+    damage_kind: str = "activations"
+    per_leaf_amounts: bool = False
+    check_traced: bool = False
+
+    def __call__(self, key: PRNGKey, params: Params, amount: Any, *,
+                 info: Any = None):
+        """Refused, as for :class:`ActivationFaults`."""
+        return ActivationFaults.__call__(self, key, params, amount, info=info)
+
+    def damage_params(self, key: PRNGKey, params: Params, amount: Any, *,
+                      info: Any = None) -> Params:
+        """The parameters with the weight faults of this point (all of
+        them when there are none)."""
+        if self.weights is None:
+            return params
+        from recovjax.damage.registry import accepts_info
+        extra = ({"info": info} if info is not None
+                 and accepts_info(self.weights) else {})
+        return self.weights(jax.random.fold_in(key, 0), params,
+                            amount * self.scales[0], **extra).params
+
+    def apply(self, model, key: PRNGKey, amount: Any) -> Callable:
+        """The forward pass with every part's activation faults: part ``i``
+        keyed by ``fold_in(key, i + 1)``, its amount scaled by its factor;
+        at a site several parts hit, in the order given."""
+        select.check_key(key)
+        first = 0 if self.weights is None else 1
+        parts = [faults.site_hooks(jax.random.fold_in(key, index + 1),
+                                   amount * scale)
+                 for index, (faults, scale) in enumerate(zip(
+                     self.activations, self.scales[first:]))]
+
+        def hooks(program: Program, batch: Any) -> dict:
+            merged: dict = {}
+            for part in parts:
+                for layer, fn in part(program, batch).items():
+                    before = merged.get(layer)
+                    merged[layer] = fn if before is None else (
+                        lambda value, fn=fn, before=before: fn(before(value)))
+            return merged
+
+        faulty = with_site_hooks(model, hooks)
+        faulty.__name__ = f"{getattr(model, 'name', 'model')}_with_faults"
+        return faulty
+
+
+def mix(*activations: ActivationFaults, weights: Any = None,
+        scales: tuple | None = None) -> MixedFaults:
+    """Weight and activation faults in one point, a fault model per layer.
+
+    Each part gets the point's amount times its scale, so one sweep over
+    amounts moves every part together::
+
+        faults = mix(make_activation_faults("flip", sites="conv"),
+                     make_activation_faults("zero", sites=["fc1"]),
+                     weights=make_bit_flip(format="int8"),
+                     scales=(1.0, 1.0, 0.1))   # weights, conv, fc1
+
+    Args:
+        *activations: activation faults (each with its own sites).
+        weights: a parameter damage operator (``op(key, params, amount, *,
+            info=None)``) applied to the weights first, or ``None``.
+        scales: one factor per part, ``weights`` first; default all 1.
+
+    Returns:
+        The :class:`MixedFaults`; sweeps evaluate it like activation
+        faults, with the damaged weights.
+
+    Raises:
+        ValueError: for no part, or scales of the wrong length.
+        TypeError: for a part that is not activation faults.
+    """
+    if not activations and weights is None:
+        raise ValueError("mix needs at least one part")
+    for part in activations:
+        if not isinstance(part, ActivationFaults):
+            raise TypeError(f"mix: {part!r} is not activation faults "
+                            "(make_activation_faults); pass parameter "
+                            "damage as weights=")
+    count = len(activations) + (weights is not None)
+    scales = (1.0,) * count if scales is None else tuple(
+        float(scale) for scale in scales)
+    if len(scales) != count:
+        raise ValueError(f"scales: one per part ({count}), got "
+                         f"{len(scales)}")
+    fraction = all(part.amount_is_fraction for part in activations) and (
+        weights is None or getattr(weights, "amount_is_fraction", True))
+    return MixedFaults(weights, tuple(activations), scales,
+                       amount_is_fraction=fraction)
+
+
 def sites_of(faults: ActivationFaults, model, sample: Any) -> list[Site]:
     """The sites ``faults`` hit in ``model`` for a batch like ``sample``."""
     return choose_sites(find_sites(model, sample), faults.sites)
 
 
-__all__ = ["ActivationFaults", "Program", "RangeRestriction", "Site",
-           "choose_sites", "find_sites", "make_activation_faults",
+__all__ = ["ActivationFaults", "MixedFaults", "Program", "RangeRestriction",
+           "Site", "choose_sites", "find_sites", "make_activation_faults",
+           "mix",
            "profile_ranges", "site_values", "sites_of", "trace_program",
            "with_site_hooks"]

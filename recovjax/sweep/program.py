@@ -51,10 +51,17 @@ def point_fn(model, op: DamageOp, metric_fn: MetricFn | None,
         params, data = shared
         batches, reference = data if outcomes else (data, None)
         if faulty:
-            # The faulty forward pass of the undamaged parameters; the
-            # clean flag sets the amount to 0, which hits nothing.
-            apply, chosen = op.apply(model, key, jnp.where(
-                keep, 0.0, ratio)), params
+            # The faulty forward pass (of weights damaged too, for mixed
+            # faults); the clean flag sets the amount to 0 and keeps the
+            # clean weights.
+            amount = jnp.where(keep, 0.0, ratio)
+            apply = op.apply(model, key, amount)
+            chosen = params
+            if hasattr(op, "damage_params"):
+                damaged = op.damage_params(key, params, amount,
+                                           info=model.info)
+                chosen = jax.tree.map(lambda p, d: jnp.where(keep, p, d),
+                                      params, damaged)
         else:
             damaged = op(key, params, ratio, **extra).params
             chosen = jax.tree.map(lambda p, d: jnp.where(keep, p, d),
@@ -108,8 +115,13 @@ def stream_point_fn(model, op: DamageOp, metric_fn: MetricFn | None):
         key, ratio, keep, totals = point
         params, block = shared
         if faulty:
-            apply, chosen = op.apply(model, key, jnp.where(keep, 0.0, ratio)
-                                     ), params
+            amount = jnp.where(keep, 0.0, ratio)
+            apply, chosen = op.apply(model, key, amount), params
+            if hasattr(op, "damage_params"):
+                damaged = op.damage_params(key, params, amount,
+                                           info=model.info)
+                chosen = jax.tree.map(lambda p, d: jnp.where(keep, p, d),
+                                      params, damaged)
         else:
             damaged = op(key, params, ratio, **extra).params
             chosen = jax.tree.map(lambda p, d: jnp.where(keep, p, d),
