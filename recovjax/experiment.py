@@ -52,6 +52,7 @@ from recovjax.rundir import (RunConflictError, RunDirectory,
                              RunDirectoryError, check_run_directory,
                              environment)
 from recovjax.sweep import iter_sweep, point_keys
+from recovjax.sweep.keys import key_indices
 from recovjax.validation import (check_config, strategy_arguments,
                                  strategy_label, strategy_spec)
 
@@ -233,7 +234,8 @@ class Experiment:
         op = self.damage_op(damage)
         extra = {"info": self.model.info} if accepts_info(op) else {}
         for index, ratio, seed in self.points(damage):
-            (key,) = point_keys(self.root, label, [index], [seed])
+            (key,) = point_keys(self.root, label,
+                                key_indices(op, [index]), [seed])
             damaged = jax.device_get(op(key, self.params, ratio, **extra))
             metadata = {"damage": damage.kind, "label": label,
                         "ratio": repr(float(ratio)), "seed": str(seed),
@@ -295,8 +297,9 @@ class Experiment:
         ratio, inside the program that recovers it.
         """
         label = damage.label or damage.kind
-        keys = point_keys(self.root, label, [index for index, _, _ in points],
-                          [seed for _, _, seed in points])
+        keys = point_keys(self.root, label, key_indices(
+            self.damage_op(damage), [index for index, _, _ in points]),
+            [seed for _, _, seed in points])
         ratios = jnp.asarray([ratio for _, ratio, _ in points], jnp.float32)
         recovery_keys = jax.vmap(
             lambda key: jax.random.fold_in(key, RECOVERY_STREAM))(keys)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from recovjax.damage import make_bit_flip
 from recovjax.damage.attack import as_damage, make_bit_search, run_bit_search
 from recovjax.damage.formats import deploy
 from recovjax.damage.replay import fault_list, replay
@@ -100,3 +101,32 @@ def test_bad_settings_are_refused(setting):
     with pytest.raises(ValueError, match="matches no leaf"):
         make_bit_search(model, flips=1, scope="nothing_.*")(
             jax.random.key(0), params, attack, evaluation)
+
+
+def test_the_bit_search_as_a_damage_kind(setting, small_mnist):
+    from recovjax.damage import get_damage
+    from recovjax.sweep.keys import key_indices
+    model, params, _, _ = setting
+    kind = get_damage("bit_search", flips=4, attack_examples=32)
+    with pytest.raises(TypeError, match="op.bind"):
+        kind(jax.random.key(0), params, 2)
+    op = kind.bind(model, small_mnist.train.images[:100],
+                   small_mnist.train.labels[:100])
+    key = jax.random.key(5)
+    two = jax.jit(lambda k: op(k, params, 2))(key)
+    four = jax.jit(lambda k: op(k, params, 4))(key)
+    # A larger budget continues the same flips: the entries hit by two
+    # flips are among those hit by four.
+    for small, large in zip(jax.tree.leaves(two.mask),
+                            jax.tree.leaves(four.mask)):
+        assert not np.any(np.asarray(small) & ~np.asarray(large))
+    assert 1 <= sum(int(m.sum()) for m in jax.tree.leaves(two.mask)) <= 2
+    # ... because every budget of a seed gets the same key in a sweep.
+    assert key_indices(op, [0, 1, 2]) == [0, 0, 0]
+    assert key_indices(make_bit_flip(), [0, 1, 2]) == [0, 1, 2]
+    with pytest.raises(ValueError, match="flips must be a whole number of "
+                       "at most 4"):
+        op(key, params, 5)
+    with pytest.raises(ValueError, match="fewer than the attack batch"):
+        kind.bind(model, small_mnist.train.images[:10],
+                  small_mnist.train.labels[:10])

@@ -253,6 +253,7 @@ class BitSearchDamage:
 
     amount_name = "flips"
     amount_is_fraction = False
+    amount_is_budget = True
     damage_kind = "params"
     per_leaf_amounts = False
     check_traced = False
@@ -311,6 +312,9 @@ class BitSearchDamage:
         op.amount_name, op.amount_is_fraction = "flips", False
         op.damage_kind, op.per_leaf_amounts = "params", False
         op.check_traced = False
+        # Every budget of a seed shares its key: the same attack batch and
+        # the same flips, a larger budget continuing a smaller one.
+        op.amount_is_budget = True
         op._checked_version = lambda: op
         return op
 

@@ -22,7 +22,7 @@ from recovjax.damage.registry import WHOLE_NUMBERS
 from recovjax.evaluate import MetricFn, Metrics, predictions
 from recovjax.models.adapter import check_params, require_model
 from recovjax.results import ResultsTable, metrics_rows, task_rows
-from recovjax.sweep.keys import _root, point_keys
+from recovjax.sweep.keys import _root, key_indices, point_keys
 from recovjax.sweep.plan import (DEFAULT_BATCH_SIZE, DEFAULT_MEMORY_BUDGET,
                                  DEFAULT_VMAP_SIZE, SweepPlan, plan_sweep)
 from recovjax.sweep.program import (DamageOp, chunk_program, point_fn,
@@ -314,7 +314,8 @@ def damage_point(model, params: Params, *, damage: DamageOp | str,
     check_params(model, params)
     make = stream_chunk_program if streamed else chunk_program
     program = make(model, damage, metric_fn, vmap_size, (jax.devices()[0],))
-    keys = point_keys(root, damage_name, [ratio_index] * vmap_size,
+    keys = point_keys(root, damage_name,
+                      key_indices(damage, [ratio_index] * vmap_size),
                       [seed] * vmap_size)
     points = runner.place((keys, np.full((vmap_size,), ratio, np.float32),
                            np.zeros((vmap_size,), np.bool_)),
@@ -475,8 +476,9 @@ def iter_sweep(model, params: Params, *,
                          and clean_slots == 1))
     # Every chunk's keys first: a key derivation queued behind a running
     # chunk would wait for it and hold back the next chunk's dispatch.
-    keys = [point_keys(root, name, [p.ratio_index for p in slots],
-                       [p.seed for p in slots])
+    keys = [point_keys(root, name, key_indices(
+                kinds[name], [p.ratio_index for p in slots]),
+                [p.seed for p in slots])
             for name, points, clean in work
             for slots in [padded_slots(name, points, clean)]]
     if streamed:

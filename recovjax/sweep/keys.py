@@ -154,3 +154,17 @@ def _root(root_key: PRNGKey | int) -> tuple[PRNGKey, int | None]:
         return _seed_key(int(root_key)), int(root_key)
     _checks.check_key(root_key, "root_key")
     return root_key, None
+
+
+def key_indices(op, ratio_indices: Sequence[int]) -> list[int]:
+    """The ratio indices a kind's point keys are derived from.
+
+    An operator whose amount is a budget along one trajectory (the bit
+    search: ``op.amount_is_budget``) gets the same key at every amount of a
+    seed, so that a larger budget continues the flips of a smaller one;
+    every other operator gets a key per (amount, seed).
+    """
+    if getattr(op, "amount_is_budget", False):
+        return [0] * len(ratio_indices)
+    return list(ratio_indices)
+
