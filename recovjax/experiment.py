@@ -242,7 +242,14 @@ class Experiment:
                         "options": json.dumps(damage.options,
                                               sort_keys=True)}
             yield (f"faults/{label}/r{index}_s{seed}.safetensors",
-                   fault_list(self.params, damaged, metadata=metadata))
+                   fault_list(self.params, damaged, metadata=metadata,
+                              # A deployed format's faults come back as
+                              # values: the other entries are rounded.
+                              kind=("values" if damage.options.get("format")
+                                    else "bits"),
+                              format=damage.options.get("format"),
+                              granularity=damage.options.get(
+                                  "granularity", "tensor")))
 
     def recovery_data(self, label: str, data: config_lib.RecoveryDataConfig):
         key = jax.random.fold_in(
@@ -281,11 +288,12 @@ class Experiment:
         # Operators that need clean data first get the first training
         # examples: range restriction profiles its bounds on them, the bit
         # search draws its attack batches from them.
-        train = sources.subset(self.data.train, PROFILE_EXAMPLES)
         if getattr(op, "wants_restriction", None) is not None:
+            train = sources.subset(self.data.train, PROFILE_EXAMPLES)
             profile = batch_split(train, self.config.evaluate.batch_size)
             return op.profiled(self.model, self.params, profile)
         if hasattr(op, "bind"):
+            train = sources.subset(self.data.train, PROFILE_EXAMPLES)
             return op.bind(self.model, train.images, train.labels)
         return op
 

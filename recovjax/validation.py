@@ -171,6 +171,12 @@ def _check(config: config_lib.ExperimentConfig) -> None:
             "tokens (task: language_model) or a model built with one")
     labels: set[str] = set()
     for index, damage in enumerate(config.damage):
+        if task is not None and damage_spec(damage.kind).kind == "params" \
+                and damage_spec(damage.kind).amount_name == "flips":
+            raise config_lib.ConfigError(
+                f"damage[{index}].kind: {damage.kind!r} attacks a "
+                "classifier's loss on labelled images; the task is "
+                f"{task.name!r}")
         _check_damage(f"damage[{index}]", damage, abstract, model.info,
                       config.model, model, sample)
         label = damage.label or damage.kind

@@ -181,7 +181,7 @@ def test_hardware_faults_attacks_and_protection_from_a_config(user):
         sweep: {{seeds: 1, outcomes: true, fault_lists: true}}
         evaluate: {{batch_size: 6}}
         recovery:
-          strategies: [checksum_restore, saturate]
+          strategies: [checksum_restore]
           batch_size: 12
         """)
     check_config(config)
@@ -191,7 +191,7 @@ def test_hardware_faults_attacks_and_protection_from_a_config(user):
     metrics = {row["metric"] for row in table.rows}
     assert {"outcome/masked", "outcome/sdc", "outcome/due"} <= metrics
     stages = {row["stage"] for row in table.rows}
-    assert {"recovered/checksum_restore", "recovered/saturate"} <= stages
+    assert "recovered/checksum_restore" in stages
     clean = [row["value"] for row in table.rows
              if row["stage"] == "clean" and row["metric"] == "accuracy"][0]
     repaired = [row["value"] for row in table.rows

@@ -296,12 +296,16 @@ def test_direct_calls_with_info_do_not_retrace_and_keys_reproduce():
                               other.mask["linear"]["weight"])
 
 
-PARAM_DAMAGE = damage_names("params")
+# The bit search needs a model and attack data (tests/test_attack.py).
+PARAM_DAMAGE = [name for name in damage_names("params")
+                if name != "bit_search"]
+# Options that make every operator damage this tiny tree at amount 1.
+OPTIONS = {"rowhammer": {"page_bytes": 32, "flips_per_page": 8}}
 
 
 @pytest.mark.parametrize("name", PARAM_DAMAGE)
 def test_every_parameter_operator_takes_info(name):
-    op = get_damage(name, scope="weights")
+    op = get_damage(name, scope="weights", **OPTIONS.get(name, {}))
     damage = op(KEY, TREE, 1.0, info=INFO)
     assert _damaged(damage) == {"linear/weight"}
     for path in set(PATHS) - {"linear/weight"}:

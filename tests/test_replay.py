@@ -140,3 +140,40 @@ def test_bad_files_are_named(tmp_path):
                                                     "dtype": "float32"}})})
     with pytest.raises(ValueError, match="broken.safetensors: inconsistent"):
         load_faults(broken)
+
+
+def test_faults_in_a_deployed_format_read_in_its_layout(tmp_path):
+    from recovjax.damage import make_bit_flip
+    from recovjax.damage.replay import fault_list, load_faults, replay, \
+        save_faults
+    params = {"w": jnp.linspace(-1.0, 1.0, 400).reshape(20, 20),
+              "b": jnp.linspace(0.1, 0.9, 20)}
+    op = make_bit_flip(bits=6, mode="exact", ratio_over="global",
+                       format="int8", granularity="channel")
+    damage = op(jax.random.key(2), params, 5 / (420))
+    faults = fault_list(params, damage, kind="values", format="int8",
+                        granularity="channel")
+    path = save_faults(tmp_path / "int8.safetensors", faults)
+    loaded = load_faults(path)
+    assert loaded.metadata["stored_format"] == "int8"
+    flipped = 0
+    for leaf in loaded.leaves.values():
+        if leaf.index.size == 0:
+            continue
+        changed = leaf.code_before ^ leaf.code_after
+        # Every hit entry's code differs exactly in bit 6 of the int8 code
+        # (the other entries only carry the format's rounding).
+        hit = changed != 0
+        assert np.all(changed[hit] == 1 << 6)
+        flipped += int(hit.sum())
+    assert flipped == 5
+    # Replayed (the damaged values written back) into the deployed model,
+    # the listed entries are the damaged ones bit for bit; the others carry
+    # the deployment's own rounding.
+    from recovjax.damage.formats import deploy
+    again = replay(loaded)(None, deploy(params, "int8", "channel"))
+    for name in params:
+        index = loaded.leaves[name].index
+        np.testing.assert_array_equal(
+            np.asarray(again.params[name]).ravel()[index].view(np.uint32),
+            np.asarray(damage.params[name]).ravel()[index].view(np.uint32))

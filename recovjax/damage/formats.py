@@ -206,6 +206,30 @@ def encode(x: Array, fmt: Format) -> Encoded:
     return Encoded(codes, quantized.scale)
 
 
+def codes_at_scale(x: Array, fmt: Format, scale: Array | None) -> Array:
+    """The codes of ``x`` in ``fmt`` with given scales (those of another
+    encoding, such as the clean weights'), rounded to nearest and clipped
+    to the format's range.
+
+    For values a decoding produced with the same scales this recovers the
+    codes exactly: ``x / scale`` lands within an ulp of the integer (or
+    float8 value) it was made from.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    if not fmt.scaled:
+        return lax.bitcast_convert_type(x.astype(fmt.dtype),
+                                        fmt.layout.uint)
+    value = x / scale
+    if fmt.name in ("int8", "int4"):
+        bound = 2 ** (fmt.layout.width - 1)
+        value = jnp.clip(jnp.round(value), -bound, bound - 1).astype(
+            jnp.int8)
+        if fmt.name == "int4":
+            return (value & 0xF).astype(jnp.uint8)
+        return lax.bitcast_convert_type(value, jnp.uint8)
+    return lax.bitcast_convert_type(value.astype(fmt.dtype), fmt.layout.uint)
+
+
 def decode(encoded: Encoded, fmt: Format, dtype) -> Array:
     """Values of ``dtype`` from stored codes (the inverse of :func:`encode`
     up to the format's rounding)."""

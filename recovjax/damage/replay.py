@@ -29,7 +29,11 @@ ascending flat indices of the damaged entries), ``P::before`` and
 ``P::after`` (the stored bits of those entries, unsigned integers of the
 dtype's width: ``uint32`` for float32, ``uint16`` for bfloat16 and
 float16). Bit positions are those of the leaf's own dtype (0 = least
-significant). A leaf without faults has empty tensors.
+significant). A leaf without faults has empty tensors. A list made with
+``format=`` (faults in a deployed format's codes) also holds
+``P::code_before`` and ``P::code_after``: the entries' codes in that
+format, in its own layout (``uint8`` for int8, int4 and float8), and its
+metadata names ``stored_format`` and ``granularity``.
 """
 
 from __future__ import annotations
@@ -64,6 +68,10 @@ class LeafFaults(NamedTuple):
         index: ``int64[k]`` ascending flat indices of the damaged entries.
         before: their stored bits before the damage.
         after: their stored bits after it.
+        code_before: with a deployed format, the entries' codes in that
+            format before the damage (its own layout: int8 codes as
+            ``uint8``, ...), or ``None``.
+        code_after: their codes after it, or ``None``.
     """
 
     shape: tuple[int, ...]
@@ -71,6 +79,8 @@ class LeafFaults(NamedTuple):
     index: np.ndarray
     before: np.ndarray
     after: np.ndarray
+    code_before: np.ndarray | None = None
+    code_after: np.ndarray | None = None
 
     @property
     def changed_bits(self) -> np.ndarray:
@@ -111,7 +121,9 @@ def _bits(values: np.ndarray) -> np.ndarray:
 
 
 def fault_list(params: Params, damage: Damage, *, kind: str = "bits",
-               metadata: Mapping[str, str] | None = None) -> FaultList:
+               metadata: Mapping[str, str] | None = None,
+               format: str | None = None, granularity: str = "tensor"
+               ) -> FaultList:
     """The concrete faults of ``damage`` (one model, not a stack).
 
     Args:
@@ -120,6 +132,14 @@ def fault_list(params: Params, damage: Damage, *, kind: str = "bits",
         kind: ``"bits"`` (replay flips the bits that changed) or
             ``"values"`` (replay writes the damaged values).
         metadata: strings to keep with the list.
+        format: the deployed format the damage hit (``format=`` of a bit
+            fault): the list then also holds each damaged entry's codes in
+            that format before and after (``code_before``,
+            ``code_after``), so bit positions read in the format's own
+            layout. The codes after are those of the damaged values at the
+            clean weights' scales. Replay still applies the leaf's own
+            bits, exactly.
+        granularity: the format's scales, ``"tensor"`` or ``"channel"``.
 
     Raises:
         ValueError: for an unknown kind, or a damage whose structure or
@@ -129,6 +149,8 @@ def fault_list(params: Params, damage: Damage, *, kind: str = "bits",
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}; got "
                          f"{kind!r}")
+    from recovjax.damage import formats
+    fmt = None if format is None else formats.get_format(format, granularity)
     before_leaves, treedef = jax.tree.flatten(params)
     after_leaves, after_def = jax.tree.flatten(damage.params)
     mask_leaves, mask_def = jax.tree.flatten(damage.mask)
@@ -144,11 +166,33 @@ def fault_list(params: Params, damage: Damage, *, kind: str = "bits",
                              f"(mask {mask.shape}), params {before.shape}: "
                              "one damaged model at a time")
         index = np.flatnonzero(mask).astype(np.int64)
+        codes = (None, None)
+        if fmt is not None and np.issubdtype(before.dtype, np.floating):
+            codes = _codes(before, after, index, fmt)
         leaves[path] = LeafFaults(
             tuple(before.shape), before.dtype.name, index,
             _bits(before.ravel()[index]),
-            _bits(after.astype(before.dtype).ravel()[index]))
-    return FaultList(leaves, kind, dict(metadata or {}))
+            _bits(after.astype(before.dtype).ravel()[index]), *codes)
+    extra = dict(metadata or {})
+    if fmt is not None:
+        extra.setdefault("stored_format", fmt.name)
+        extra.setdefault("granularity", fmt.granularity)
+    return FaultList(leaves, kind, extra)
+
+
+def _codes(before: np.ndarray, after: np.ndarray, index: np.ndarray, fmt
+           ) -> tuple[np.ndarray, np.ndarray]:
+    # The entries' codes in fmt before and after, at the clean scales.
+    from recovjax.damage import formats
+
+    def both(clean, damaged):
+        encoded = formats.encode(clean, fmt)
+        return encoded.codes, formats.codes_at_scale(damaged, fmt,
+                                                     encoded.scale)
+
+    code_before, code_after = jax.jit(both)(before, after)
+    return (np.asarray(code_before).ravel()[index],
+            np.asarray(code_after).ravel()[index])
 
 
 def save_faults(path: os.PathLike[str] | str, faults: FaultList,
@@ -178,6 +222,11 @@ def save_faults(path: os.PathLike[str] | str, faults: FaultList,
         tensors[f"{name}::index"] = np.ascontiguousarray(leaf.index)
         tensors[f"{name}::before"] = np.ascontiguousarray(leaf.before)
         tensors[f"{name}::after"] = np.ascontiguousarray(leaf.after)
+        if leaf.code_before is not None:
+            tensors[f"{name}::code_before"] = np.ascontiguousarray(
+                leaf.code_before)
+            tensors[f"{name}::code_after"] = np.ascontiguousarray(
+                leaf.code_after)
     header = {"format": FORMAT, "version": str(VERSION),
               "kind": faults.kind,
               "leaves": json.dumps({name: {"shape": list(leaf.shape),
@@ -227,8 +276,17 @@ def load_faults(path: os.PathLike[str] | str) -> FaultList:
             if not (index.shape == before.shape == after.shape):
                 raise ValueError(f"leaf {name!r}: index, before and after "
                                  "differ in length")
+            codes = (tensors.get(f"{name}::code_before"),
+                     tensors.get(f"{name}::code_after"))
+            if (codes[0] is None) != (codes[1] is None) or (
+                    codes[0] is not None
+                    and not (codes[0].shape == codes[1].shape
+                             == index.shape)):
+                raise ValueError(f"leaf {name!r}: code_before and "
+                                 "code_after do not match the index")
             leaves[name] = LeafFaults(tuple(spec["shape"]), spec["dtype"],
-                                      index.astype(np.int64), before, after)
+                                      index.astype(np.int64), before, after,
+                                      *codes)
     except (KeyError, TypeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: inconsistent fault list ({error!r} "
                          "missing or malformed)") from None
