@@ -10,7 +10,6 @@ run directory, so a config that fails leaves nothing behind.
 
 from __future__ import annotations
 
-import dataclasses
 
 import difflib
 import inspect
@@ -277,7 +276,7 @@ def _check_damage(where: str, damage: config_lib.DamageConfig, abstract,
         if spec.kind == "activations":
             # The faulty forward pass on one batch shaped like the data
             # (range restriction's bounds are profiled when it runs).
-            op = dataclasses.replace(op, wants_restriction=None)
+            op = op.unprofiled()
             jax.eval_shape(lambda params, ratio: op.apply(
                 model_object, jax.random.key(0), ratio)(params, sample),
                 abstract, amount)

@@ -310,6 +310,15 @@ def checked(tmp_path, text: str):
     ("damage: [{kind: activation_bit_flip, ratios: [0.01], "
      "options: {max_rate: 0.001}}]\n",
      ["damage[0].ratios", "rates up to options.max_rate=0.001"]),
+    ("damage: [{kind: replay, ratios: [1], options: {path: /nope.st}}]\n",
+     ["damage[0].options", "/nope.st: no fault list there"]),
+    ("damage: [{kind: mixed_faults, options: {activations: "
+     "[{kind: zero}]}}]\n",
+     ["damage[0].options", "activations[0]: 'zero' is params damage, not "
+      "activations"]),
+    ("damage: [{kind: mixed_faults, options: {activations: "
+     "[{kind: activation_zero, options: {sites: [fc9]}}]}}]\n",
+     ["damage[0]", "no site 'fc9'"]),
     ("sweep: {outcomes: true}\nevaluate: {stream: true}\n",
      ["sweep.outcomes", "evaluate.stream is set"]),
 ])

@@ -177,3 +177,14 @@ def test_faults_in_a_deployed_format_read_in_its_layout(tmp_path):
         np.testing.assert_array_equal(
             np.asarray(again.params[name]).ravel()[index].view(np.uint32),
             np.asarray(damage.params[name]).ravel()[index].view(np.uint32))
+
+
+def test_a_saved_list_is_a_damage_kind_for_configs(tmp_path):
+    from recovjax.damage.replay import save_faults
+    params = {"w": jnp.linspace(-1.0, 1.0, 50)}
+    damage = get_damage("zero")(jax.random.key(1), params, 0.2)
+    path = save_faults(tmp_path / "f.safetensors", fault_list(params, damage))
+    op = get_damage("replay", path=str(path))
+    again = op(jax.random.key(7), params, 1.0)
+    np.testing.assert_array_equal(again.params["w"], damage.params["w"])
+    np.testing.assert_array_equal(again.mask["w"], damage.mask["w"])

@@ -564,6 +564,11 @@ class ActivationFaults:
                             f"{type(restriction).__name__}")
         return dataclasses.replace(self, protection=restriction)
 
+    def unprofiled(self) -> "ActivationFaults":
+        """These faults with no range restriction asked for: what a check
+        traces before any bounds exist."""
+        return dataclasses.replace(self, wants_restriction=None)
+
     def profiled(self, model, params: Params, batches) -> "ActivationFaults":
         """These faults protected by the range restriction they ask for,
         with bounds profiled on ``batches`` (see :func:`profile_ranges`);
@@ -700,6 +705,25 @@ class MixedFaults:
                  info: Any = None):
         """Refused, as for :class:`ActivationFaults`."""
         return ActivationFaults.__call__(self, key, params, amount, info=info)
+
+    @property
+    def wants_restriction(self) -> str | None:
+        """The range restriction a part asks for and has not profiled."""
+        return next((part.wants_restriction for part in self.activations
+                     if part.wants_restriction is not None
+                     and part.protection is None), None)
+
+    def profiled(self, model, params: Params, batches) -> "MixedFaults":
+        """Every part's range restriction profiled (see
+        :meth:`ActivationFaults.profiled`)."""
+        return dataclasses.replace(self, activations=tuple(
+            part.profiled(model, params, batches)
+            for part in self.activations))
+
+    def unprofiled(self) -> "MixedFaults":
+        """No part asking for range restriction (for checks)."""
+        return dataclasses.replace(self, activations=tuple(
+            part.unprofiled() for part in self.activations))
 
     def damage_params(self, key: PRNGKey, params: Params, amount: Any, *,
                       info: Any = None) -> Params:

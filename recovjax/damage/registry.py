@@ -16,6 +16,7 @@ from typing import Any, Callable, Literal, Mapping
 
 from recovjax.damage import (activations, attack, data, memory, params,
                              structure)
+from recovjax.damage.activations import mix
 
 Kind = Literal["params", "structure", "data", "activations"]
 KINDS = ("params", "structure", "data", "activations")
@@ -88,6 +89,78 @@ def _spec(name, kind, factory, amount_name, doc, **preset) -> DamageSpec:
                       preset=MappingProxyType(preset))
 
 
+def make_replay_damage(path: str) -> Callable:
+    """Replay a saved fault list (:mod:`recovjax.damage.replay`) as damage.
+
+    Args:
+        path: the fault list file (from ``sweep.fault_lists`` or
+            :func:`~recovjax.damage.replay.save_faults`).
+
+    Returns:
+        ``op(key, params, amount, *, info=None) -> Damage``; the key and
+        the amount are not used (give ``ratios: [1]``).
+
+    Raises:
+        ValueError: naming the file, when it is missing or not a fault
+            list.
+    """
+    from recovjax.damage import replay as replay_lib
+    try:
+        faults = replay_lib.load_faults(path)
+    except FileNotFoundError as error:
+        raise ValueError(f"path: {error}") from None
+    op = replay_lib.replay(faults)
+
+    def replayed(key, params, amount, *, info=None):
+        return op(key, params, amount, info=info)
+
+    replayed.amount_name, replayed.amount_is_fraction = "ratio", True
+    replayed.damage_kind, replayed.per_leaf_amounts = "params", False
+    replayed.check_traced = False
+    replayed._checked_version = lambda: replayed
+    return replayed
+
+
+def make_mixed_faults(activations: list[dict[str, Any]] | None = None,
+                      weights: dict[str, Any] | None = None,
+                      scales: list[float] | None = None) -> Callable:
+    """Weight and activation faults in one point, from names
+    (:func:`recovjax.damage.activations.mix`).
+
+    Args:
+        activations: ``[{"kind": "activation_bit_flip", "options": {...}},
+            ...]``: activation faults, each with its own sites.
+        weights: ``{"kind": "bit_flip", "options": {...}}``: a parameter
+            damage applied to the weights in the same point, or ``None``.
+        scales: one factor of the point's amount per part (``weights``
+            first); default all 1.
+
+    Raises:
+        ValueError: for an entry without a kind, of the wrong kind, or an
+            option its operator does not take (naming it).
+    """
+    def build(entry: Any, where: str, kind: str):
+        if not isinstance(entry, Mapping) or "kind" not in entry or set(
+                entry) - {"kind", "options"}:
+            raise ValueError(f"{where}: give {{kind: <name>, options: "
+                             f"{{...}}}}, got {entry!r}")
+        spec = damage_spec(entry["kind"])
+        if spec.kind != kind:
+            raise ValueError(f"{where}: {entry['kind']!r} is {spec.kind} "
+                             f"damage, not {kind}")
+        try:
+            return spec.build(**dict(entry.get("options") or {}))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{where}: {error}") from None
+
+    parts = [build(entry, f"activations[{index}]", "activations")
+             for index, entry in enumerate(activations or [])]
+    weight_op = None if weights is None else build(weights, "weights",
+                                                   "params")
+    return mix(*parts, weights=weight_op,
+               scales=None if scales is None else tuple(scales))
+
+
 _REGISTRY: dict[str, DamageSpec] = {spec.name: spec for spec in (
     _spec("zero", "params", params.make_zero, "ratio",
           "zero floor(n * ratio) entries per leaf (the seed's damage)"),
@@ -116,6 +189,8 @@ _REGISTRY: dict[str, DamageSpec] = {spec.name: spec for spec in (
     _spec("bit_search", "params", attack.make_bit_search_damage, "flips",
           "the progressive bit search (Bit-Flip Attack) on int8 codes; "
           "amount: flips"),
+    _spec("replay", "params", make_replay_damage, "ratio",
+          "replay a saved fault list (the amount is not used)"),
     _spec("rowhammer", "params", memory.make_rowhammer, "rate",
           "clustered bit flips in a fraction of the memory pages"),
     _spec("stuck_region", "params", memory.make_stuck_region, "ratio",
@@ -147,6 +222,8 @@ _REGISTRY: dict[str, DamageSpec] = {spec.name: spec for spec in (
     _spec("activation_noise", "activations",
           activations.make_activation_faults, "scale",
           "add Gaussian noise to layer outputs", corruption="noise"),
+    _spec("mixed_faults", "activations", make_mixed_faults, "rate",
+          "weight and activation faults in one point, a model per layer"),
     _spec("drop_samples", "data", data.make_drop_samples, "ratio",
           "give weight 0 to a fraction of the training samples"),
     _spec("label_noise", "data", data.make_label_noise, "rate",
