@@ -302,10 +302,13 @@ def test_sparse_faults_hit_values_at_the_rate():
         model.params, X, batch))
     hits = sum(int(jnp.sum((apply(b) == 0) & (clean != 0)))
                for b in range(20))
-    # Binomial(1200, 0.2): sd 13.9; collisions remove about 0.5 % of hits.
+    # Binomial(1200, 0.2): sd 13.9.
     assert abs(hits - 240) < 5 * 13.9
     np.testing.assert_array_equal(
         faults.apply(model, KEY, 0.0)(model.params, X), clean)
+    every = make_activation_faults("zero", max_rate=1.0)
+    assert not np.any(np.asarray(every.apply(model, KEY, 1.0)(
+        model.params, X)))
     with pytest.raises(ValueError, match="above max_rate=0.5"):
         faults.apply(model, KEY, 0.6)
     with pytest.raises(ValueError, match="max_rate .* needs mode='value'"):

@@ -632,10 +632,10 @@ def make_activation_faults(
             training examples); the faults cannot be applied before. In
             Python, ``faults.protected(profile_ranges(...))`` is the same.
         max_rate: sample the faults sparsely, for rates up to this: each
-            site draws its number of faults (``Binomial(n, rate)``) and
-            their positions, so a point costs in its faults, not in the
-            site's values (see :func:`~recovjax.damage.compose.
-            corrupt_sparse`; a value drawn twice is hit once). Needs
+            site draws the positions of its faults by their geometric
+            gaps, so a point costs in its faults, not in the site's values,
+            with the distribution of one draw per value (see
+            :func:`~recovjax.damage.compose.corrupt_sparse`). Needs
             ``mode="value"`` and a corruption of whole values (``"flip"``,
             ``"zero"``, ``"sign_flip"``). A concrete rate above it is
             refused, a traced one is clipped to it. ``None``: one draw per

@@ -247,11 +247,14 @@ def corrupt_sparse(key: PRNGKey, corruption: Corruption, value: Array,
     """Corrupt each value independently with probability ``rate``, at a
     cost in the number of faults rather than of values.
 
-    The number of faults is drawn from ``Binomial(n, rate)`` and their
-    positions uniformly (with replacement: a position drawn twice is
-    corrupted once, which changes the distribution by ``O(k**2 / n)`` for
-    ``k`` faults), at most ``slots`` of them (:func:`capacity`). The
-    corruption sees the chosen values only (one cell each).
+    The hit positions are those of a Bernoulli(``rate``) sequence over the
+    flat values, drawn by their gaps: each gap is geometric
+    (``floor(log(u) / log(1 - rate)) + 1`` for a uniform ``u``) and the
+    positions are the gaps' running sums, so they are distinct and exactly
+    as likely as one draw per value makes them, as long as they fit in
+    ``slots`` (:func:`capacity` sizes them so that more hits than slots
+    has a probability below ``1e-15``). The corruption sees the chosen
+    values only (one cell each).
 
     Args:
         key: typed key (stream 0 chooses, the corruption draws from its own
@@ -272,13 +275,21 @@ def corrupt_sparse(key: PRNGKey, corruption: Corruption, value: Array,
                          "hit whole values")
     flat = value.ravel()
     size = flat.size
-    count_key, place_key = jax.random.split(jax.random.fold_in(
-        key, select.SELECT_STREAM))
     rate = select.sanitize_fraction(jnp.asarray(rate, jnp.float32))
-    count = jax.random.binomial(count_key, jnp.float32(size), rate)
-    places = jax.random.randint(place_key, (slots,), 0, size)
-    live = jnp.arange(slots) < count
-    chosen = flat[places]
+    # Uniform in (0, 1) from the cheap hashed draws of the select stream
+    # (23 bits: a gap is cut at about 16.6 / rate, which a geometric gap
+    # exceeds with probability 6e-8).
+    (bits,) = select.draw_bits(key, [slots], select.SELECT_STREAM)
+    uniform = select.uniform_from_bits(bits)
+    # Geometric gaps; past the end (size + 1) for a rate of 0.
+    gaps = jnp.floor(jnp.log(uniform) / jnp.log1p(-rate)) + 1
+    gaps = jnp.where(rate > 0, jnp.minimum(gaps, size + 1), size + 1)
+    # Running sums that saturate past the end, so int32 cannot overflow.
+    ends = jax.lax.associative_scan(
+        lambda a, b: jnp.minimum(a + b, size + 1), gaps.astype(jnp.int32))
+    places = ends - 1
+    live = places < size
+    chosen = flat[jnp.minimum(places, size - 1)]
     (new,) = corruption.apply(key, [chosen], [live], [rate])
     return flat.at[jnp.where(live, places, size)].set(
         new, mode="drop").reshape(value.shape)
