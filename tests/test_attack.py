@@ -41,6 +41,10 @@ def test_the_attack_beats_random_flips_of_the_same_budget(setting,
     assert accuracy[0] == float(random.accuracy[0])
     assert accuracy[-1] < accuracy[0] - 0.3
     assert abs(float(random.accuracy[-1]) - accuracy[0]) <= 0.02
+    # No entry is flipped twice (a second flip would undo or repeat).
+    pairs = set(zip(np.asarray(gradient.leaf).tolist(),
+                    np.asarray(gradient.index).tolist()))
+    assert len(pairs) == FLIPS
     # The attack batch's loss rises with every chosen flip.
     loss = np.asarray(gradient.loss)
     assert np.all(np.diff(loss) > 0)
@@ -99,6 +103,8 @@ def test_bad_settings_are_refused(setting):
     model, params, attack, evaluation = setting
     with pytest.raises(ValueError, match="flips must be a positive int"):
         make_bit_search(model, flips=0)
+    with pytest.raises(ValueError, match="candidates must be a positive"):
+        make_bit_search(model, flips=1, candidates=0)
     with pytest.raises(ValueError, match="strategy must be one of"):
         make_bit_search(model, flips=1, strategy="clever")
     with pytest.raises(ValueError, match="unknown format|format"):

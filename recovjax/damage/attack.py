@@ -12,9 +12,10 @@ level. :func:`make_bit_search` builds that attack as one compiled program:
    respect to the (dequantized) weights ranks every candidate bit by the
    first-order change of the loss that flipping it causes,
    ``g * (decode(code ^ bit) - decode(code))``;
-3. each leaf's best candidate is tried for real (the loss on the attack
-   batch with that one flip), and the flip that raises the loss most is
-   made (the in-layer then cross-layer search of the paper);
+3. each leaf's best candidates (``candidates``) are tried for real (the loss on the
+   attack batch with that one flip), and the flip that raises the loss
+   most is made (the in-layer then cross-layer search of the paper); an
+   entry already flipped is not a candidate again;
 4. steps 2-3 repeat ``flips`` times, in a ``lax.scan``.
 
 ``strategy="random"`` flips uniformly drawn bits instead, with the same
@@ -78,8 +79,8 @@ Batch = tuple
 
 def make_bit_search(model, *, flips: int, scope: ScopeLike = "weights",
                     format: str = "int8", granularity: str = "tensor",
-                    strategy: Literal["gradient", "random"] = "gradient"
-                    ) -> Callable[..., BitSearch]:
+                    strategy: Literal["gradient", "random"] = "gradient",
+                    candidates: int = 1) -> Callable[..., BitSearch]:
     """Build the progressive bit search (or its random baseline).
 
     Args:
@@ -93,6 +94,10 @@ def make_bit_search(model, *, flips: int, scope: ScopeLike = "weights",
         granularity: ``"tensor"`` or ``"channel"`` scales.
         strategy: ``"gradient"`` (the attack) or ``"random"`` (uniform
             random bits of the leaves in scope, each flip a fresh draw).
+        candidates: bits per leaf, the best by the first-order estimate,
+            whose flips are tried for real at each step (the paper's
+            in-layer search keeps the top few; each costs a forward pass
+            on the attack batch per leaf and step).
 
     Returns:
         ``search(key, params, attack_batch, eval_batches=None, budget=None)
@@ -111,6 +116,10 @@ def make_bit_search(model, *, flips: int, scope: ScopeLike = "weights",
             or flips < 1:
         raise ValueError(f"flips must be a positive int, got {flips!r}")
     check_choice("strategy", strategy, STRATEGIES)
+    if isinstance(candidates, bool) or not isinstance(
+            candidates, (int, np.integer)) or candidates < 1:
+        raise ValueError(f"candidates must be a positive int, got "
+                         f"{candidates!r}")
     fmt = formats.get_format(format, granularity)
     resolved = parse_scope(scope)
     forward, num_classes = model.forward, model.num_classes
@@ -153,6 +162,7 @@ def make_bit_search(model, *, flips: int, scope: ScopeLike = "weights",
             return evaluate(forward, assemble(codes), eval_batches,
                             num_classes).accuracy
 
+        start = [e.codes for e in encoded]
         bits = jnp.left_shift(jnp.ones((), fmt.layout.uint),
                               jnp.arange(width, dtype=fmt.layout.uint))
 
@@ -167,7 +177,7 @@ def make_bit_search(model, *, flips: int, scope: ScopeLike = "weights",
             grads = jax.grad(lambda values: jnp.mean(cross_entropy(
                 forward(jax.tree.unflatten(treedef, values), images),
                 labels)))(jax.tree.leaves(assemble(codes)))
-            best = []
+            leaf_ids, indices, bit_ids, losses = [], [], [], []
             for position, i in enumerate(chosen):
                 code = codes[position].ravel()
                 base = encoded[position]._replace(codes=codes[position])
@@ -176,18 +186,26 @@ def make_bit_search(model, *, flips: int, scope: ScopeLike = "weights",
                     base._replace(codes=codes[position] ^ b), fmt,
                     jnp.float32).ravel())(bits)            # [width, n]
                 gain = grads[i].ravel().astype(jnp.float32) * (flipped - now)
-                # A flip to NaN or inf has no first-order gain to rank by.
-                gain = jnp.where(jnp.isfinite(gain), gain, -jnp.inf)
-                cell = jnp.argmax(gain.ravel())
-                bit, index = cell // code.size, cell % code.size
-                best.append((index.astype(jnp.int32), bit.astype(jnp.int32)))
-            losses = jnp.stack([loss_of(flip(codes, p, index, bit))
-                                for p, (index, bit) in enumerate(best)])
+                # A flip to NaN or inf has no first-order gain to rank by;
+                # an entry flipped before is not flipped again (a second
+                # flip could only undo or repeat the damage).
+                touched = code != start[position].ravel()
+                gain = jnp.where(jnp.isfinite(gain) & ~touched[None], gain,
+                                 -jnp.inf)
+                count = min(candidates, int(gain.size))
+                _, cells = jax.lax.top_k(gain.ravel(), count)
+                for cell in cells:
+                    index = (cell % code.size).astype(jnp.int32)
+                    bit = (cell // code.size).astype(jnp.int32)
+                    leaf_ids.append(position)
+                    indices.append(index)
+                    bit_ids.append(bit)
+                    losses.append(loss_of(flip(codes, position, index, bit)))
+            losses = jnp.stack(losses)
             losses = jnp.where(jnp.isnan(losses), jnp.inf, losses)
-            leaf = jnp.argmax(losses).astype(jnp.int32)
-            index = jnp.stack([b[0] for b in best])[leaf]
-            bit = jnp.stack([b[1] for b in best])[leaf]
-            return leaf, index, bit
+            best = jnp.argmax(losses)
+            leaf = jnp.asarray(leaf_ids, jnp.int32)[best]
+            return leaf, jnp.stack(indices)[best], jnp.stack(bit_ids)[best]
 
         sizes = np.asarray([int(np.prod(np.shape(leaves[i]))) for i in chosen])
 
@@ -219,7 +237,6 @@ def make_bit_search(model, *, flips: int, scope: ScopeLike = "weights",
             return codes, (leaf, index, bit, loss_of(codes),
                            accuracy_of(codes))
 
-        start = [e.codes for e in encoded]
         codes, (leaf, index, bit, loss, accuracy) = jax.lax.scan(
             step, start, (jax.random.split(key, flips),
                           jnp.arange(flips, dtype=jnp.int32)))
@@ -259,13 +276,14 @@ class BitSearchDamage:
     check_traced = False
 
     def __init__(self, flips: int, scope, format: str, granularity: str,
-                 strategy: str, attack_examples: int):
+                 strategy: str, attack_examples: int, candidates: int = 1):
         if isinstance(attack_examples, bool) or not isinstance(
                 attack_examples, (int, np.integer)) or attack_examples < 1:
             raise ValueError(f"attack_examples must be a positive int, got "
                              f"{attack_examples!r}")
         self.settings = dict(flips=flips, scope=scope, format=format,
-                             granularity=granularity, strategy=strategy)
+                             granularity=granularity, strategy=strategy,
+                             candidates=candidates)
         formats.get_format(format, granularity)
         check_choice("strategy", strategy, STRATEGIES)
         if isinstance(flips, bool) or not isinstance(
@@ -323,14 +341,14 @@ def make_bit_search_damage(flips: int = 30, scope: ScopeLike = "weights", *,
                            format: str = "int8", granularity: str = "tensor",
                            strategy: Literal["gradient", "random"]
                            = "gradient",
-                           attack_examples: int = ATTACK_EXAMPLES
-                           ) -> BitSearchDamage:
+                           attack_examples: int = ATTACK_EXAMPLES,
+                           candidates: int = 1) -> BitSearchDamage:
     """The progressive bit search as a damage kind for sweeps and configs.
 
     Args:
         flips: the largest budget (the scan's length); a point's amount is
             its budget, at most this.
-        scope, format, granularity, strategy: as for
+        scope, format, granularity, strategy, candidates: as for
             :func:`make_bit_search`.
         attack_examples: the attack batch size.
 
@@ -342,7 +360,7 @@ def make_bit_search_damage(flips: int = 30, scope: ScopeLike = "weights", *,
         the entries whose codes changed.
     """
     return BitSearchDamage(flips, scope, format, granularity, strategy,
-                           attack_examples)
+                           attack_examples, candidates)
 
 
 def run_bit_search(search: Callable[..., BitSearch], keys: Array,
