@@ -42,37 +42,44 @@ def point_fn(model, op: DamageOp, metric_fn: MetricFn | None,
     model and operator.
     """
     extra = {"info": model.info} if accepts_info(op) else {}
-    forward, task = model.forward, tasks_lib.general_task(model)
+    task = tasks_lib.general_task(model)
     num_classes = model.num_classes if task is None else None
-    faulty = is_activation_fault(op)
 
     def one(point, shared):
         key, ratio, keep = point
         params, data = shared
         batches, reference = data if outcomes else (data, None)
-        if faulty:
-            # The faulty forward pass (of weights damaged too, for mixed
-            # faults); the clean flag sets the amount to 0 and keeps the
-            # clean weights.
-            amount = jnp.where(keep, 0.0, ratio)
-            apply = op.apply(model, key, amount)
-            chosen = params
-            if hasattr(op, "damage_params"):
-                damaged = op.damage_params(key, params, amount,
-                                           info=model.info)
-                chosen = jax.tree.map(lambda p, d: jnp.where(keep, p, d),
-                                      params, damaged)
-        else:
-            damaged = op(key, params, ratio, **extra).params
-            chosen = jax.tree.map(lambda p, d: jnp.where(keep, p, d),
-                                  params, damaged)
-            apply = forward
+        apply, chosen = _damaged(model, op, extra, key, ratio, keep, params)
         if task is not None:
             return tasks_lib.evaluate_task(task, apply, chosen, batches)
         return evaluate(apply, chosen, batches, num_classes,
                         metric_fn=metric_fn, reference=reference)
 
     return one
+
+
+def _damaged(model, op, extra: dict, key, ratio, keep, params):
+    """``(apply, params)`` of one point: the forward pass and parameters it
+    is evaluated with.
+
+    Parameter damage changes the parameters; activation faults change the
+    forward pass (and, mixed with weight faults, the parameters too). The
+    traced clean flag keeps the clean parameters and, for activation
+    faults, sets the amount to 0, which hits nothing.
+    """
+    def unless_clean(damaged):
+        return jax.tree.map(lambda p, d: jnp.where(keep, p, d), params,
+                            damaged)
+
+    if not is_activation_fault(op):
+        return model.forward, unless_clean(
+            op(key, params, ratio, **extra).params)
+    amount = jnp.where(keep, 0.0, ratio)
+    chosen = params
+    if hasattr(op, "damage_params"):
+        chosen = unless_clean(op.damage_params(key, params, amount,
+                                               info=model.info))
+    return op.apply(model, key, amount), chosen
 
 
 def is_activation_fault(op) -> bool:
@@ -108,25 +115,12 @@ def stream_point_fn(model, op: DamageOp, metric_fn: MetricFn | None):
     :func:`point_fn` over the whole set, in the same order.
     """
     extra = {"info": model.info} if accepts_info(op) else {}
-    forward, num_classes = model.forward, model.num_classes
-    faulty = is_activation_fault(op)
+    num_classes = model.num_classes
 
     def one(point, shared):
         key, ratio, keep, totals = point
         params, block = shared
-        if faulty:
-            amount = jnp.where(keep, 0.0, ratio)
-            apply, chosen = op.apply(model, key, amount), params
-            if hasattr(op, "damage_params"):
-                damaged = op.damage_params(key, params, amount,
-                                           info=model.info)
-                chosen = jax.tree.map(lambda p, d: jnp.where(keep, p, d),
-                                      params, damaged)
-        else:
-            damaged = op(key, params, ratio, **extra).params
-            chosen = jax.tree.map(lambda p, d: jnp.where(keep, p, d),
-                                  params, damaged)
-            apply = forward
+        apply, chosen = _damaged(model, op, extra, key, ratio, keep, params)
         totals = accumulate(apply, chosen, block, num_classes, totals,
                             metric_fn)
         return totals, finish(totals)
