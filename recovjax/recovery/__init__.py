@@ -1,5 +1,8 @@
-"""Recovery strategies: fine-tune, restore, rebuild, distil; and their measures."""
+"""Recovery strategies: fine-tune, restore, rebuild, distil, adapters,
+calibration; and their measures."""
 
+from recovjax.recovery.calibrate import (calibration_layers, correct_biases,
+                                         reconstruct_layers)
 from recovjax.recovery.distill import (distill, distill_loss, make_distill,
                                        teacher_logits)
 from recovjax.recovery.finetune import (MODES, Curve, FinetuneResult,
@@ -7,6 +10,7 @@ from recovjax.recovery.finetune import (MODES, Curve, FinetuneResult,
                                         default_optimizer, finetune,
                                         make_finetune, stack_recover,
                                         trainable_mask)
+from recovjax.recovery.lora import Adapter, make_lora
 from recovjax.recovery.measure import (Cost, PeakMemory, compiled_cost,
                                        peak_memory, recovery_ratio,
                                        recovery_records, samples_to_fraction,
@@ -19,7 +23,7 @@ from recovjax.recovery.registry import (PointStrategy, RecoveryOutcome,
                                         RecoveryTask,
                                         compose, get_strategy, make_task,
                                         register_strategy, strategy_names,
-                                        strategy_options)
+                                        strategy_options, training_schedule)
 from recovjax.recovery.restore import (RestoreResult, check_structure,
                                        damaged_leaf_paths, detect_and_restore,
                                        read_leaves, replace_entries,
@@ -29,6 +33,7 @@ from recovjax.recovery.seed import SeedExperimentResult, run_seed_experiment
 
 __all__ = [
     "MODES",
+    "Adapter",
     "Cost",
     "Curve",
     "FinetuneResult",
@@ -41,9 +46,11 @@ __all__ = [
     "RestoreResult",
     "SeedExperimentResult",
     "budget_weights",
+    "calibration_layers",
     "check_structure",
     "compiled_cost",
     "compose",
+    "correct_biases",
     "damaged_leaf_paths",
     "data_stream",
     "default_optimizer",
@@ -54,10 +61,12 @@ __all__ = [
     "get_strategy",
     "make_distill",
     "make_finetune",
+    "make_lora",
     "make_rebuild",
     "make_task",
     "peak_memory",
     "read_leaves",
+    "reconstruct_layers",
     "rebuild_from_checkpoint",
     "rebuild_reinit",
     "run_seed_experiment",
@@ -78,5 +87,6 @@ __all__ = [
     "strategy_options",
     "teacher_logits",
     "train_step_cost",
+    "training_schedule",
     "trainable_mask",
 ]

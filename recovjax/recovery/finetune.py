@@ -324,6 +324,7 @@ def _check_positive(name: str, value: Any, allow_none: bool = True) -> None:
 
 
 _STEP_STREAM = 0x73746570
+_ADAPTER_STREAM = 0x6c6f7261
 """Folded into the data-order key for the per-step training-mode keys
 (dropout), so they never coincide with the data order's."""
 
@@ -336,7 +337,8 @@ def make_finetune(apply: ApplyFn,
                   num_classes: int = 10,
                   loss: Literal["cross_entropy", "distill"] = "cross_entropy",
                   temperature: float = 1.0, train_mode: Any = None,
-                  task: Any = None) -> Callable[..., FinetuneResult]:
+                  task: Any = None, adapter: Any = None
+                  ) -> Callable[..., FinetuneResult]:
     """Build the pure fine-tuning function for one damaged model.
 
     Args:
@@ -378,6 +380,12 @@ def make_finetune(apply: ApplyFn,
             folded into the batch's ``"mask"``), and ``eval_batches`` are
             the task's stacked batches; curves report the task's
             ``accuracy`` (NaN if it has none) and ``loss``.
+        adapter: an :class:`~recovjax.recovery.lora.Adapter`: the damaged
+            parameters stay frozen and only the adapter's parameters
+            train (drawn from the model's key); the model runs on
+            ``adapter.merge(params, adapter_params)`` throughout, and the
+            result holds the merged parameters. Needs ``mode="all"``;
+            removed units (``frozen``) stay at zero after merging.
 
     Returns:
         ``recover(key, params, mask, images, labels, weights, eval_batches=None,
@@ -425,6 +433,9 @@ def make_finetune(apply: ApplyFn,
     _check_positive("eval_every", eval_every)
     if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
+    if adapter is not None and mode != "all":
+        raise ValueError(f"adapter: an adapter trains its own parameters, so "
+                         f"mode must be 'all', got {mode!r}")
     optimizer = optimizer if optimizer is not None else default_optimizer()
 
     def per_example(logits, targets):
@@ -504,7 +515,10 @@ def make_finetune(apply: ApplyFn,
         indices, batch_weights = indices[:slots], batch_weights[:slots]
         # Mode "all" without structure masks trains everything: skip the
         # masking arithmetic instead of multiplying by ones.
-        trainable = (None if mode == "all" and frozen is None
+        # An adapter's parameters all train; removed units are zeroed
+        # after merging instead.
+        trainable = (None if mode == "all" and (frozen is None
+                                                or adapter is not None)
                      else trainable_mask(mode, params, mask, frozen))
         if frozen is not None:
             params = jax.tree.map(
@@ -512,11 +526,31 @@ def make_finetune(apply: ApplyFn,
                 frozen)
 
         step_root = jax.random.fold_in(key, _STEP_STREAM)
+        if adapter is None:
+            materialize = lambda trained: trained
+        else:
+            # The damaged parameters are a constant of this model's run;
+            # what trains (and what the optimiser's state covers) is the
+            # adapter's parameters.
+            base = params
+            params = adapter.init(jax.random.fold_in(key, _ADAPTER_STREAM),
+                                  base)
+
+            def materialize(trained):
+                merged = adapter.merge(base, trained)
+                if frozen is None:
+                    return merged
+                return jax.tree.map(
+                    lambda p, f: jnp.where(f, jnp.zeros_like(p), p), merged,
+                    frozen)
+
+        def train_objective(trained, *rest):
+            return objective(materialize(trained), *rest)
 
         def update(params, opt_state, state, slot, batch_index,
                    batch_weight):
             (value, state), grads = jax.value_and_grad(
-                objective, has_aux=True)(
+                train_objective, has_aux=True)(
                     params, state, jax.tree.map(lambda a: a[batch_index],
                                                 images),
                     None if labels is None else labels[batch_index],
@@ -560,7 +594,8 @@ def make_finetune(apply: ApplyFn,
 
         def measure(carry):
             params, _, done, samples, _, state = carry
-            accuracy, loss_value = evaluate_with(params, state, eval_batches)
+            accuracy, loss_value = evaluate_with(materialize(params), state,
+                                                 eval_batches)
             return (done, samples, jnp.asarray(accuracy, jnp.float32),
                     jnp.asarray(loss_value, jnp.float32))
 
@@ -606,7 +641,7 @@ def make_finetune(apply: ApplyFn,
             curve = Curve(jnp.zeros((0,), jnp.int32),
                           *(jnp.zeros((0,), jnp.float32),) * 3)
         first_bad = carry[4]
-        return FinetuneResult(params=carry[0], curve=curve,
+        return FinetuneResult(params=materialize(carry[0]), curve=curve,
                               losses=jnp.concatenate(losses),
                               diverged=first_bad >= 0,
                               diverged_step=first_bad, state=carry[5])

@@ -81,12 +81,15 @@ class Prepared(NamedTuple):
         shared: what every model reads (replicated, never copied per point).
         trains: whether it trains (its losses have steps).
         bytes_read: bytes read from the checkpoint files while preparing.
+        trainable: values trained per model (0 for a strategy that does
+            not train).
     """
 
     fn: PointStrategyFn
     shared: Any
     trains: bool
     bytes_read: int
+    trainable: int = 0
 
 
 Candidates = Callable[[str], Sequence[str]]

@@ -25,7 +25,10 @@ re-derived on device, without a stack.
 
 Names: ``finetune``, ``finetune_damaged``, ``finetune_undamaged``,
 ``restore_full``, ``restore_leaves``, ``restore_entries``, ``detect_restore``,
-``rebuild_reinit``, ``rebuild_checkpoint``, ``distill``; ``a+b`` runs ``a``
+``rebuild_reinit``, ``rebuild_checkpoint``, ``distill``, ``recalibrate``,
+``checksum_restore``, ``saturate``, ``lora`` (:mod:`~recovjax.recovery.lora`),
+``reconstruct`` and ``bias_correction``
+(:mod:`~recovjax.recovery.calibrate`), ``lr_rewind``; ``a+b`` runs ``a``
 then ``b`` on its output (:func:`compose`).
 """
 
@@ -46,6 +49,8 @@ import optax
 from recovjax import _checks, runner
 from recovjax._types import (Array, ApplyFn, Batches, Damage, InitFn, Params,
                              PRNGKey, Split)
+from recovjax.recovery import calibrate as calibrate_lib
+from recovjax.recovery import lora as lora_lib
 from recovjax.recovery import points, protect
 from recovjax.recovery import restore as restore_lib
 from recovjax.recovery.distill import make_distill, teacher_logits
@@ -264,6 +269,8 @@ class RecoveryOutcome(NamedTuple):
         seconds: wall time, compilation included.
         state: the models' state after a strategy that trains in training
             mode (leading axis ``M``), or ``None``: the model's own.
+        trainable: values trained per model (0: the strategy does not
+            train; a LoRA recovery trains its adapters only).
     """
 
     params: Params
@@ -275,6 +282,7 @@ class RecoveryOutcome(NamedTuple):
     bytes_read: int
     seconds: float
     state: Any = None
+    trainable: int = 0
 
 
 class Strategy(Protocol):
@@ -347,7 +355,8 @@ def outcome_of(result: points.PointOutcome, prepared: points.Prepared,
         params=params, curve=result.curve, losses=result.losses,
         diverged=result.diverged, diverged_step=result.diverged_step,
         restored_leaves=restored, bytes_read=int(prepared.bytes_read),
-        seconds=seconds, state=result.state)
+        seconds=seconds, state=result.state,
+        trainable=int(prepared.trainable))
 
 
 def _evaluator(task: RecoveryTask) -> points.Evaluator:
@@ -394,20 +403,31 @@ def make_optimizer(optimizer: str | optax.GradientTransformation,
                      "GradientTransformation")
 
 
+def _parameter_count(task: RecoveryTask) -> int:
+    return int(sum(np.prod(leaf.shape, dtype=np.int64)
+                   for leaf in jax.tree.leaves(task._model_shapes)))
+
+
 def _training_strategy(name: str, build: Callable[[RecoveryTask], Callable],
-                       uses_frozen: bool, labels_of: Callable | None = None
+                       uses_frozen: bool, labels_of: Callable | None = None,
+                       trainable_of: Callable[[RecoveryTask], int]
+                       = _parameter_count,
+                       built_for: Callable[[RecoveryTask], Any] | None = None
                        ) -> PointStrategy:
     """A strategy running one fine-tuning function per model.
 
     The function is built once per model and task kind, so tasks that
     differ only in their data share one compiled program.
+    ``trainable_of(task)`` is the number of values it trains per model;
+    ``built_for(task)`` anything else the built function depends on.
     """
     built: dict[Any, points.PointStrategyFn] = {}
 
     def prepare(task: RecoveryTask, candidates) -> points.Prepared:
         del candidates  # trains; reads no checkpoint leaves
         cache_key = (task.apply, task.init, task.num_classes, task.model,
-                     task.general_task)
+                     task.general_task,
+                     None if built_for is None else built_for(task))
         if cache_key not in built:
             recover = build(task)
 
@@ -423,7 +443,7 @@ def _training_strategy(name: str, build: Callable[[RecoveryTask], Callable],
         return points.Prepared(
             fn=built[cache_key],
             shared=(task.images, labels, task.weights, task.eval_batches),
-            trains=True, bytes_read=0)
+            trains=True, bytes_read=0, trainable=trainable_of(task))
 
     return PointStrategy(name, prepare)
 
@@ -500,6 +520,183 @@ def _distill_factory(*, temperature: float = 1.0,
 
     return _training_strategy("distill", build, uses_frozen=False,
                               labels_of=labels_of)
+
+
+def _lora_factory(*, rank: int = lora_lib.DEFAULT_RANK,
+                  alpha: float | None = None, layers: Any = "auto",
+                  optimizer: str | optax.GradientTransformation = "sgd",
+                  learning_rate: float = 1e-3, momentum: float = 0.9,
+                  batch_size: int = DEFAULT_BATCH_SIZE,
+                  epochs: int | None = None, steps: int | None = None,
+                  eval_every: int | None = None, structural: bool = False
+                  ) -> Strategy:
+    """Train low-rank adapters on the frozen damaged kernels, then merge.
+
+    ``rank`` and ``alpha`` (default ``2 * rank``) size the adapters;
+    ``layers`` chooses the kernels (``"auto"``: each kernel its adapter
+    makes smaller, a regex or a list of paths); ``structural`` keeps
+    removed units at zero after merging.
+    """
+    transform = make_optimizer(optimizer, learning_rate, momentum)
+    adapters: dict[Any, lora_lib.Adapter] = {}
+    # Checked now, so that a bad option fails before anything runs.
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+
+    def adapter_of(task: RecoveryTask) -> lora_lib.Adapter:
+        key = task.model
+        if key not in adapters:
+            if task.model is None:
+                raise ValueError("lora: the recovery task has no model, so "
+                                 "its kernels are unknown; build it with "
+                                 "make_task(model, ...)")
+            adapters[key] = lora_lib.make_lora(
+                task._model_shapes, task.model.info, rank=rank, alpha=alpha,
+                layers=layers)
+        return adapters[key]
+
+    def build(task):
+        return make_finetune(task.apply, transform, batch_size=batch_size,
+                             steps=steps, epochs=epochs,
+                             eval_every=eval_every,
+                             num_classes=task.num_classes,
+                             task=task.general_task,
+                             adapter=adapter_of(task))
+
+    return _training_strategy("lora", build, uses_frozen=structural,
+                              trainable_of=lambda task: adapter_of(
+                                  task).trainable)
+
+
+SCHEDULE_NAMES = ("constant", "cosine", "linear")
+"""Learning-rate schedules :func:`training_schedule` builds."""
+
+
+def training_schedule(recipe: dict, steps_per_epoch: int | None = None
+                      ) -> tuple[str, Callable[[Any], Any], int, float | None,
+                                 int | None]:
+    """The pretraining schedule a recipe describes.
+
+    Args:
+        recipe: ``{"optimizer", "learning_rate", "schedule", "total_steps"}``
+            (or ``"epochs"`` with ``steps_per_epoch``), optionally
+            ``"momentum"`` and ``"batch_size"``; the zoo's checkpoints
+            record exactly these (with ``epochs``).
+        steps_per_epoch: optimiser steps per epoch of pretraining, for a
+            recipe that gives ``epochs``.
+
+    Returns:
+        ``(optimizer name, schedule(count) -> learning rate, total steps,
+        momentum, batch size)``.
+
+    Raises:
+        ValueError: a missing or malformed entry (named).
+    """
+    if not isinstance(recipe, dict):
+        raise TypeError(f"schedule must be a dict, got {recipe!r}")
+    optimizer = recipe.get("optimizer", "sgd")
+    if optimizer not in OPTIMIZER_NAMES:
+        raise ValueError(f"schedule.optimizer must be one of "
+                         f"{', '.join(OPTIMIZER_NAMES)}, got {optimizer!r}")
+    rate = recipe.get("learning_rate")
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (
+            rate > 0):
+        raise ValueError(f"schedule.learning_rate must be a positive "
+                         f"number, got {rate!r}")
+    shape = recipe.get("schedule", "constant")
+    if shape not in SCHEDULE_NAMES:
+        raise ValueError(f"schedule.schedule must be one of "
+                         f"{', '.join(SCHEDULE_NAMES)}, got {shape!r}")
+    total = recipe.get("total_steps")
+    if total is None and "epochs" in recipe and steps_per_epoch:
+        total = int(recipe["epochs"]) * int(steps_per_epoch)
+    if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+        raise ValueError(f"schedule.total_steps must be a positive int (or "
+                         f"give epochs and batch_size), got {total!r}")
+    if shape == "cosine":
+        function = optax.cosine_decay_schedule(float(rate), total)
+    elif shape == "linear":
+        function = optax.linear_schedule(float(rate), 0.0, total)
+    else:
+        function = optax.constant_schedule(float(rate))
+    return (optimizer, function, total, recipe.get("momentum"),
+            recipe.get("batch_size"))
+
+
+def _rewound_optimizer(name: str, schedule: Callable[[Any], Any],
+                       start: int, momentum: float | None
+                       ) -> optax.GradientTransformation:
+    rewound = lambda count: schedule(count + start)
+    if name == "sgd":
+        return optax.sgd(rewound, momentum=momentum or None)
+    if name == "adam":
+        return optax.adam(rewound)
+    return optax.adamw(rewound)
+
+
+def _lr_rewind_factory(*, schedule: dict | None = None,
+                       steps: int | None = None, epochs: int | None = None,
+                       rewind_to: int | None = None,
+                       batch_size: int | None = None,
+                       eval_every: int | None = None,
+                       structural: bool = False) -> Strategy:
+    """Retrain with the pretraining schedule rewound (Renda et al. 2020).
+
+    Instead of fine-tuning at a small constant rate, retrain with the
+    optimiser and learning-rate schedule the model was pretrained with,
+    from step ``rewind_to`` of that schedule (default: ``total_steps``
+    minus the retraining steps, so retraining ends where pretraining
+    ended). ``schedule`` describes it (see :func:`training_schedule`);
+    ``None`` reads it from the pretrained checkpoint's metadata, which the
+    zoo records. ``structural`` keeps removed units at zero.
+    """
+    if schedule is not None:
+        training_schedule(schedule, 1)  # checked before anything runs
+    if rewind_to is not None and (isinstance(rewind_to, bool) or not
+                                  isinstance(rewind_to, int) or rewind_to < 0):
+        raise ValueError(f"rewind_to must be a non-negative int, got "
+                         f"{rewind_to!r}")
+
+    def recipe_of(task: RecoveryTask) -> dict:
+        if schedule is not None:
+            return dict(schedule)
+        directory = _need_checkpoint(task, "lr_rewind")
+        from recovjax.checkpoints import read_metadata
+        recorded = read_metadata(directory)
+        if "learning_rate" not in recorded:
+            raise ValueError(
+                f"lr_rewind: the checkpoint {directory} records no training "
+                "schedule; give the strategy schedule={optimizer, "
+                "learning_rate, schedule, total_steps}")
+        return {key: recorded[key] for key in (
+            "optimizer", "learning_rate", "schedule", "total_steps",
+            "epochs", "batch_size", "momentum") if key in recorded}
+
+    def settings(task: RecoveryTask):
+        recipe = recipe_of(task)
+        size = batch_size or recipe.get("batch_size") or DEFAULT_BATCH_SIZE
+        count = int(np.sum(np.asarray(task.weights) > 0))
+        name, function, total, momentum, _ = training_schedule(
+            recipe, -(-count // int(recipe.get("batch_size") or size)))
+        slots = steps
+        if slots is None:
+            slots = (epochs if epochs is not None else 2) * -(-count // size)
+        start = rewind_to if rewind_to is not None else max(total - slots, 0)
+        return name, function, start, momentum, int(size), slots
+
+    def build(task):
+        name, function, start, momentum, size, slots = settings(task)
+        return make_finetune(task.apply, _rewound_optimizer(
+            name, function, start, momentum), batch_size=size, steps=slots,
+            eval_every=eval_every, num_classes=task.num_classes,
+            task=task.general_task)
+
+    def built_for(task):
+        name, _, start, momentum, size, slots = settings(task)
+        return (name, repr(recipe_of(task)), start, momentum, size, slots)
+
+    return _training_strategy("lr_rewind", build, uses_frozen=structural,
+                              built_for=built_for)
 
 
 def _rebuild_reinit_factory(*, optimizer: str | optax.GradientTransformation
@@ -642,6 +839,102 @@ def _recalibrate_factory(*, batch_size: int = DEFAULT_BATCH_SIZE,
     return _training_strategy("recalibrate", build, uses_frozen=False)
 
 
+def _clean_params(task: RecoveryTask, name: str) -> tuple[Params, int]:
+    """The pretrained parameters (the task's teacher, or the checkpoint's)
+    and the bytes read for them."""
+    if task.teacher is not None:
+        return task.teacher, 0
+    names = sorted(restore_lib._flat(task._model_shapes))
+    values, bytes_read = points.read_checkpoint(task, names, name)
+    structure = jax.tree.structure(task._model_shapes)
+    from recovjax.models.info import paths_of
+    return jax.tree.unflatten(structure, [
+        values[path] for path in paths_of(task._model_shapes)]), bytes_read
+
+
+def _calibration_strategy(name: str, calibration: int,
+                          correct: Callable[..., Params]) -> PointStrategy:
+    """A strategy changing each model from clean layer outputs.
+
+    ``correct(key, model, params, mask, inputs, targets, layers)`` gives
+    one model's new parameters; the clean outputs are computed once per
+    task, on its first ``calibration`` kept inputs.
+    """
+    calibrate_lib.calibration_inputs(jnp.zeros((calibration,)),
+                                     np.ones(calibration), calibration)
+    built: dict[Any, tuple[points.PointStrategyFn, Any]] = {}
+
+    def prepare(task: RecoveryTask, candidates) -> points.Prepared:
+        del candidates  # reads the whole clean model
+        if task.model is None:
+            raise ValueError(f"{name}: the recovery task has no model, so "
+                             "its layers are unknown; build it with "
+                             "make_task(model, ...)")
+        inputs = calibrate_lib.calibration_inputs(task.inputs(), task.weights,
+                                                  calibration)
+        clean, bytes_read = _clean_params(task, name)
+        cache_key = (task.model, jax.tree.structure(inputs), tuple(
+            (a.shape, a.dtype) for a in jax.tree.leaves(inputs)))
+        if cache_key not in built:
+            model = task.model
+            layers = calibrate_lib.calibration_layers(
+                model, task._model_shapes, inputs)
+            evaluator = _evaluator(task)
+
+            def fn(key, params, mask, shared):
+                inputs, targets, eval_batches = shared
+                new = correct(key, model, params, mask, inputs, targets,
+                              layers)
+                return points.untrained(evaluator, new, eval_batches, {})
+
+            built[cache_key] = (fn, layers)
+        fn, layers = built[cache_key]
+        targets = calibrate_lib.clean_outputs(task.model, clean, inputs,
+                                              layers)
+        return points.Prepared(fn=fn, shared=(inputs, targets,
+                                              task.eval_batches),
+                               trains=False, bytes_read=bytes_read)
+
+    return PointStrategy(name, prepare)
+
+
+def _bias_correction_factory(*, calibration: int =
+                             calibrate_lib.DEFAULT_CALIBRATION) -> Strategy:
+    """Shift every layer's bias by its mean output shift (no labels)."""
+
+    def correct(key, model, params, mask, inputs, targets, layers):
+        del key, mask  # deterministic; corrects every bias
+        return calibrate_lib.correct_biases(model, params, inputs, targets,
+                                            layers)
+
+    return _calibration_strategy("bias_correction", calibration, correct)
+
+
+def _reconstruct_factory(*, calibration: int =
+                         calibrate_lib.DEFAULT_CALIBRATION,
+                         damping: float = calibrate_lib.DEFAULT_DAMPING,
+                         iterations: int = calibrate_lib.DEFAULT_ITERATIONS
+                         ) -> Strategy:
+    """Solve each layer's surviving weights to reproduce its clean outputs
+    on ``calibration`` unlabelled examples (ridge ``damping``, conjugate
+    gradients for at most ``iterations`` steps per layer)."""
+    if isinstance(damping, bool) or not isinstance(
+            damping, (int, float)) or not damping > 0:
+        raise ValueError(f"damping must be a positive number, got "
+                         f"{damping!r}")
+    if isinstance(iterations, bool) or not isinstance(
+            iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be a positive int, got "
+                         f"{iterations!r}")
+
+    def correct(key, model, params, mask, inputs, targets, layers):
+        return calibrate_lib.reconstruct_layers(
+            key, model, params, mask, inputs, targets, layers,
+            damping=float(damping), iterations=iterations)
+
+    return _calibration_strategy("reconstruct", calibration, correct)
+
+
 _FACTORIES: dict[str, Callable[..., Strategy]] = {
     "finetune": _finetune_factory("all"),
     "finetune_damaged": _finetune_factory("damaged"),
@@ -656,6 +949,10 @@ _FACTORIES: dict[str, Callable[..., Strategy]] = {
     "rebuild_checkpoint": _restore_entries_factory("rebuild_checkpoint"),
     "distill": _distill_factory,
     "recalibrate": _recalibrate_factory,
+    "lora": _lora_factory,
+    "bias_correction": _bias_correction_factory,
+    "reconstruct": _reconstruct_factory,
+    "lr_rewind": _lr_rewind_factory,
 }
 BUILT_IN = tuple(_FACTORIES)
 """The strategies recovjax ships."""
@@ -757,7 +1054,8 @@ def compose(*strategies: Strategy) -> Strategy:
                                      trains),
                 shared=tuple(stage.shared for stage in stages),
                 trains=any(trains),
-                bytes_read=sum(stage.bytes_read for stage in stages))
+                bytes_read=sum(stage.bytes_read for stage in stages),
+                trainable=max(stage.trainable for stage in stages))
 
         return PointStrategy("+".join(stage.__name__ for stage in strategies),
                              prepare)
@@ -783,7 +1081,8 @@ def compose(*strategies: Strategy) -> Strategy:
             restored_leaves=tuple(sorted({leaf for o in outcomes
                                           for leaf in o.restored_leaves})),
             bytes_read=sum(o.bytes_read for o in outcomes),
-            seconds=sum(o.seconds for o in outcomes))
+            seconds=sum(o.seconds for o in outcomes),
+            trainable=max(o.trainable for o in outcomes))
 
     return composed
 
