@@ -83,6 +83,10 @@ class Prepared(NamedTuple):
         bytes_read: bytes read from the checkpoint files while preparing.
         trainable: values trained per model (0 for a strategy that does
             not train).
+        redamages: whether ``fn`` damages the model again itself, in
+            stages (an iterative schedule): it is then called as ``fn(key,
+            params, mask, shared, stages=Stages(...))`` and runs only where
+            the damage operator is known (:func:`recover_damage`).
     """
 
     fn: PointStrategyFn
@@ -90,6 +94,21 @@ class Prepared(NamedTuple):
     trains: bool
     bytes_read: int
     trainable: int = 0
+    redamages: bool = False
+
+
+class Stages(NamedTuple):
+    """What a strategy that damages in stages gets for one point.
+
+    Attributes:
+        clean: the pretrained parameters.
+        damage_at: ``damage_at(params, fraction) -> Damage``: the point's
+            damage operator, with the point's damage key, applied to
+            ``params`` at ``fraction`` of the point's amount.
+    """
+
+    clean: Params
+    damage_at: Callable[[Params, Any], Damage]
 
 
 Candidates = Callable[[str], Sequence[str]]
@@ -324,7 +343,17 @@ def _stacked_point(fn: PointStrategyFn) -> runner.PointFn:
 def run_stacked(prepared: Prepared, keys: PRNGKey, params: Params,
                 mask: Mask, *, group_size: int = 1,
                 devices: Sequence[Any] | None = None) -> PointOutcome:
-    """Run a prepared strategy on a stack of damaged models (leading axis)."""
+    """Run a prepared strategy on a stack of damaged models (leading axis).
+
+    Raises:
+        ValueError: for a strategy that damages in stages (it needs the
+            damage operator: :func:`recover_damage`).
+    """
+    if prepared.redamages:
+        raise ValueError("this strategy damages the model again in stages, "
+                         "so it needs the damage operator: run it with "
+                         "recover_damage(strategy, task, op, params, ...) or "
+                         "from a config")
     program = runner.map_points(_stacked_point(prepared.fn),
                                 group_size=group_size, devices=devices)
     return program((keys, params, _as_bool(mask)), prepared.shared)
@@ -350,7 +379,8 @@ def _damage_call(op: Callable, info: Any) -> Callable:
 
 
 def _damaged_point(fn: PointStrategyFn, op: Callable, info: Any,
-                   return_params: bool) -> runner.PointFn:
+                   return_params: bool, redamages: bool = False
+                   ) -> runner.PointFn:
     """The runner's unit: damage one model on device, then recover it."""
     def build():
         damage_of = _damage_call(op, info)
@@ -359,14 +389,23 @@ def _damaged_point(fn: PointStrategyFn, op: Callable, info: Any,
             damage_key, amount, key = point
             params, strategy_shared = shared
             damage = damage_of(damage_key, params, amount)
+            extra = {}
+            if redamages:
+                def damage_at(current, fraction):
+                    scaled = jax.tree.map(lambda a: a * fraction, amount)
+                    found = damage_of(damage_key, current, scaled)
+                    return Damage(found.params, _as_bool(found.mask))
+
+                extra = {"stages": Stages(params, damage_at)}
             outcome = fn(key, damage.params, _as_bool(damage.mask),
-                         strategy_shared)
+                         strategy_shared, **extra)
             return outcome if return_params else outcome._replace(
                 params=None)
 
         return one
 
-    return _cached(("recover", fn, op, id(info), return_params), info, build)
+    return _cached(("recover", fn, op, id(info), return_params, redamages),
+                   info, build)
 
 
 def _touched_point(op: Callable, info: Any) -> runner.PointFn:
@@ -470,7 +509,8 @@ def recover_damage(strategy: Any, task: Any, op: Callable, params: Params,
 
     prepared = prepare(task, candidates)
     program = runner.map_points(
-        _damaged_point(prepared.fn, op, info, return_params),
+        _damaged_point(prepared.fn, op, info, return_params,
+                       prepared.redamages),
         group_size=group_size, devices=devices, model_devices=model_devices,
         partition=partition)
     result = jax.block_until_ready(program(
@@ -479,6 +519,6 @@ def recover_damage(strategy: Any, task: Any, op: Callable, params: Params,
 
 
 __all__ = ["Candidates", "Evaluator", "PointOutcome", "PointStrategyFn", "Prepared",
-           "compose_fn", "differing_leaves", "read_checkpoint",
+           "Stages", "compose_fn", "differing_leaves", "read_checkpoint",
            "recover_damage", "restore_fn", "run_stacked", "static_curve",
            "touched_leaves", "trained", "untrained"]

@@ -699,6 +699,117 @@ def _lr_rewind_factory(*, schedule: dict | None = None,
                               built_for=built_for)
 
 
+def cubic_fractions(stages: int) -> tuple[float, ...]:
+    """Gradual pruning's schedule (Zhu & Gupta 2017): the fraction of the
+    final amount after stage ``t`` of ``n`` is ``1 - (1 - t / n) ** 3``."""
+    return tuple(1.0 - (1.0 - t / stages) ** 3 for t in range(1, stages + 1))
+
+
+def _iterative_factory(*, then: str = "finetune_undamaged",
+                       stages: int = 4,
+                       fractions: list[float] | tuple[float, ...] | None
+                       = None,
+                       optimizer: str | optax.GradientTransformation = "sgd",
+                       learning_rate: float = 1e-3, momentum: float = 0.9,
+                       batch_size: int = DEFAULT_BATCH_SIZE,
+                       epochs: int | None = None, steps: int | None = None,
+                       eval_every: int | None = None,
+                       structural: bool = False) -> Strategy:
+    """Damage and recover in cycles, up to the point's amount.
+
+    Stage ``k`` applies the point's damage operator (with the point's
+    damage key) to the model the previous stage recovered, at
+    ``fractions[k]`` of the amount, then recovers it with ``then`` (its
+    budget per stage: ``steps`` or ``epochs``); the last fraction is 1.
+    Magnitude pruning so becomes Han et al.'s prune-retrain cycles (50 % ->
+    retrain -> 70 % -> ...) with ``fractions``, or gradual pruning's cubic
+    schedule over ``stages`` stages (:func:`cubic_fractions`, the
+    default). The default ``then`` retrains only the surviving weights, so
+    what a stage pruned stays pruned. The curve runs over all the stages'
+    steps.
+    """
+    if fractions is None:
+        if isinstance(stages, bool) or not isinstance(stages, int) or (
+                stages < 1):
+            raise ValueError(f"stages must be a positive int, got "
+                             f"{stages!r}")
+        fractions = cubic_fractions(stages)
+    else:
+        fractions = tuple(float(f) for f in fractions)
+        if not fractions or any(not 0 < f <= 1 for f in fractions) or any(
+                b < a for a, b in zip(fractions, fractions[1:])):
+            raise ValueError(f"fractions must be non-decreasing fractions of "
+                             f"the amount in (0, 1], got {list(fractions)}")
+        if fractions[-1] != 1.0:
+            fractions = fractions + (1.0,)
+    if "+" in then or then == "iterative":
+        raise ValueError(f"then: one strategy recovers each stage, got "
+                         f"{then!r}")
+    inner_options = dict(optimizer=optimizer, learning_rate=learning_rate,
+                         momentum=momentum, batch_size=batch_size,
+                         epochs=epochs, steps=steps, eval_every=eval_every,
+                         structural=structural)
+    accepted = _options_of(then) if then in _FACTORIES else set()
+    if then not in _FACTORIES:
+        strategy_factory(then)  # the error lists the valid names
+    inner = _FACTORIES[then](**{k: v for k, v in inner_options.items()
+                                if k in accepted and (v is not None or k in (
+                                    "epochs", "steps", "eval_every"))})
+    if not isinstance(inner, PointStrategy):
+        raise ValueError(f"then: {then!r} has no point form, so it cannot "
+                         "recover the stages of one program")
+    built: dict[Any, points.PointStrategyFn] = {}
+
+    def prepare(task: RecoveryTask, candidates) -> points.Prepared:
+        stage = inner.prepare(task, lambda kind: sorted(
+            restore_lib._flat(task._model_shapes)))
+        if stage.fn not in built:
+            built[stage.fn] = _stages_fn(stage.fn, fractions)
+        return points.Prepared(fn=built[stage.fn], shared=stage.shared,
+                               trains=stage.trains,
+                               bytes_read=stage.bytes_read,
+                               trainable=stage.trainable, redamages=True)
+
+    return PointStrategy("iterative", prepare)
+
+
+def _stages_fn(fn: points.PointStrategyFn, fractions: tuple[float, ...]
+               ) -> Callable:
+    def staged(key, params, mask, shared, stages: points.Stages):
+        del params, mask  # the one-shot damage; the stages damage afresh
+        current, outcomes = stages.clean, []
+        for index, fraction in enumerate(fractions):
+            damage = stages.damage_at(current, fraction)
+            outcome = fn(jax.random.fold_in(key, index), damage.params,
+                         damage.mask, shared)
+            outcomes.append(outcome)
+            current = outcome.params
+        # One curve over every stage's steps; a stage's first point (its
+        # freshly damaged model) shows the dip of each cycle.
+        offsets, done = [], jnp.int32(0)
+        samples = jnp.float32(0)
+        for outcome in outcomes:
+            offsets.append((done, samples))
+            if outcome.curve.steps.shape[0]:
+                done = done + outcome.curve.steps[-1]
+                samples = samples + outcome.curve.samples[-1]
+        curve = Curve(*(jnp.concatenate(parts) for parts in zip(*[
+            (o.curve.steps + d, o.curve.samples + s, o.curve.accuracy,
+             o.curve.loss) for o, (d, s) in zip(outcomes, offsets)])))
+        steps = [o.losses.shape[-1] for o in outcomes]
+        first = jnp.int32(-1)
+        for outcome, start in zip(outcomes, np.cumsum([0] + steps[:-1])):
+            first = jnp.where((first < 0) & (outcome.diverged_step >= 0),
+                              outcome.diverged_step + int(start), first)
+        return points.PointOutcome(
+            params=current, curve=curve,
+            losses=jnp.concatenate([o.losses for o in outcomes]),
+            diverged=first >= 0, diverged_step=first, restored={},
+            state=outcomes[-1].state)
+
+    return staged
+
+
 def _rebuild_reinit_factory(*, optimizer: str | optax.GradientTransformation
                             = "sgd", learning_rate: float = 1e-3,
                             momentum: float = 0.9,
@@ -953,6 +1064,7 @@ _FACTORIES: dict[str, Callable[..., Strategy]] = {
     "bias_correction": _bias_correction_factory,
     "reconstruct": _reconstruct_factory,
     "lr_rewind": _lr_rewind_factory,
+    "iterative": _iterative_factory,
 }
 BUILT_IN = tuple(_FACTORIES)
 """The strategies recovjax ships."""
@@ -1047,6 +1159,10 @@ def compose(*strategies: Strategy) -> Strategy:
                     task._model_shapes)) if kind == "bits"
                     else candidates(kind)) if trained_before else candidates
                 stages.append(stage.prepare(task, seen))
+                if stages[-1].redamages:
+                    raise ValueError(f"{stage.__name__}: a strategy that "
+                                     "damages in stages cannot be composed "
+                                     "with others")
                 trained_before = trained_before or stages[-1].trains
             trains = tuple(stage.trains for stage in stages)
             return points.Prepared(
