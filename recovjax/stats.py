@@ -301,6 +301,11 @@ def mean_interval(values: Iterable[float], *, examples: int | None = None,
                           seed=seed)
 
 
+def thousands(count: int) -> str:
+    """``count`` with a space between thousands (``"10 000"``)."""
+    return f"{int(count):,}".replace(",", " ")
+
+
 def describe_method(methods: Iterable[str], *,
                     examples: int | None = None,
                     confidence: float = CONFIDENCE,
@@ -323,7 +328,7 @@ def describe_method(methods: Iterable[str], *,
     parts = []
     if BOOTSTRAP in methods:
         parts.append(f"{level} bootstrap percentile interval of the mean "
-                     f"over seeds ({resamples:,} resamples)".replace(",", " "))
+                     f"over seeds ({thousands(resamples)} resamples)")
     if WILSON in methods:
         count = "the" if examples is None else f"the {examples}"
         parts.append(f"{level} Wilson score interval over {count} test "
@@ -486,4 +491,4 @@ __all__ = ["BOOTSTRAP", "CONFIDENCE", "CensoredMedian", "Interval",
            "SEED", "WILSON", "bootstrap_mean", "censored_median",
            "describe_method", "mean_interval", "noise_floor",
            "normal_quantile", "paired_difference", "recovery_ratio",
-           "wilson_interval"]
+           "thousands", "wilson_interval"]
