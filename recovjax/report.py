@@ -16,6 +16,16 @@ Every plot and table shows one *headline metric* (a :class:`Headline`):
 ``accuracy`` (higher is better, shown in %) for classifiers, ``perplexity``
 (lower is better, a plain number) for language models, or any metric the
 caller names together with its direction.
+
+Statistics come from :mod:`recovjax.stats`, and each table says which it
+uses: values are ``mean [low, high]`` with the 95 % bootstrap percentile
+interval of the mean over seeds (or, for one seed's accuracy, the Wilson
+score interval over the ``test_examples`` that the results metadata
+record), so an interval never leaves the metric's range. Strategies are
+compared paired by seed ("Paired comparisons"); recovery ratios and steps to
+95 / 99 % of clean are per damage kind and amount ("Recovery"), a ratio
+undefined where the damage is within the clean model's test noise and a
+step median counting the models that never reach the level.
 """
 
 from __future__ import annotations
