@@ -38,6 +38,7 @@ from recovjax.pretrain import Pretrained, load_pretrained
 from recovjax.recovery import (RecoveryTask, finetune, get_strategy,
                                make_task, recover_damage, recovery_ratio,
                                register_strategy, strategy_names)
+from recovjax import stats
 from recovjax.results import ResultsTable, read_csv, read_json, summarize
 from recovjax.sensitivity import SensitivityResult, sensitivity
 from recovjax.sweep import SweepResult, damage_point, sweep
@@ -106,6 +107,7 @@ __all__ = [
     "run_experiment",
     "save_checkpoint",
     "save_pretrained",
+    "stats",
     "strategy_names",
     "stream_dataset",
     "summarize",

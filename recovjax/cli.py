@@ -88,7 +88,13 @@ def _run(args: argparse.Namespace, config) -> int:
 
 def _summary(table) -> str:
     """A few lines a person reads at the end of a run."""
-    from recovjax.report import headline_metric, mean_ci
+    from recovjax.report import headline_metric
+    from recovjax.stats import mean_interval
+
+    def mean(values) -> float:
+        values = list(values)
+        return mean_interval(values).estimate if values else float("nan")
+
     lines = []
     headline = headline_metric(table.rows)
     clean = table.select(stage="clean", metric=headline.name)
@@ -108,16 +114,15 @@ def _summary(table) -> str:
         ratios = sorted({r["ratio"] for r in table.select(damage=kind,
                                                           stage="damaged")})
         for ratio in ratios:
-            cells = [mean_ci([r["value"] for r in table.select(
+            cells = [mean([r["value"] for r in table.select(
                 damage=kind, ratio=ratio, stage="damaged",
-                metric=headline.name)])[0]]
+                metric=headline.name)])]
             for stage in stages:
                 rows = table.select(damage=kind, ratio=ratio, stage=stage,
                                     metric=headline.name)
                 last = max((r["step"] for r in rows), default=None)
-                cells.append(mean_ci([r["value"] for r in rows
-                                      if r["step"] == last])[0]
-                             if rows else float("nan"))
+                cells.append(mean([r["value"] for r in rows
+                                   if r["step"] == last]))
             unit = headline.unit[:1]  # "%" or none
             narrow = len(unit)
             lines.append(f"{kind:<22}{ratio:>9g}"

@@ -164,6 +164,18 @@ class Experiment:
         return self._batches
 
     @property
+    def test_examples(self) -> int | None:
+        """The number of test examples each model is evaluated on, or
+        ``None`` for a task (its metrics need not be fractions of examples:
+        token accuracies, perplexities)."""
+        if self.task is not None:
+            return None
+        if self.stream is not None:
+            return int(self.stream.num_examples)
+        # Padding in the last batch is masked out of every metric.
+        return int(np.asarray(self.batches.mask).astype(bool).sum())
+
+    @property
     def headline(self) -> tuple[str, bool]:
         """The metric reports lead with, and whether higher is better."""
         if self.task is None:
@@ -343,7 +355,7 @@ def _derived_rows(task, curve, points, stage, label) -> list[dict]:
 
 
 def _recovery_rows(outcome, points, count, *, label, strategy, clean,
-                   damaged, task=None) -> list[dict]:
+                   damaged, task=None, examples=None) -> list[dict]:
     host = jax.device_get(outcome)
     trimmed = host._replace(
         curve=jax.tree.map(lambda x: np.asarray(x)[:count], host.curve),
@@ -355,7 +367,8 @@ def _recovery_rows(outcome, points, count, *, label, strategy, clean,
         trimmed, damage=label, ratios=ratios, seeds=seeds,
         clean_accuracy=clean,
         damaged_accuracy=[damaged.get((label, ratio, seed), math.nan)
-                          for _, ratio, seed in points])
+                          for _, ratio, seed in points],
+        examples=examples)
     stage = f"recovered/{strategy}"
     derived = _derived_rows(task, trimmed.curve, points, stage, label)
     return [dict(row, stage=stage) for row in rows
@@ -512,7 +525,8 @@ def run_experiment(config: config_lib.ExperimentConfig,
                         part_rows = _recovery_rows(
                             outcome, group, len(group), label=label,
                             strategy=tag, clean=clean_accuracy,
-                            damaged=damaged_accuracy, task=experiment.task)
+                            damaged=damaged_accuracy, task=experiment.task,
+                            examples=experiment.test_examples)
                         run.write_part(name, part_rows)
                         trained = outcome.losses.shape[-1] > 0
                         costs["recovery"].append({
@@ -536,8 +550,9 @@ def run_experiment(config: config_lib.ExperimentConfig,
         _sync("recovjax-finished")
         return ResultsTable(rows=rows, config=config_lib.to_dict(config),
                             root_seed=config.seed, versions=_versions(),
-                            device_kind=_device_kind())
-    table = _write_results(run, rows, config)
+                            device_kind=_device_kind(),
+                            test_examples=experiment.test_examples)
+    table = _write_results(run, rows, config, experiment.test_examples)
     run.write("costs.json", json.dumps(_all_costs(run), indent=1,
                                        sort_keys=True))
     _sync("recovjax-finished")
@@ -545,7 +560,8 @@ def run_experiment(config: config_lib.ExperimentConfig,
     metric, higher_is_better = experiment.headline
     write_report(run.path, table.rows, threshold=config.report.threshold,
                  title=config.name, metric=metric,
-                 higher_is_better=higher_is_better)
+                 higher_is_better=higher_is_better,
+                 test_examples=table.test_examples)
     return table
 
 
@@ -596,12 +612,14 @@ class _SharedRun:
 
 
 def _write_results(run: RunDirectory, rows: list[dict],
-                   config: config_lib.ExperimentConfig) -> ResultsTable:
+                   config: config_lib.ExperimentConfig,
+                   test_examples: int | None = None) -> ResultsTable:
     """The tidy table, as ``results.csv`` and ``results.json``, and
-    ``env.json``."""
+    ``env.json``; ``test_examples`` goes into their metadata."""
     table = ResultsTable(
         rows=rows, config=config_lib.to_dict(config), root_seed=config.seed,
-        versions=_versions(), device_kind=_device_kind())
+        versions=_versions(), device_kind=_device_kind(),
+        test_examples=test_examples)
     table.to_csv(run.path / "results.csv")
     table.to_json(run.path / "results.json")
     run.write("env.json", json.dumps(environment(), indent=1, sort_keys=True))
@@ -689,10 +707,11 @@ def run_sensitivity(config: config_lib.ExperimentConfig,
             damage_name=label, batch_size=config.evaluate.batch_size)
         rows.extend(row for row in result.table.rows
                     if row["stage"] != "clean" or position == 0)
-    table = _write_results(run, rows, config)
+    table = _write_results(run, rows, config, experiment.test_examples)
     from recovjax.report import write_report
     metric, higher_is_better = experiment.headline
     write_report(run.path, table.rows, threshold=config.report.threshold,
                  title=config.name, metric=metric,
-                 higher_is_better=higher_is_better)
+                 higher_is_better=higher_is_better,
+                 test_examples=table.test_examples)
     return table

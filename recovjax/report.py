@@ -16,6 +16,16 @@ Every plot and table shows one *headline metric* (a :class:`Headline`):
 ``accuracy`` (higher is better, shown in %) for classifiers, ``perplexity``
 (lower is better, a plain number) for language models, or any metric the
 caller names together with its direction.
+
+Statistics come from :mod:`recovjax.stats`, and each table says which it
+uses: values are ``mean [low, high]`` with the 95 % bootstrap percentile
+interval of the mean over seeds (or, for one seed's accuracy, the Wilson
+score interval over the ``test_examples`` that the results metadata
+record), so an interval never leaves the metric's range. Strategies are
+compared paired by seed ("Paired comparisons"); recovery ratios and steps to
+95 / 99 % of clean are per damage kind and amount ("Recovery"), a ratio
+undefined where the damage is within the clean model's test noise and a
+step median counting the models that never reach the level.
 """
 
 from __future__ import annotations
@@ -30,9 +40,9 @@ from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
+from recovjax import stats
 from recovjax._io import atomic_write, read_json_file
 from recovjax.results import _natural as _natural_key
-from recovjax.results import t_quantile
 
 RECOVERED = "recovered/"
 
@@ -177,18 +187,46 @@ def headline_metric(rows: Iterable[dict], metric: str | None = None,
                     higher_is_better=higher_is_better)
 
 
-def mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
-    """``(mean, std, half-width of the 95 % CI)``; NaN-aware for the mean."""
-    array = np.asarray(list(values), dtype=np.float64)
-    if array.size == 0:
-        return math.nan, math.nan, math.nan
-    mean = float(np.mean(array))
-    if array.size == 1:
-        return mean, 0.0, math.nan
-    with np.errstate(invalid="ignore"):  # inf - inf: the spread is NaN
-        std = float(np.std(array, ddof=1))
-    half = t_quantile(0.975, array.size - 1) * std / math.sqrt(array.size)
-    return mean, std, half
+def value_interval(headline: Headline, values: Sequence[float],
+                   examples: int | None = None) -> stats.Interval:
+    """The interval a report shows for ``values`` (one per seed).
+
+    The bootstrap percentile interval of the mean over seeds; for one seed
+    of an accuracy with a known test-set size, the Wilson score interval
+    over the test examples (see :func:`recovjax.stats.mean_interval`).
+
+    Args:
+        headline: the metric the values are.
+        values: one value per seed (at least one).
+        examples: the test-set size, used only for accuracy.
+
+    Returns:
+        The :class:`~recovjax.stats.Interval`.
+    """
+    return stats.mean_interval(
+        values, examples=examples if headline.name == "accuracy" else None)
+
+
+def show_interval(headline: Headline, interval: stats.Interval) -> str:
+    """``"80.00 [79.10, 80.90]"``; the estimate alone without an interval."""
+    shown = headline.show(interval.estimate)
+    if math.isnan(interval.low) or math.isnan(interval.high):
+        return shown
+    return (f"{shown} [{headline.show(interval.low)}, "
+            f"{headline.show(interval.high)}]")
+
+
+def log_amounts(amounts: Iterable[float]) -> bool:
+    """Whether amounts are best shown on a log axis.
+
+    All above 0 and the largest at least 10 times the smallest, so that they
+    reach into a second decade (bit-flip rates 1e-6 .. 3e-5, whose small
+    values a linear axis would crush against 0); amounts such as 0.1 .. 0.5
+    stay linear.
+    """
+    values = [float(a) for a in amounts]
+    return bool(values) and min(values) > 0 and max(values) >= 10 * min(
+        values)
 
 
 def _group(rows: Iterable[dict], keys: Sequence[str]) -> dict[tuple, list]:
@@ -275,14 +313,21 @@ def _curve_by_ratio(rows, kind, strategy, headline: Headline):
 
 
 def plot_metric_vs_ratio(rows, path: pathlib.Path,
-                         headline: Headline = ACCURACY
+                         headline: Headline = ACCURACY, *,
+                         examples: int | None = None
                          ) -> pathlib.Path | None:
     """The metric against damage amount, one panel per damage kind.
+
+    Each stage (damaged, every strategy) is a line through the means over
+    seeds with its interval band (:func:`value_interval`) and every seed's
+    value as a point on top. A kind whose amounts are all above 0 and span
+    at least 2 decades gets a log x axis (:func:`log_amounts`).
 
     Args:
         rows: final results rows (see :func:`final_rows`).
         path: the PNG to write.
         headline: the metric to plot.
+        examples: the test-set size (Wilson bands of one-seed accuracies).
 
     Returns:
         ``path``, or ``None`` (nothing written) when no row is damaged.
@@ -297,8 +342,10 @@ def plot_metric_vs_ratio(rows, path: pathlib.Path,
     figure, axes = plt.subplots(lines, columns, squeeze=False,
                                 figsize=(4.6 * columns, 3.6 * lines))
     stages = ["damaged"] + [RECOVERED + s for s in _strategies(rows)]
+    methods: set[str] = set()
     for axis, kind in zip(axes.flat, kinds):
         means = [] if clean is None else [headline.scale * clean]
+        amounts = set()
         for stage in stages:
             points = _select(rows, damage=kind, stage=stage,
                              metric=headline.name)
@@ -306,20 +353,32 @@ def plot_metric_vs_ratio(rows, path: pathlib.Path,
                 continue
             groups = sorted(_group(points, ["ratio"]).items())
             ratios = np.asarray([ratio for (ratio,), _ in groups])
-            stats = np.asarray([mean_ci([r["value"] for r in group])
-                                for _, group in groups])
+            amounts.update(ratios.tolist())
+            intervals = [value_interval(headline,
+                                        [r["value"] for r in group], examples)
+                         for _, group in groups]
+            methods.update(i.method for i in intervals)
             label = "damaged" if stage == "damaged" else stage[len(RECOVERED):]
-            means.extend(_shown(headline, stats[:, 0]))
-            axis.plot(ratios, means[-len(ratios):], marker="o", ms=3,
-                      label=label)
-            half = np.nan_to_num(stats[:, 2])
-            axis.fill_between(ratios, _shown(headline, stats[:, 0] - half),
-                              _shown(headline, stats[:, 0] + half), alpha=0.2)
+            shown = _shown(headline, [i.estimate for i in intervals])
+            means.extend(shown)
+            (line,) = axis.plot(ratios, shown, marker="o", ms=3, label=label)
+            axis.fill_between(ratios, _shown(headline, [i.low for i in intervals]),
+                              _shown(headline, [i.high for i in intervals]),
+                              color=line.get_color(), alpha=0.2)
+            seeds_x = [ratio for (ratio,), group in groups for _ in group]
+            seeds_y = _shown(headline, [r["value"] for _, group in groups
+                                        for r in group])
+            axis.scatter(seeds_x, seeds_y, s=9, color=line.get_color(),
+                         alpha=0.6, edgecolors="none", zorder=3)
         if clean is not None and math.isfinite(clean):
             axis.axhline(headline.scale * clean, color="grey", ls="--", lw=1,
                          label="clean")
         axis.set_title(kind)
-        axis.set_xlabel("damage amount (ratio / rate / scale)")
+        if log_amounts(amounts):
+            axis.set_xscale("log")
+            axis.set_xlabel("damage amount (log scale)")
+        else:
+            axis.set_xlabel("damage amount (ratio / rate / scale)")
         _set_value_axis(axis, headline, means)
         axis.grid(alpha=0.3)
     for axis in list(axes.flat)[len(kinds):]:
@@ -327,8 +386,10 @@ def plot_metric_vs_ratio(rows, path: pathlib.Path,
     # Damage moves the curves toward worse: keep the legend on that side.
     axes.flat[0].legend(fontsize=7, loc="lower left" if
                         headline.higher_is_better else "upper left")
-    figure.suptitle(f"{headline.title} vs damage (mean over seeds, 95 % CI "
-                    "band)")
+    band = ("Wilson band over test examples"
+            if methods == {stats.WILSON} else "95 % interval band")
+    figure.suptitle(f"{headline.title} vs damage (mean over seeds, {band}; "
+                    "points: seeds)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -445,7 +506,9 @@ def plot_heatmap(rows, path: pathlib.Path, headline: Headline = ACCURACY
                                     len(ratios) - 0.5))
         axis.set_yticks(range(len(ratios)), [f"{r:g}" for r in ratios])
         axis.set_xlabel("fine-tuning steps")
-        axis.set_ylabel("damage amount")
+        # Rows are equally spaced: log-spaced amounts read as a log axis.
+        axis.set_ylabel("damage amount (log-spaced rows)"
+                        if log_amounts(ratios) else "damage amount")
         axis.set_title(f"{kind} ({strategy})")
         figure.colorbar(image, ax=axis, label=headline.label)
     for axis in list(axes.flat)[len(panels):]:
@@ -477,22 +540,29 @@ def plot_strategies(rows, path: pathlib.Path, headline: Headline = ACCURACY
                                             (len(strategies) + 1)), 3.8))
     width = 0.8 / (len(strategies) + 1)
     x = np.arange(len(kinds))
-    damaged = [mean_ci([r["value"] for r in _select(
-        rows, damage=k, stage="damaged", metric=headline.name)])
-        for k in kinds]
-    means = [_shown(headline, [d[0] for d in damaged])]
-    axis.bar(x, means[0], width, label="damaged", color="lightgrey",
-             yerr=_shown(headline, [np.nan_to_num(d[2]) for d in damaged]))
-    for index, strategy in enumerate(strategies, start=1):
-        stats = [mean_ci([r["value"] for r in _select(
-            rows, damage=k, stage=RECOVERED + strategy,
-            metric=headline.name)]) for k in kinds]
-        means.append(_shown(headline, [s[0] for s in stats]))
-        axis.bar(x + index * width, means[-1], width, label=strategy,
-                 yerr=_shown(headline, [np.nan_to_num(s[2]) for s in stats]))
+    def bar(values):
+        interval = value_interval(headline, values) if values else (
+            stats.Interval(math.nan, math.nan, math.nan, stats.NONE, 0))
+        mean, low, high = _shown(headline, [interval.estimate, interval.low,
+                                            interval.high])
+        below, above = np.nan_to_num([mean - low, high - mean])
+        return mean, (max(below, 0.0), max(above, 0.0))
+
+    means = []
+    for index, stage in enumerate(["damaged"] + [RECOVERED + s
+                                                 for s in strategies]):
+        bars = [bar([r["value"] for r in _select(
+            rows, damage=k, stage=stage, metric=headline.name)])
+            for k in kinds]
+        means.append(np.asarray([b[0] for b in bars]))
+        errors = np.asarray([b[1] for b in bars]).T
+        options = ({"label": "damaged", "color": "lightgrey"} if index == 0
+                   else {"label": stage[len(RECOVERED):]})
+        axis.bar(x + index * width, means[-1], width, yerr=errors, **options)
     axis.set_xticks(x + width * len(strategies) / 2, kinds)
     _set_value_axis(axis, headline, means)
-    axis.set_title("Strategies at equal compute (mean over amounts and seeds)")
+    axis.set_title("Strategies at equal compute (mean over amounts and seeds, "
+                   "95 % interval)", fontsize=9)
     axis.legend(fontsize=7, ncol=2)
     axis.grid(axis="y", alpha=0.3)
     figure.tight_layout()
@@ -618,7 +688,8 @@ def plot_sensitivity(rows, path: pathlib.Path, headline: Headline = ACCURACY
         axis.set_xticks(range(len(grid.amounts)),
                         [f"{a:g}" for a in grid.amounts])
         axis.set_yticks(range(len(grid.layers)), grid.layers)
-        axis.set_xlabel("damage amount")
+        axis.set_xlabel("damage amount (log-spaced columns)"
+                        if log_amounts(grid.amounts) else "damage amount")
         axis.set_ylabel("layer")
         axis.set_title(grid.damage)
         figure.colorbar(image, ax=axis, label=headline.label)
@@ -689,29 +760,105 @@ def outcome_table(rows) -> list[str]:
     return lines
 
 
-def _summary_table(rows, headline: Headline) -> list[str]:
+def _summary_table(rows, headline: Headline, examples: int | None
+                   ) -> tuple[list[str], set[str]]:
+    """The metric table's lines and the interval methods its cells used."""
     strategies = _strategies(rows)
     header = ["damage", "amount", "n",
               f"damaged {headline.short}{headline.suffix}"] + [
         f"{s}{headline.suffix}" for s in strategies]
     lines = ["| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]
+    methods: set[str] = set()
     for kind in _kinds(rows):
         damaged = _select(rows, damage=kind, stage="damaged",
                           metric=headline.name)
         for (ratio,), group in sorted(_group(damaged, ["ratio"]).items()):
-            mean, _, half = mean_ci([r["value"] for r in group])
+            interval = value_interval(headline, [r["value"] for r in group],
+                                      examples)
+            methods.add(interval.method)
             cells = [kind, f"{ratio:g}", str(len(group)),
-                     f"{headline.show(mean)} ± {headline.show(half)}"]
+                     show_interval(headline, interval)]
             for strategy in strategies:
                 got = [r["value"] for r in _select(
                     rows, damage=kind, ratio=ratio,
                     stage=RECOVERED + strategy, metric=headline.name)]
-                m, _, h = mean_ci(got)
-                cells.append(f"{headline.show(m)} ± {headline.show(h)}"
-                             if got else "")
+                if got:
+                    interval = value_interval(headline, got, examples)
+                    methods.add(interval.method)
+                    cells.append(show_interval(headline, interval))
+                else:
+                    cells.append("")
             lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    return lines, methods
+
+
+def _difference_unit(headline: Headline) -> str:
+    """The unit of a difference of shown values (``"pp"`` for %)."""
+    if headline.unit == "%":
+        return "pp"
+    return headline.unit or headline.name
+
+
+def _by_seed(rows, **where) -> dict[int, float]:
+    return {r["seed"]: r["value"] for r in _select(rows, **where)}
+
+
+def paired_table(rows, headline: Headline = ACCURACY) -> list[str]:
+    """Markdown lines: the best strategy against each other, paired by seed.
+
+    For every damage kind and amount, the best strategy (the best mean final
+    value there) is compared with every other strategy on the same damaged
+    models (the same seed) by :func:`recovjax.stats.paired_difference`: the
+    mean advantage of the best (in pp for accuracy; positive: the best is
+    better, in either direction of the metric) with its bootstrap interval,
+    how many seeds favour each side, and a ✓ where the difference holds
+    across seeds.
+
+    Args:
+        rows: final results rows (see :func:`final_rows`).
+        headline: the metric to compare.
+
+    Returns:
+        The table's lines, or ``[]`` with fewer than two strategies.
+    """
+    strategies = _strategies(rows)
+    if len(strategies) < 2:
+        return []
+    unit = _difference_unit(headline)
+    sign = 1.0 if headline.higher_is_better else -1.0
+    lines = [f"| damage | amount | best | compared with | advantage of best "
+             f"({unit}) | seeds: best better / other better / tied | holds "
+             "across seeds |", "|---|---|---|---|---|---|---|"]
+    for kind in _kinds(rows):
+        ratios = sorted({r["ratio"] for r in _select(rows, damage=kind,
+                                                     stage="damaged")})
+        for ratio in ratios:
+            values = {s: _by_seed(rows, damage=kind, ratio=ratio,
+                                  stage=RECOVERED + s, metric=headline.name)
+                      for s in strategies}
+            values = {s: v for s, v in values.items() if v}
+            means = {s: float(np.mean(list(v.values())))
+                     for s, v in values.items()}
+            best = headline.best(means)
+            if best is None:
+                continue
+            for other in values:
+                if other == best:
+                    continue
+                seeds = sorted(set(values[best]) & set(values[other]))
+                if not seeds:
+                    continue
+                result = stats.paired_difference(
+                    [sign * values[best][s] for s in seeds],
+                    [sign * values[other][s] for s in seeds])
+                interval = result.interval
+                shown = show_interval(headline, interval)
+                lines.append(
+                    f"| {kind} | {ratio:g} | {best} | {other} | {shown} | "
+                    f"{result.a_better} / {result.b_better} / {result.ties} "
+                    f"| {'✓' if result.holds else ''} |")
+    return lines if len(lines) > 2 else []
 
 
 def _curve_summary(rows, threshold: float, headline: Headline) -> list[str]:
@@ -754,27 +901,195 @@ def _curve_summary(rows, threshold: float, headline: Headline) -> list[str]:
     return lines
 
 
-def _recovery_measures(rows) -> list[str]:
-    metrics = ("recovery_ratio", "steps_to_95", "steps_to_99")
-    found = [r for r in rows if r["stage"].startswith(RECOVERED)
-             and r["metric"] in metrics]
-    if not found:
+class RatioCell(NamedTuple):
+    """The recovery ratio of one damage kind, amount and strategy.
+
+    Attributes:
+        ratios: the per-model (per-seed) ratios, NaN where undefined.
+        gaps: the per-model ``clean - damaged``.
+        floor: the test-noise floor of the gap (2 binomial standard errors),
+            or ``None`` when unknown or without a binomial noise model.
+        interval: the mean over the defined ratios with its bootstrap
+            interval, or ``None`` when no ratio is defined.
+    """
+
+    ratios: np.ndarray
+    gaps: np.ndarray
+    floor: float | None
+    interval: stats.Interval | None
+
+
+def recovery_ratio_cell(clean: float, damaged: Sequence[float],
+                        after: Sequence[float], *,
+                        examples: int | None = None) -> RatioCell:
+    """Per-model recovery ratios and their aggregate.
+
+    Args:
+        clean: the clean model's value.
+        damaged: each model's value after damage.
+        after: each model's final value after recovery (same order).
+        examples: the test-set size of an accuracy (``None``: unknown, or a
+            metric without a binomial noise model; then only a zero gap is
+            undefined).
+
+    Returns:
+        The :class:`RatioCell`.
+    """
+    damaged = np.asarray(damaged, np.float64)
+    after = np.asarray(after, np.float64)
+    ratios = np.atleast_1d(stats.recovery_ratio(clean, damaged, after,
+                                                examples=examples))
+    floor = (None if examples is None or not 0.0 <= clean <= 1.0
+             else stats.noise_floor(clean, examples))
+    defined = ratios[np.isfinite(ratios)]
+    interval = stats.bootstrap_mean(defined) if defined.size else None
+    return RatioCell(ratios, clean - damaged, floor, interval)
+
+
+def _show_ratio(cell: RatioCell, headline: Headline) -> str:
+    n = cell.ratios.size
+    if cell.interval is not None:
+        interval = cell.interval
+        shown = f"{interval.estimate:.3f}"
+        if not math.isnan(interval.low):
+            shown += f" [{interval.low:.3f}, {interval.high:.3f}]"
+        return f"{shown} ({interval.n}/{n} defined)"
+    gaps = cell.gaps[np.isfinite(cell.gaps)]
+    if not gaps.size:
+        return "n/a (no finite values)"
+    unit = _difference_unit(headline)
+    largest = float(np.max(np.abs(gaps)))
+    scale = headline.scale
+    if cell.floor is not None and 0 < largest < cell.floor:
+        every = "gap" if n == 1 else "every gap ≤"
+        return (f"undefined (damage within test noise: {every} "
+                f"{scale * largest:.2f} {unit} < 2 SE = "
+                f"{scale * cell.floor:.2f} {unit})")
+    if largest == 0:
+        return f"undefined (damage did not change {headline.name}: gap 0)"
+    return "n/a (no finite recovered value)"
+
+
+def _steps(where, fraction, clean, headline) -> list[float]:
+    """Each model's steps to ``fraction`` of clean (NaN: not reached), from
+    the rows ``where`` of one damage kind, amount and recovery stage."""
+    label = f"steps_to_{round(fraction * 100):d}"
+    recorded = [r for r in where if r["metric"] == label]
+    if recorded or any(r["metric"].startswith("steps_to_") for r in where):
+        # One source for every level, so the levels cannot disagree.
+        last = {}
+        for r in recorded:  # one row per model (seed); the last if repeated
+            last[r["seed"]] = r["value"]
+        return [last[s] for s in sorted(last)]
+    # Not recorded: the first evaluated step of each model's curve.
+    curve = [r for r in where if r["metric"] == headline.name]
+    out = []
+    for (_,), points in sorted(_group(curve, ["seed"]).items()):
+        points = sorted(points, key=lambda r: r["step"])
+        if headline.higher_is_better:
+            reached = [r["step"] for r in points
+                       if r["value"] >= fraction * clean]
+        else:
+            reached = [r["step"] for r in points
+                       if r["value"] <= clean / fraction]
+        out.append(float(reached[0]) if reached else math.nan)
+    return out
+
+
+def _show_steps(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    median = stats.censored_median(values)
+    shown = f"{median.median:.0f}" if median.is_reached else "not reached"
+    return f"{shown} (median of {median.n}; {median.reached} reached)"
+
+
+def recovery_table(curves, headline: Headline = ACCURACY, *,
+                   examples: int | None = None) -> list[str]:
+    """Markdown lines: recovery ratio and steps to 95 / 99 % of clean.
+
+    One line per damage kind, amount and strategy. The recovery ratio
+    ``(after - damaged) / (clean - damaged)`` is computed per model (seed)
+    from the ``headline`` rows (the clean value, each model's damaged value
+    and its final recovered value), undefined where the gap is within the
+    clean model's test noise (:func:`recovjax.stats.recovery_ratio`, for an
+    accuracy with a known ``examples``; otherwise only where the gap is 0),
+    then aggregated as the mean over the models where it is defined, with
+    its bootstrap interval and ``k/n defined``. Steps to X % of clean come
+    from the ``steps_to_95`` / ``steps_to_99`` rows (or the curve rows) and
+    aggregate as :func:`recovjax.stats.censored_median`.
+
+    Args:
+        curves: all results rows (every step of the recovery curves).
+        headline: the metric of the ratio.
+        examples: the test-set size (accuracy only).
+
+    Returns:
+        The table's lines, or ``[]`` without recovered rows or clean value.
+    """
+    rows = final_rows(curves)
+    clean = _clean_value(rows, headline)
+    strategies = _strategies(rows)
+    if clean is None or not math.isfinite(clean) or not strategies:
         return []
-    lines = ["| damage | strategy | recovery ratio | steps to 95 % of clean | "
-             "steps to 99 % of clean |", "|---|---|---|---|---|"]
-    for (kind, stage), group in _group(found, ["damage", "stage"]).items():
-        cells = [kind, stage[len(RECOVERED):]]
-        for metric in metrics:
-            values = [r["value"] for r in group if r["metric"] == metric]
-            finite = [v for v in values if math.isfinite(v)]
-            if metric == "recovery_ratio":
-                cells.append(f"{np.mean(finite):.3f}" if finite else "n/a")
-            else:
-                cells.append(
-                    f"{np.median(finite):.0f} (median; {len(finite)}/"
-                    f"{len(values)} reached)" if finite else "not reached")
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+    if headline.name != "accuracy":
+        examples = None
+    by_point = _group(curves, ["damage", "ratio", "stage"])
+    lines = ["| damage | amount | strategy | recovery ratio | steps to 95 % "
+             "of clean | steps to 99 % of clean |",
+             "|---|---|---|---|---|---|"]
+    for kind in _kinds(rows):
+        damaged_by_ratio = _group(_select(rows, damage=kind, stage="damaged",
+                                          metric=headline.name), ["ratio"])
+        for (ratio,), group in sorted(damaged_by_ratio.items()):
+            damaged = {r["seed"]: r["value"] for r in group}
+            for strategy in strategies:
+                stage = RECOVERED + strategy
+                after = _by_seed(rows, damage=kind, ratio=ratio, stage=stage,
+                                 metric=headline.name)
+                seeds = sorted(set(damaged) & set(after))
+                if not seeds:
+                    continue
+                cell = recovery_ratio_cell(
+                    clean, [damaged[s] for s in seeds],
+                    [after[s] for s in seeds], examples=examples)
+                cells = [kind, f"{ratio:g}", strategy,
+                         _show_ratio(cell, headline)]
+                for fraction in (0.95, 0.99):
+                    cells.append(_show_steps(_steps(
+                        by_point.get((kind, ratio, stage), []), fraction,
+                        clean, headline)))
+                lines.append("| " + " | ".join(cells) + " |")
+    return lines if len(lines) > 2 else []
+
+
+def _recovery_note(headline: Headline, clean: float | None,
+                   examples: int | None) -> list[str]:
+    """The words above the Recovery table: how its cells are computed."""
+    text = ("Recovery ratio (after − damaged) / (clean − damaged), computed "
+            f"per model (seed) from the {headline.name} rows, then the mean "
+            "over the models where it is defined, with its 95 % bootstrap "
+            "interval and how many models are defined. ")
+    if headline.name != "accuracy":
+        text += (f"{headline.title} has no binomial noise model: the ratio "
+                 "is undefined only where the gap clean − damaged is 0. ")
+    elif examples is None:
+        text += ("The noise floor is unknown (the results record no "
+                 "test-set size, test_examples): the ratio is computed "
+                 "wherever the gap clean − damaged is nonzero. ")
+    else:
+        floor = (math.nan if clean is None or not 0 <= clean <= 1
+                 else stats.noise_floor(clean, examples))
+        text += ("Undefined where the damage is within the clean model's "
+                 "test-set noise: |clean − damaged| below 2 binomial "
+                 "standard errors 2·sqrt(p(1 − p)/n) = "
+                 f"{100 * floor:.2f} pp of the clean accuracy p over the "
+                 f"n = {examples} test examples. ")
+    text += ("Steps to X % of clean: per model, the first evaluated step "
+             "reaching X % of the clean value; the median is over all "
+             "models, those that never reach it counted as +∞, so it is "
+             "\"not reached\" when fewer than half reach it.")
+    return [text]
 
 
 def _cost_table(costs: dict) -> list[str]:
@@ -797,7 +1112,8 @@ def _cost_table(costs: dict) -> list[str]:
 def write_report(run_dir: os.PathLike[str] | str, rows: list[dict] | None = None,
                  *, threshold: float = 0.5, title: str | None = None,
                  metric: str | None = None,
-                 higher_is_better: bool | None = None) -> pathlib.Path:
+                 higher_is_better: bool | None = None,
+                 test_examples: int | None = None) -> pathlib.Path:
     """Write the PNG plots and ``report.md`` of a run directory.
 
     Every plot and table shows one headline metric (see
@@ -828,6 +1144,20 @@ def write_report(run_dir: os.PathLike[str] | str, rows: list[dict] | None = None
             has that metric, else ``"accuracy"``.
         higher_is_better: whether a larger ``metric`` is better; ``None``:
             ``True`` for accuracy, ``False`` for perplexity and loss.
+        test_examples: the number of test examples each model was evaluated
+            on (the test-set noise of an accuracy: Wilson intervals for one
+            seed, the floor below which a recovery ratio is undefined);
+            ``None``: the ``test_examples`` that ``results.meta.json``
+            records, if any, else unknown (the report says so).
+
+    Intervals are :mod:`recovjax.stats`'s, named under each table: the 95 %
+    bootstrap percentile interval of the mean over seeds, or for one seed's
+    accuracy the Wilson score interval over the test examples, shown as
+    ``mean [low, high]``. The section "Paired comparisons" compares the
+    best strategy of each damage kind and amount with every other one on
+    the same damaged models (:func:`paired_table`); "Recovery" gives the
+    recovery ratio and steps to 95 / 99 % of clean per kind, amount and
+    strategy (:func:`recovery_table`).
 
     Returns:
         The path of ``report.md``.
@@ -836,7 +1166,8 @@ def write_report(run_dir: os.PathLike[str] | str, rows: list[dict] | None = None
         FileNotFoundError: if ``run_dir`` has no ``results.csv`` and no rows
             are given.
         TypeError: if ``higher_is_better`` is neither ``None`` nor a bool.
-        ValueError: if ``results.csv`` (see :func:`recovjax.results.read_csv`)
+        ValueError: if ``test_examples`` is not a positive int; if
+            ``results.csv`` (see :func:`recovjax.results.read_csv`)
             or ``costs.json`` cannot be read (the message names the file and
             the line); if ``metric`` is given and no clean or damaged row has
             it, or has no default direction and ``higher_is_better`` is
@@ -845,13 +1176,24 @@ def write_report(run_dir: os.PathLike[str] | str, rows: list[dict] | None = None
     """
     import matplotlib
     matplotlib.use("Agg")
-    from recovjax.results import read_rows
+    from recovjax.results import read_csv
     run_dir = pathlib.Path(run_dir)
+    results = run_dir / "results.csv"
     if rows is None:
-        results = run_dir / "results.csv"
         if not results.is_file():
             raise FileNotFoundError(f"{results}: no results to report on")
-        rows = read_rows(results)
+        table = read_csv(results)
+        rows = table.rows
+        if test_examples is None:
+            test_examples = table.test_examples
+    elif test_examples is None and results.is_file():
+        test_examples = read_csv(results).test_examples
+    if test_examples is not None and (
+            isinstance(test_examples, bool)
+            or not isinstance(test_examples, (int, np.integer))
+            or test_examples < 1):
+        raise ValueError(f"test_examples must be a positive int or None, "
+                         f"got {test_examples!r}")
     headline = headline_metric(rows, metric, higher_is_better)
     layered = [r for r in rows if _layer(r)]
     rows = _whole_model(rows)
@@ -872,7 +1214,8 @@ def write_report(run_dir: os.PathLike[str] | str, rows: list[dict] | None = None
                              '({"recovery": [{...}, ...]})')
     curves, rows = rows, final_rows(rows)
     plots = [(f"{headline.title} vs damage amount", plot_metric_vs_ratio(
-                 rows, run_dir / headline.ratio_plot, headline)),
+                 rows, run_dir / headline.ratio_plot, headline,
+                 examples=test_examples)),
              ("Recovery curves", plot_recovery_curves(
                  curves, run_dir / "recovery_curves.png", headline)),
              ("Damage amount x recovery steps", plot_heatmap(
@@ -888,8 +1231,11 @@ def write_report(run_dir: os.PathLike[str] | str, rows: list[dict] | None = None
         text += [f"Clean (pretrained) test {headline.name}: "
                  f"**{headline.show(clean, unit=True)}**.", ""]
     if _kinds(rows) or not sensitivity:
-        text += [f"## {headline.title} (mean ± 95 % CI over seeds)", ""]
-        text += _summary_table(rows, headline) + [""]
+        table_lines, methods = _summary_table(rows, headline, test_examples)
+        text += [f"## {headline.title} (mean over seeds [95 % interval])",
+                 "", stats.describe_method(
+                     methods, examples=test_examples) + ".", ""]
+        text += table_lines + [""]
         text += ["## Robustness curve summary", ""] + _curve_summary(
             rows, threshold, headline) + [""]
     outcomes = outcome_table(rows)
@@ -899,9 +1245,22 @@ def write_report(run_dir: os.PathLike[str] | str, rows: list[dict] | None = None
                  "(the same class), *SDC* (silent data corruption: another "
                  "class, finite outputs) or *DUE* (a NaN or infinite output, "
                  "a detectable error).", ""] + outcomes + [""]
-    measures = _recovery_measures(rows)
+    paired = paired_table(rows, headline)
+    if paired:
+        unit = _difference_unit(headline)
+        text += ["## Paired comparisons", "",
+                 "For each damage kind and amount, the best strategy (best "
+                 f"mean {headline.name}) against each other strategy on the "
+                 "same damaged models (same seed): the mean of the per-model "
+                 f"differences in {unit} (positive: the best is better) with "
+                 "its 95 % bootstrap percentile interval "
+                 f"({stats.thousands(stats.RESAMPLES)} resamples), and how "
+                 "many seeds favour each side. ✓: the difference holds across seeds (every seed favours the best and the "
+                 "interval excludes 0).", ""] + paired + [""]
+    measures = recovery_table(curves, headline, examples=test_examples)
     if measures:
-        text += ["## Recovery", ""] + measures + [""]
+        text += ["## Recovery", ""] + _recovery_note(
+            headline, clean, test_examples) + [""] + measures + [""]
     cost_lines = _cost_table(costs)
     if cost_lines:
         text += ["## Cost of recovery", ""] + cost_lines + [""]

@@ -52,6 +52,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from recovjax import stats
 from recovjax._io import atomic_write, read_json_file, read_text
 
 COLUMNS = ("damage", "layer", "ratio", "seed", "stage", "step", "metric",
@@ -333,6 +334,11 @@ class ResultsTable:
             run was given a key.
         versions: library versions (``python``, ``jax``, ...).
         device_kind: the JAX device kind and count, e.g. ``"cpu x1"``.
+        test_examples: the number of test examples each model was evaluated
+            on, or ``None`` when unknown (files written before it was
+            recorded, task metrics that are no per-example fractions). The
+            report uses it for the test-set noise of accuracies (Wilson
+            intervals, the floor below which a recovery ratio is undefined).
     """
 
     rows: list[dict[str, Any]]
@@ -340,6 +346,7 @@ class ResultsTable:
     root_seed: int | None = None
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
     device_kind: str = ""
+    test_examples: int | None = None
 
     def __post_init__(self):
         self.rows = sorted((make_row(**row) for row in self.rows),
@@ -349,6 +356,13 @@ class ResultsTable:
         if self.root_seed is not None:
             self.root_seed = int(self.root_seed)
         self.device_kind = str(self.device_kind)
+        if self.test_examples is not None:
+            count = self.test_examples
+            if isinstance(count, bool) or not isinstance(
+                    count, (int, np.integer)) or count < 1:
+                raise ValueError(f"test_examples must be a positive int or "
+                                 f"None, got {count!r}")
+            self.test_examples = int(count)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -360,9 +374,15 @@ class ResultsTable:
         return self.to_json_text() == other.to_json_text()
 
     def metadata(self) -> dict[str, Any]:
-        """``config``, ``root_seed``, ``versions`` and ``device_kind``."""
-        return {"config": self.config, "root_seed": self.root_seed,
-                "versions": self.versions, "device_kind": self.device_kind}
+        """``config``, ``root_seed``, ``versions`` and ``device_kind``, and
+        ``test_examples`` when known (tables without it write the files
+        they wrote before it was recorded)."""
+        metadata = {"config": self.config, "root_seed": self.root_seed,
+                    "versions": self.versions,
+                    "device_kind": self.device_kind}
+        if self.test_examples is not None:
+            metadata["test_examples"] = self.test_examples
+        return metadata
 
     def select(self, **where) -> list[dict[str, Any]]:
         """Rows whose columns equal the given values, e.g. ``metric="loss"``.
@@ -423,8 +443,8 @@ class ResultsTable:
 
         ``path`` gets the header and one line per row, nothing else, so
         ``pandas.read_csv(path)`` and spreadsheets read it as it is. The
-        metadata (config, root seed, versions, device kind and the number of
-        rows) go to :func:`metadata_path` (``results.meta.json`` next to
+        metadata (config, root seed, versions, device kind, the number of
+        test examples when known, and the number of rows) go to :func:`metadata_path` (``results.meta.json`` next to
         ``results.csv``), written first; both writes are atomic. Reading
         checks that the two agree on the number of rows, so a CSV replaced
         or cut short without its sidecar is caught.
@@ -580,7 +600,8 @@ def _from_metadata(rows, metadata: Mapping[str, Any], path: pathlib.Path
         return ResultsTable(rows=rows, config=metadata.get("config") or {},
                             root_seed=metadata.get("root_seed"),
                             versions=metadata.get("versions") or {},
-                            device_kind=metadata.get("device_kind") or "")
+                            device_kind=metadata.get("device_kind") or "",
+                            test_examples=metadata.get("test_examples"))
     except (TypeError, ValueError, AttributeError) as error:
         raise ResultsFileError(path, f"bad metadata ({error})") from None
 
@@ -793,65 +814,6 @@ def read_rows(path: os.PathLike[str] | str) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------
 
 
-def _t_two_sided_mass(t: float, dof: int) -> float:
-    # P(|T| <= t) for Student's t with integer dof, by the finite series of
-    # Abramowitz & Stegun 26.7.3-26.7.4 (exact up to rounding).
-    theta = math.atan(t / math.sqrt(dof))
-    sin, cos = math.sin(theta), math.cos(theta)
-    cos2 = cos * cos
-    if dof % 2 == 1:
-        total, term = 0.0, cos
-        for k in range(1, (dof - 1) // 2 + 1):
-            if k > 1:
-                term *= cos2 * (2 * k - 2) / (2 * k - 1)
-            total += term
-        return (2.0 / math.pi) * (theta + (sin * total if dof > 1 else 0.0))
-    total, term = 1.0, 1.0
-    for k in range(1, dof // 2):
-        term *= cos2 * (2 * k - 1) / (2 * k)
-        total += term
-    return sin * total
-
-
-def t_quantile(probability: float, dof: int) -> float:
-    """Quantile of Student's t distribution with integer ``dof``.
-
-    Computed without SciPy: the CDF's exact finite series inverted by
-    bisection (to about 1e-12).
-
-    Args:
-        probability: in ``(0, 1)``, e.g. ``0.975`` for a two-sided 95 % CI.
-        dof: degrees of freedom, at least 1.
-
-    Returns:
-        ``t`` with ``P(T <= t) = probability``.
-
-    Raises:
-        ValueError: for a probability outside ``(0, 1)`` or ``dof < 1``.
-    """
-    if not 0.0 < probability < 1.0:
-        raise ValueError(f"probability must be in (0, 1), got {probability}")
-    if isinstance(dof, bool) or int(dof) != dof or dof < 1:
-        raise ValueError(f"dof must be a positive integer, got {dof}")
-    dof = int(dof)
-    if probability == 0.5:
-        return 0.0
-    mass = abs(2.0 * probability - 1.0)  # P(|T| <= t) wanted.
-    low, high = 0.0, 1.0
-    while _t_two_sided_mass(high, dof) < mass:
-        high *= 2.0
-    for _ in range(200):
-        middle = 0.5 * (low + high)
-        if _t_two_sided_mass(middle, dof) < mass:
-            low = middle
-        else:
-            high = middle
-        if high - low <= 1e-12 * max(1.0, high):
-            break
-    t = 0.5 * (low + high)
-    return t if probability > 0.5 else -t
-
-
 class Summary(NamedTuple):
     """Mean over seeds of one metric at one (damage, ratio, stage, step).
 
@@ -859,8 +821,14 @@ class Summary(NamedTuple):
         damage, ratio, stage, step, metric: the group.
         mean: mean over seeds (NaN if any value is NaN).
         std: sample standard deviation (``ddof=1``; NaN for one seed).
-        ci95_low, ci95_high: two-sided 95 % Student-t confidence interval of
-            the mean (NaN for one seed).
+        low, high: the two-sided confidence interval of the mean from
+            :func:`recovjax.stats.mean_interval`: the bootstrap percentile
+            interval over seeds, or, for one seed's accuracy with a known
+            test-set size, the Wilson score interval over the test examples;
+            NaN when there is none (one seed otherwise, a non-finite value).
+            It never leaves the range of the values (or ``[0, 1]``).
+        method: how ``low``/``high`` were computed (``"bootstrap"``,
+            ``"wilson"`` or ``"none"``; see :mod:`recovjax.stats`).
         n: number of seeds.
     """
 
@@ -871,8 +839,9 @@ class Summary(NamedTuple):
     metric: str
     mean: float
     std: float
-    ci95_low: float
-    ci95_high: float
+    low: float
+    high: float
+    method: str
     n: int
 
 
@@ -883,8 +852,15 @@ def _rows_of(table: ResultsTable | Iterable[Mapping[str, Any]]
 
 def summarize(table: ResultsTable | Iterable[Mapping[str, Any]],
               metric: str = "accuracy", *, stage: str | None = None,
-              layer: str = "") -> list[Summary]:
-    """Mean, standard deviation and 95 % CI over seeds.
+              layer: str = "", confidence: float = stats.CONFIDENCE,
+              examples: int | None = None) -> list[Summary]:
+    """Mean, standard deviation and confidence interval over seeds.
+
+    The interval is :func:`recovjax.stats.mean_interval`'s: the bootstrap
+    percentile interval of the mean over seeds (fixed resamples and
+    generator seed, so the same table gives the same summaries), and for a
+    group of one seed's ``accuracy`` with a known test-set size, the Wilson
+    score interval over the test examples.
 
     Args:
         table: a :class:`ResultsTable` or its rows.
@@ -893,15 +869,27 @@ def summarize(table: ResultsTable | Iterable[Mapping[str, Any]],
         layer: only rows of this layer; the default ``""`` keeps the
             whole-model rows, so a sensitivity map's per-layer rows never
             mix into the whole model's means.
+        confidence: the two-sided level of the interval, in ``(0, 1)``.
+        examples: the test-set size behind an accuracy (for one-seed
+            groups); ``None``: the table's ``test_examples`` when ``table``
+            is a :class:`ResultsTable`.
 
     Returns:
         One :class:`Summary` per (damage, ratio, stage, step), sorted.
 
+    Raises:
+        ValueError: for a ``confidence`` outside ``(0, 1)`` or an
+            ``examples`` that is not positive.
+
     Example::
 
         for s in summarize(table, "accuracy", stage="damaged"):
-            print(s.damage, s.ratio, s.mean, s.ci95_low, s.ci95_high)
+            print(s.damage, s.ratio, s.mean, s.low, s.high, s.method)
     """
+    if examples is None and isinstance(table, ResultsTable):
+        examples = table.test_examples
+    if metric != "accuracy":
+        examples = None  # Wilson only for a fraction of the test examples.
     groups: dict[tuple, list[float]] = {}
     for row in _rows_of(table):
         if row["metric"] != metric or (stage is not None and
@@ -916,16 +904,13 @@ def summarize(table: ResultsTable | Iterable[Mapping[str, Any]],
                                               _natural(item[0][2]),
                                               item[0][3])):
         array = np.asarray(values, np.float64)
-        n = array.size
-        mean = float(array.mean())
-        if n > 1:
-            std = float(array.std(ddof=1))
-            half = t_quantile(0.975, n - 1) * std / math.sqrt(n)
-            low, high = mean - half, mean + half
-        else:
-            std = low = high = math.nan
-        out.append(Summary(damage, ratio, stage_name, step, metric, mean,
-                           std, low, high, n))
+        interval = stats.mean_interval(array, examples=examples,
+                                       confidence=confidence)
+        with np.errstate(invalid="ignore"):
+            std = float(array.std(ddof=1)) if array.size > 1 else math.nan
+        out.append(Summary(damage, ratio, stage_name, step, metric,
+                           interval.estimate, std, interval.low,
+                           interval.high, interval.method, int(array.size)))
     return out
 
 

@@ -291,6 +291,18 @@ def test_recovery_ratio():
     assert ratios[0] == pytest.approx(1.0) and math.isnan(ratios[1])
 
 
+def test_recovery_ratio_with_a_test_set_size_is_undefined_within_noise():
+    # 2 SE of 0.9 on 100 examples: 6 pp. A 3 pp gap is noise, 40 pp is not.
+    assert recovery_ratio(0.9, 0.87, 0.8) == pytest.approx(-7 / 3)
+    assert math.isnan(recovery_ratio(0.9, 0.87, 0.8, examples=100))
+    assert recovery_ratio(0.9, 0.5, 0.8, examples=100) == pytest.approx(0.75)
+    ratios = recovery_ratio(0.9, np.array([0.5, 0.87]), np.array([0.9, 0.8]),
+                            examples=100)
+    assert ratios[0] == pytest.approx(1.0) and math.isnan(ratios[1])
+    with pytest.raises(ValueError, match="examples"):
+        recovery_ratio(0.9, 0.5, 0.8, examples=0)
+
+
 def test_steps_and_samples_to_threshold():
     curve = Curve(steps=np.array([0, 10, 20, 30]),
                   samples=np.array([0.0, 1000.0, 2000.0, 3000.0]),

@@ -81,21 +81,24 @@ COSTS = {"recovery": [{"damage": "zero", "strategy": "finetune", "models": 4,
                        "seconds": 1.5, "flops_per_step": 2e9, "bytes_read": 0,
                        "peak_rss_mb": 300}]}
 
-# write_report(run, _accuracy_rows(), title="baseline") with COSTS, before
-# the headline metric existed.
+# write_report(run, _accuracy_rows(), title="baseline") with COSTS: intervals
+# from recovjax.stats, checked by hand (two seeds: the bootstrap interval of
+# the mean is [min, max]; restore_entries ties at 96.90 on every seed).
 ACCURACY_REPORT = """\
 # baseline
 
 Clean (pretrained) test accuracy: **96.90 %**.
 
-## Accuracy (mean ± 95 % CI over seeds)
+## Accuracy (mean over seeds [95 % interval])
+
+intervals: 95 % bootstrap percentile interval of the mean over seeds (10 000 resamples).
 
 | damage | amount | n | damaged acc. (%) | finetune (%) | restore_entries (%) |
 |---|---|---|---|---|---|
-| zero | 0.25 | 2 | 80.00 ± 12.71 | 88.00 ± 12.71 | 96.90 ± 0.00 |
-| zero | 0.5 | 2 | 40.00 ± 25.41 | 48.00 ± 25.41 | 96.90 ± 0.00 |
-| noise | 0.1 | 2 | 89.00 ± 12.71 | 97.00 ± 12.71 | 96.90 ± 0.00 |
-| noise | 0.2 | 2 | 62.00 ± 25.41 | 70.00 ± 25.41 | 96.90 ± 0.00 |
+| zero | 0.25 | 2 | 80.00 [79.00, 81.00] | 88.00 [87.00, 89.00] | 96.90 [96.90, 96.90] |
+| zero | 0.5 | 2 | 40.00 [38.00, 42.00] | 48.00 [46.00, 50.00] | 96.90 [96.90, 96.90] |
+| noise | 0.1 | 2 | 89.00 [88.00, 90.00] | 97.00 [96.00, 98.00] | 96.90 [96.90, 96.90] |
+| noise | 0.2 | 2 | 62.00 [60.00, 64.00] | 70.00 [68.00, 72.00] | 96.90 [96.90, 96.90] |
 
 ## Robustness curve summary
 
@@ -104,12 +107,31 @@ Clean (pretrained) test accuracy: **96.90 %**.
 | zero | 60.00 % | 0.438 |
 | noise | 75.50 % | not reached |
 
+## Paired comparisons
+
+For each damage kind and amount, the best strategy (best mean accuracy) against each other strategy on the same damaged models (same seed): the mean of the per-model differences in pp (positive: the best is better) with its 95 % bootstrap percentile interval (10 000 resamples), and how many seeds favour each side. ✓: the difference holds across seeds (every seed favours the best and the interval excludes 0).
+
+| damage | amount | best | compared with | advantage of best (pp) | seeds: best better / other better / tied | holds across seeds |
+|---|---|---|---|---|---|---|
+| zero | 0.25 | restore_entries | finetune | 8.90 [7.90, 9.90] | 2 / 0 / 0 | ✓ |
+| zero | 0.5 | restore_entries | finetune | 48.90 [46.90, 50.90] | 2 / 0 / 0 | ✓ |
+| noise | 0.1 | finetune | restore_entries | 0.10 [-0.90, 1.10] | 1 / 1 / 0 |  |
+| noise | 0.2 | restore_entries | finetune | 26.90 [24.90, 28.90] | 2 / 0 / 0 | ✓ |
+
 ## Recovery
 
-| damage | strategy | recovery ratio | steps to 95 % of clean | steps to 99 % of clean |
-|---|---|---|---|---|
-| zero | finetune | 0.550 | 10 (median; 2/4 reached) | not reached |
-| noise | finetune | 0.550 | 10 (median; 2/4 reached) | not reached |
+Recovery ratio (after − damaged) / (clean − damaged), computed per model (seed) from the accuracy rows, then the mean over the models where it is defined, with its 95 % bootstrap interval and how many models are defined. The noise floor is unknown (the results record no test-set size, test_examples): the ratio is computed wherever the gap clean − damaged is nonzero. Steps to X % of clean: per model, the first evaluated step reaching X % of the clean value; the median is over all models, those that never reach it counted as +∞, so it is "not reached" when fewer than half reach it.
+
+| damage | amount | strategy | recovery ratio | steps to 95 % of clean | steps to 99 % of clean |
+|---|---|---|---|---|---|
+| zero | 0.25 | finetune | 0.475 [0.447, 0.503] (2/2 defined) | 10 (median of 2; 1 reached) | n/a |
+| zero | 0.25 | restore_entries | 1.000 [1.000, 1.000] (2/2 defined) | 0 (median of 2; 2 reached) | 0 (median of 2; 2 reached) |
+| zero | 0.5 | finetune | 0.141 [0.136, 0.146] (2/2 defined) | 10 (median of 2; 1 reached) | n/a |
+| zero | 0.5 | restore_entries | 1.000 [1.000, 1.000] (2/2 defined) | 0 (median of 2; 2 reached) | 0 (median of 2; 2 reached) |
+| noise | 0.1 | finetune | 1.029 [0.899, 1.159] (2/2 defined) | 10 (median of 2; 1 reached) | n/a |
+| noise | 0.1 | restore_entries | 1.000 [1.000, 1.000] (2/2 defined) | 0 (median of 2; 2 reached) | 0 (median of 2; 2 reached) |
+| noise | 0.2 | finetune | 0.230 [0.217, 0.243] (2/2 defined) | 10 (median of 2; 1 reached) | n/a |
+| noise | 0.2 | restore_entries | 1.000 [1.000, 1.000] (2/2 defined) | 0 (median of 2; 2 reached) | 0 (median of 2; 2 reached) |
 
 ## Cost of recovery
 
@@ -134,25 +156,47 @@ Clean (pretrained) test accuracy: **96.90 %**.
 ![Strategies at equal compute](strategies.png)
 """
 
-# write_report(run, _lm_rows(), title="lm") before the headline metric
-# existed: the token-accuracy report, which metric="accuracy" must still give.
+# write_report(run, _lm_rows(), title="lm", metric="accuracy"): the
+# token-accuracy report (no test-set size: the noise floor is unknown).
 LM_ACCURACY_REPORT = """\
 # lm
 
 Clean (pretrained) test accuracy: **40.00 %**.
 
-## Accuracy (mean ± 95 % CI over seeds)
+## Accuracy (mean over seeds [95 % interval])
+
+intervals: 95 % bootstrap percentile interval of the mean over seeds (10 000 resamples).
 
 | damage | amount | n | damaged acc. (%) | distill (%) | finetune (%) |
 |---|---|---|---|---|---|
-| zero | 0.25 | 2 | 17.50 ± 0.00 | 45.00 ± 0.00 | 35.00 ± 0.00 |
-| zero | 0.5 | 2 | 5.00 ± 0.00 | 45.00 ± 0.00 | 35.00 ± 0.00 |
+| zero | 0.25 | 2 | 17.50 [17.50, 17.50] | 45.00 [45.00, 45.00] | 35.00 [35.00, 35.00] |
+| zero | 0.5 | 2 | 5.00 [5.00, 5.00] | 45.00 [45.00, 45.00] | 35.00 [35.00, 35.00] |
 
 ## Robustness curve summary
 
 | damage | area under accuracy-vs-amount (mean acc.) | amount where accuracy < 0.5 |
 |---|---|---|
 | zero | 11.25 % | 0.25 |
+
+## Paired comparisons
+
+For each damage kind and amount, the best strategy (best mean accuracy) against each other strategy on the same damaged models (same seed): the mean of the per-model differences in pp (positive: the best is better) with its 95 % bootstrap percentile interval (10 000 resamples), and how many seeds favour each side. ✓: the difference holds across seeds (every seed favours the best and the interval excludes 0).
+
+| damage | amount | best | compared with | advantage of best (pp) | seeds: best better / other better / tied | holds across seeds |
+|---|---|---|---|---|---|---|
+| zero | 0.25 | distill | finetune | 10.00 [10.00, 10.00] | 2 / 0 / 0 | ✓ |
+| zero | 0.5 | distill | finetune | 10.00 [10.00, 10.00] | 2 / 0 / 0 | ✓ |
+
+## Recovery
+
+Recovery ratio (after − damaged) / (clean − damaged), computed per model (seed) from the accuracy rows, then the mean over the models where it is defined, with its 95 % bootstrap interval and how many models are defined. The noise floor is unknown (the results record no test-set size, test_examples): the ratio is computed wherever the gap clean − damaged is nonzero. Steps to X % of clean: per model, the first evaluated step reaching X % of the clean value; the median is over all models, those that never reach it counted as +∞, so it is "not reached" when fewer than half reach it.
+
+| damage | amount | strategy | recovery ratio | steps to 95 % of clean | steps to 99 % of clean |
+|---|---|---|---|---|---|
+| zero | 0.25 | distill | 1.222 [1.222, 1.222] (2/2 defined) | 0 (median of 2; 2 reached) | 0 (median of 2; 2 reached) |
+| zero | 0.25 | finetune | 0.778 [0.778, 0.778] (2/2 defined) | not reached (median of 2; 0 reached) | not reached (median of 2; 0 reached) |
+| zero | 0.5 | distill | 1.143 [1.143, 1.143] (2/2 defined) | 0 (median of 2; 2 reached) | 0 (median of 2; 2 reached) |
+| zero | 0.5 | finetune | 0.857 [0.857, 0.857] (2/2 defined) | not reached (median of 2; 0 reached) | not reached (median of 2; 0 reached) |
 
 ## Accuracy vs damage amount
 
@@ -182,6 +226,17 @@ def _line(report, start: str) -> str:
     return found[0]
 
 
+def _summary_line(report, start: str) -> str:
+    """The line of the metric table (the first section) starting so."""
+    lines = _lines(report)
+    first = next(i for i, line in enumerate(lines)
+                 if line.startswith("| damage | amount | n |"))
+    end = lines.index("", first)
+    found = [line for line in lines[first:end] if line.startswith(start)]
+    assert len(found) == 1, (start, found)
+    return found[0]
+
+
 def _crossings(report) -> dict[str, str]:
     """``{damage: amount-at-threshold cell}`` of the curve summary."""
     lines = _lines(report)
@@ -195,7 +250,7 @@ def _crossings(report) -> dict[str, str]:
     return out
 
 
-def test_accuracy_report_is_unchanged(tmp_path):
+def test_accuracy_report_text(tmp_path):
     (tmp_path / "costs.json").write_text(json.dumps(COSTS))
     report = write_report(tmp_path, _accuracy_rows(), title="baseline")
     assert report.read_text() == ACCURACY_REPORT
@@ -215,14 +270,20 @@ def test_language_model_run_reports_perplexity(tmp_path):
     headline = _line(report, "Clean (pretrained)")
     assert headline == "Clean (pretrained) test perplexity: **10.00**."
     assert "%" not in headline
-    assert "## Perplexity (mean ± 95 % CI over seeds)" in _lines(report)
-    assert _line(report, "| damage | amount |") == (
+    assert "## Perplexity (mean over seeds [95 % interval])" in _lines(report)
+    assert _line(report, "| damage | amount | n |") == (
         "| damage | amount | n | damaged perplexity | distill | finetune |")
-    # Means of the final rows: 12 ± ..., 10 + 0.1 * (value - 10) at step 20.
-    assert _line(report, "| zero | 0.25 |").startswith(
-        "| zero | 0.25 | 2 | 13.00 ± 12.71 | 12.00 ± 12.71 | 10.30 ± ")
-    assert _line(report, "| zero | 0.5 |").startswith(
-        "| zero | 0.5 | 2 | 32.00 ± 25.41 | 31.00 ± 25.41 | 12.20 ± ")
+    # Means of the final rows: 13 [12, 14] (two seeds: [min, max]), and
+    # 10 + 0.1 * (value - 10) at step 20.
+    assert _summary_line(report, "| zero | 0.25 |") == (
+        "| zero | 0.25 | 2 | 13.00 [12.00, 14.00] | 12.00 [11.00, 13.00] | "
+        "10.30 [10.20, 10.40] |")
+    assert _summary_line(report, "| zero | 0.5 |") == (
+        "| zero | 0.5 | 2 | 32.00 [30.00, 34.00] | 31.00 [29.00, 33.00] | "
+        "12.20 [12.00, 12.40] |")
+    # No binomial noise model for perplexity, and the report says so.
+    assert any("Perplexity has no binomial noise model" in line
+               for line in _lines(report))
     # Trapezoid of (13, 32) over [0.25, 0.5], divided by the width.
     assert _line(report, "| zero | 22.50 |")
     assert "![Perplexity vs damage amount](perplexity_vs_ratio.png)" in (
@@ -300,8 +361,8 @@ def test_diverged_perplexity_is_shown_as_inf(tmp_path):
                 "damaged", 0.25, "perplexity"):
             row["value"] = math.inf
     report = write_report(tmp_path, rows)
-    assert _line(report, "| zero | 0.25 |").startswith(
-        "| zero | 0.25 | 2 | inf ± n/a |")
+    assert _summary_line(report, "| zero | 0.25 |").startswith(
+        "| zero | 0.25 | 2 | inf |")
     assert _crossings(report) == {"zero": "0.25"}
     assert (tmp_path / "perplexity_vs_ratio.png").is_file()
 
@@ -443,3 +504,185 @@ def test_sensitivity_of_a_lower_is_better_metric(tmp_path):
     assert table[2:] == ["| zero | block_0 | 13.00 |",
                          "| zero | block_1 | inf |"]
     assert (tmp_path / "sensitivity.png").is_file()
+
+
+# Intervals, paired comparisons, recovery ratios and steps (recovjax.stats).
+
+def _demo_like_rows() -> list[dict]:
+    """Three seeds of a LeNet-like run on 1000 test examples.
+
+    ``bit_flip`` at 1e-6 barely moves accuracy (within test noise of the
+    clean 97 %); at 1e-5 one seed collapses to 10 % (bimodal seeds) and at
+    3e-5 every seed is hit. ``finetune`` recovers, ``restore`` restores the
+    clean value; the steps to 95 / 99 % are those where the old report
+    contradicted itself (95 %: median over the 6 that reached it; 99 %: the
+    one that did).
+    """
+    clean = 0.97
+    rows = [make_row(damage="none", ratio=0.0, seed=0, stage="clean",
+                     metric="accuracy", value=clean)]
+    damaged = {1e-6: (0.968, 0.969, 0.971), 1e-5: (0.10, 0.96, 0.965),
+               3e-5: (0.30, 0.40, 0.35)}
+    for ratio, values in damaged.items():
+        for seed, value in enumerate(values):
+            where = dict(damage="bit_flip", ratio=ratio, seed=seed)
+            rows.append(make_row(stage="damaged", metric="accuracy",
+                                 value=value, **where))
+            for step, share in ((0, 0.0), (10, 0.5), (20, 0.9)):
+                rows.append(make_row(
+                    stage="recovered/finetune", metric="accuracy", step=step,
+                    value=value + share * (clean - value), **where))
+            rows.append(make_row(stage="recovered/restore", metric="accuracy",
+                                 value=clean - 0.001 * seed, **where))
+    return rows
+
+
+def _part(report, heading: str) -> list[str]:
+    lines = _lines(report)
+    start = lines.index(heading)
+    end = next((i for i in range(start + 1, len(lines))
+                if lines[i].startswith("## ")), len(lines))
+    return lines[start:end]
+
+
+def _numbers_in_brackets(line: str) -> list[tuple[float, float, float]]:
+    import re
+    return [(float(m), float(lo), float(hi)) for m, lo, hi in re.findall(
+        r"(-?[\d.]+) \[(-?[\d.]+), (-?[\d.]+)\]", line)]
+
+
+def test_intervals_stay_in_range_and_the_method_is_stated(tmp_path):
+    report = write_report(tmp_path, _demo_like_rows(), title="demo",
+                          test_examples=1000)
+    table = _part(report, "## Accuracy (mean over seeds [95 % interval])")
+    assert table[2] == ("intervals: 95 % bootstrap percentile interval of "
+                        "the mean over seeds (10 000 resamples).")
+    assert not any("±" in line for line in _lines(report))
+    cells = [cell for line in table if line.startswith("| bit_flip")
+             for cell in _numbers_in_brackets(line)]
+    assert len(cells) == 9
+    for mean, low, high in cells:
+        assert 0.0 <= low <= mean <= high <= 100.0
+    # The bimodal seeds (10, 96, 96.5): inside [10, 96.5], never past 100.
+    assert _summary_line(report, "| bit_flip | 1e-05 |").startswith(
+        "| bit_flip | 1e-05 | 3 | 67.50 [10.00, 96.50] |")
+
+
+def test_one_seed_with_the_test_set_size_gets_a_wilson_interval(tmp_path):
+    rows = [r for r in _demo_like_rows() if r["seed"] == 0]
+    report = write_report(tmp_path, rows, title="one", test_examples=1000)
+    method = _part(report, "## Accuracy (mean over seeds [95 % interval])"
+                      )[2]
+    assert method.startswith("intervals: 95 % Wilson score interval over "
+                             "the 1000 test examples")
+    from recovjax.stats import wilson_interval
+    low, high = wilson_interval(0.1, 1000)[1:3]
+    assert _summary_line(report, "| bit_flip | 1e-05 |").startswith(
+        f"| bit_flip | 1e-05 | 1 | 10.00 [{100 * low:.2f}, {100 * high:.2f}]")
+
+
+def test_recovery_ratio_is_undefined_within_test_noise(tmp_path):
+    report = write_report(tmp_path, _demo_like_rows(), title="demo",
+                          test_examples=1000)
+    section = _part(report, "## Recovery")
+    assert "2·sqrt(p(1 − p)/n) = 1.08 pp" in section[2]
+    lines = {tuple(c.strip() for c in line.strip("|").split("|")[:3]): line
+             for line in section if line.startswith("| bit_flip")}
+    # 1e-6: every gap (at most 0.2 pp) is below 2 SE of 97 % on 1000.
+    assert ("undefined (damage within test noise: every gap ≤ 0.20 pp < 2 "
+            "SE = 1.08 pp)") in lines[("bit_flip", "1e-06", "finetune")]
+    # 1e-5: the seed at 10 % is defined (0.9), the two near clean are not.
+    assert "| 0.900 (1/3 defined) |" in lines[
+        ("bit_flip", "1e-05", "finetune")]
+    assert "| 0.900 [0.900, 0.900] (3/3 defined) |" in lines[
+        ("bit_flip", "3e-05", "finetune")]
+    assert not any("-15" in line for line in section)
+    # Without the test-set size the floor is unknown, and the report says so.
+    other = tmp_path / "unknown"
+    other.mkdir()
+    report = write_report(other, _demo_like_rows(), title="demo")
+    section = _part(report, "## Recovery")
+    assert "The noise floor is unknown" in section[2]
+    assert "(3/3 defined)" in [line for line in section if line.startswith(
+        "| bit_flip | 1e-06 | finetune")][0]
+
+
+def test_test_examples_come_from_the_sidecar(tmp_path):
+    from recovjax.results import ResultsTable
+    ResultsTable(rows=_demo_like_rows(), test_examples=1000).to_csv(
+        tmp_path / "results.csv")
+    report = write_report(tmp_path, title="demo")
+    assert any("over the n = 1000 test examples" in line
+               for line in _lines(report))
+    with pytest.raises(ValueError, match="test_examples"):
+        write_report(tmp_path, test_examples=0)
+
+
+def test_steps_medians_count_the_models_that_did_not_reach(tmp_path):
+    clean = 0.97
+    rows = [make_row(damage="none", ratio=0.0, seed=0, stage="clean",
+                     metric="accuracy", value=clean)]
+    steps_95 = [0, 10, 12, 14, 16, 18, math.nan, math.nan, math.nan]
+    steps_99 = [0] + [math.nan] * 8
+    for seed in range(9):
+        where = dict(damage="zero", ratio=0.5, seed=seed)
+        rows.append(make_row(stage="damaged", metric="accuracy", value=0.5,
+                             **where))
+        rows.append(make_row(stage="recovered/finetune", metric="accuracy",
+                             value=0.9, step=20, **where))
+        for name, values in (("steps_to_95", steps_95),
+                             ("steps_to_99", steps_99)):
+            rows.append(make_row(stage="recovered/finetune", metric=name,
+                                 value=values[seed], step=20, **where))
+    report = write_report(tmp_path, rows, title="steps", test_examples=1000)
+    (line,) = [line for line in _part(report, "## Recovery")
+               if line.startswith("| zero | 0.5 | finetune")]
+    cells = [cell.strip() for cell in line.strip("|").split("|")]
+    # The old report: "13 (median; 6/9 reached)" and "0 (median; 1/9
+    # reached)", i.e. 99 % of clean reached before 95 %.
+    assert cells[4] == "16 (median of 9; 6 reached)"
+    assert cells[5] == "not reached (median of 9; 1 reached)"
+
+
+def test_paired_comparisons_mark_differences_that_hold(tmp_path):
+    report = write_report(tmp_path, _demo_like_rows(), title="demo",
+                          test_examples=1000)
+    section = _part(report, "## Paired comparisons")
+    assert section[4].startswith("| damage | amount | best | compared with "
+                                 "| advantage of best (pp) |")
+    rows = {line.split("|")[2].strip(): line for line in section
+            if line.startswith("| bit_flip")}
+    # 3e-5: restore beats finetune on every seed (97 - 0.1 s vs 90.x).
+    assert rows["3e-05"].startswith("| bit_flip | 3e-05 | restore | "
+                                    "finetune |")
+    assert rows["3e-05"].endswith("| 3 / 0 / 0 | ✓ |")
+    # 1e-6: finetune sits within 0.3 pp of restore, seeds disagree or tie.
+    assert not rows["1e-06"].endswith("✓ |")
+    for _, low, high in _numbers_in_brackets(rows["3e-05"]):
+        assert 0 < low <= high
+
+
+def test_metric_plot_draws_seeds_and_a_log_axis_for_rates(tmp_path,
+                                                          monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.figure
+    from recovjax.report import final_rows, log_amounts, plot_metric_vs_ratio
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda figure, *args, **kwargs: saved.append(figure))
+    rows = final_rows(_demo_like_rows())
+    plot_metric_vs_ratio(rows, tmp_path / "a.png", ACCURACY)
+    (axis, *_) = saved[0].axes
+    assert axis.get_xscale() == "log"
+    # One strip per stage: damaged, finetune, restore, 9 points each.
+    strips = [c for c in axis.collections
+              if len(c.get_offsets()) == 9]
+    assert len(strips) == 3
+    assert log_amounts([1e-6, 1e-5, 3e-5]) and log_amounts([0.1, 1.0])
+    assert not log_amounts([0.1, 0.3, 0.5]) and not log_amounts([0.5, 2.0])
+    assert not log_amounts([0.0, 1e-6, 1e-4]) and not log_amounts([])
+    saved.clear()
+    plot_metric_vs_ratio(final_rows(_accuracy_rows()), tmp_path / "b.png",
+                         ACCURACY)
+    assert saved[0].axes[0].get_xscale() == "linear"

@@ -18,7 +18,8 @@ from recovjax.results import (COLUMNS, VERSION_1_COLUMNS, ResultsFileError,
                               ResultsTable, area_under_curve, make_row,
                               metadata_path, metrics_rows, ratio_at_threshold,
                               read_csv, read_json, read_rows, read_table,
-                              summarize, t_quantile)
+                              summarize)
+from recovjax.stats import bootstrap_mean, wilson_interval
 
 
 def _table(values=(0.5, 0.7, 0.9), **metadata) -> ResultsTable:
@@ -449,44 +450,59 @@ def test_make_row_and_select_errors():
         _table().select(colour="red")
 
 
-def test_summarize_mean_std_and_t_interval():
+def test_summarize_mean_std_and_bootstrap_interval():
     (summary,) = summarize(_table(), "accuracy")
     assert summary.n == 3
     assert summary.mean == pytest.approx(0.7, abs=1e-15)
     assert summary.std == pytest.approx(0.2, abs=1e-15)
-    half = 4.302652729749464 * 0.2 / math.sqrt(3)
-    assert summary.ci95_low == pytest.approx(0.7 - half, abs=1e-9)
-    assert summary.ci95_high == pytest.approx(0.7 + half, abs=1e-9)
+    expected = bootstrap_mean([0.5, 0.7, 0.9])
+    assert (summary.low, summary.high) == (expected.low, expected.high)
+    assert summary.method == "bootstrap"
+    assert 0.5 <= summary.low < summary.mean < summary.high <= 0.9
+    assert summarize(_table(), "accuracy") == [summary]  # deterministic
     (single,) = summarize(_table(values=(0.4,)))
     assert single.mean == 0.4 and single.n == 1
-    assert math.isnan(single.std) and math.isnan(single.ci95_low)
+    assert math.isnan(single.std) and math.isnan(single.low)
+    assert single.method == "none"
     assert summarize(_table(), "loss") == []
 
 
-@pytest.mark.parametrize("dof, expected", [
-    (1, 12.706204736174698), (2, 4.302652729749464), (3, 3.182446305284263),
-    (4, 2.7764451051977934), (10, 2.2281388519862744),
-    (30, 2.0422724563012373), (1000, 1.9623390808264078)])
-def test_t_quantile_known_values(dof, expected):
-    assert t_quantile(0.975, dof) == pytest.approx(expected, rel=1e-9)
-    assert t_quantile(0.025, dof) == pytest.approx(-expected, rel=1e-9)
+def test_summarize_bimodal_seeds_stay_inside_the_unit_interval():
+    (summary,) = summarize(_table(values=(0.1, 0.97, 0.97)))
+    assert 0.1 <= summary.low <= summary.high <= 0.97
 
 
-def test_t_quantile_matches_scipy_when_available():
-    stats = pytest.importorskip("scipy.stats")
-    for dof in list(range(1, 40)) + [57, 99, 250]:
-        for p in (0.6, 0.9, 0.975, 0.995):
-            assert t_quantile(p, dof) == pytest.approx(
-                stats.t.ppf(p, dof), rel=1e-9, abs=1e-12)
+def test_summarize_one_seed_with_the_test_set_size_is_wilson():
+    table = _table(values=(0.4,), test_examples=50)
+    (single,) = summarize(table)
+    expected = wilson_interval(0.4, 50)
+    assert single.method == "wilson"
+    assert (single.low, single.high) == (expected.low, expected.high)
+    (given,) = summarize(_table(values=(0.4,)), examples=50)
+    assert given == single
+    with pytest.raises(ValueError, match="confidence"):
+        summarize(table, confidence=95)
 
 
-def test_t_quantile_errors():
-    with pytest.raises(ValueError, match="probability"):
-        t_quantile(1.0, 3)
-    with pytest.raises(ValueError, match="dof"):
-        t_quantile(0.975, 0)
-    with pytest.raises(ValueError, match="dof"):
-        t_quantile(0.975, 2.5)
+def test_test_examples_round_trip_and_older_files_read(tmp_path):
+    table = _table(test_examples=500)
+    path = table.to_csv(tmp_path / "results.csv")
+    sidecar = json.loads(metadata_path(path).read_text())
+    assert sidecar["test_examples"] == 500
+    assert read_csv(path).test_examples == 500
+    assert read_json(table.to_json(tmp_path / "r.json")).test_examples == 500
+    # A sidecar written before the field existed reads with None.
+    del sidecar["test_examples"]
+    metadata_path(path).write_text(json.dumps(sidecar))
+    assert read_csv(path).test_examples is None
+    # A table without it writes the same files as before.
+    assert "test_examples" not in _table().to_metadata_text()
+    with pytest.raises(ValueError, match="test_examples"):
+        _table(test_examples=0)
+    sidecar["test_examples"] = "many"
+    metadata_path(path).write_text(json.dumps(sidecar))
+    with pytest.raises(ResultsFileError, match="test_examples"):
+        read_csv(path)
 
 
 def _curve(points, kind="zero"):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from recovjax.damage import get_damage
-from recovjax.recovery.seed import (load_config, mean_ci95,
+from recovjax import stats
+from recovjax.recovery.seed import (SeedExperimentResult, load_config,
                                     run_seed_experiment)
 
 CONFIG = pathlib.Path(__file__).parent.parent / "experiments" / (
@@ -42,9 +43,12 @@ def test_seed_experiment_runs_end_to_end_on_a_subset(small_mnist,
     assert result.config["test_examples"] == 200
     stages = {row["stage"] for row in result.rows}
     assert stages == {"clean", "damaged", "recovered"}
-    assert "clean" in result.describe() and "±" in result.describe()
+    text = result.describe()
+    assert "clean" in text and "±" not in text and "bootstrap" in text
     summary = result.summary()
-    assert summary["clean"][0] == pytest.approx(result.clean_accuracy)
+    assert summary["clean"].estimate == pytest.approx(result.clean_accuracy)
+    assert summary["clean"].method == stats.WILSON
+    assert summary["clean"].n == 200
 
 
 def test_config_is_the_seeds_recipe():
@@ -77,9 +81,32 @@ def test_config_errors_are_clear():
         run_seed_experiment(0)
 
 
-def test_mean_ci95_uses_the_t_quantile():
-    values = np.arange(10.0)
-    mean, half = mean_ci95(values)
-    assert mean == 4.5
-    assert half == pytest.approx(2.262 * values.std(ddof=1) / np.sqrt(10))
-    assert np.isnan(mean_ci95([1.0])[1])
+def _result(damaged, recovered, clean=0.97, test_examples=1000):
+    count = len(damaged)
+    return SeedExperimentResult(
+        seeds=tuple(range(count)), clean_accuracy=clean,
+        damaged_accuracy=np.asarray(damaged),
+        recovered_accuracy=np.asarray(recovered),
+        recovered_loss=np.zeros(count), diverged=np.zeros(count, bool),
+        rows=[], seconds=0.0,
+        config={"model": "lenet5", "dataset": "mnist5k", "ratio": 0.1,
+                "test_examples": test_examples})
+
+
+def test_summary_uses_the_statistics_module():
+    result = _result([0.1, 0.97, 0.97], [0.5, 0.97, 0.96])
+    summary = result.summary()
+    assert summary["damaged"] == stats.bootstrap_mean([0.1, 0.97, 0.97])
+    for interval in summary.values():
+        assert 0.0 <= interval.low <= interval.estimate <= interval.high <= 1
+    assert summary["clean"] == stats.wilson_interval(0.97, 1000)
+    text = result.describe()
+    assert "damaged   accuracy 0.6800 [0.1000, 0.9700]" in text
+    assert "bootstrap percentile" in text and "Wilson" in text
+    # Seeds 1 and 2 are within test noise of clean: 1 of 3 ratios defined.
+    assert "recovery ratio 0.460 (mean over the 1/3 seeds" in text
+
+
+def test_describe_says_when_every_ratio_is_within_noise():
+    text = _result([0.968, 0.969], [0.97, 0.97]).describe()
+    assert "recovery ratio undefined" in text and "test noise" in text

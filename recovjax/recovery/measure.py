@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from recovjax import stats
 from recovjax._types import ApplyFn, Params
 from recovjax.evaluate import cross_entropy
 from recovjax.recovery.finetune import Curve, FinetuneResult
@@ -24,28 +25,33 @@ THRESHOLDS: tuple[float, ...] = (0.95, 0.99)
 """Fractions of clean accuracy whose steps-to-reach are reported."""
 
 
-def recovery_ratio(clean: Any, damaged: Any, after: Any) -> Any:
+def recovery_ratio(clean: Any, damaged: Any, after: Any, *,
+                   examples: int | None = None) -> Any:
     """``(after - damaged) / (clean - damaged)``, elementwise.
 
     1 means full recovery, 0 none, negative a further loss. Where the damage
     did not change the metric (``clean == damaged``) the ratio is undefined
-    and NaN is returned, rather than a misleading 1 or infinity.
+    and NaN is returned, rather than a misleading 1 or infinity. Given the
+    test-set size ``examples`` of an accuracy, the ratio is also NaN where
+    ``|clean - damaged|`` is within the clean model's test noise (less than
+    2 binomial standard errors ``2 sqrt(p (1 - p) / n)`` of the clean
+    accuracy ``p``; see :func:`recovjax.stats.recovery_ratio`).
 
     Args:
         clean: metric of the undamaged model (scalar or array).
         damaged: metric right after damage.
         after: metric after recovery.
+        examples: the number of test examples the accuracies were measured
+            on; ``None``: only a zero gap is undefined.
 
     Returns:
         A float, or a float array of the broadcast shape.
+
+    Raises:
+        ValueError, TypeError: for an ``examples`` that is not a positive
+            int.
     """
-    clean, damaged, after = (np.asarray(x, np.float64)
-                             for x in (clean, damaged, after))
-    gap = clean - damaged
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ratio = np.where(gap != 0, (after - damaged) / np.where(
-            gap != 0, gap, 1.0), np.nan)
-    return float(ratio) if ratio.ndim == 0 else ratio
+    return stats.recovery_ratio(clean, damaged, after, examples=examples)
 
 
 def steps_to_fraction(steps: Sequence[int], accuracy: Sequence[float],
@@ -218,6 +224,7 @@ def recovery_records(result: FinetuneResult, *, damage: str,
                      damaged_loss: Sequence[float] | None = None,
                      cost: dict[str, float] | None = None,
                      thresholds: Sequence[float] = THRESHOLDS,
+                     examples: int | None = None,
                      **columns: Any) -> list[dict[str, Any]]:
     """Tidy rows (damage, ratio, seed, stage, metric, value, step) of a run.
 
@@ -248,6 +255,9 @@ def recovery_records(result: FinetuneResult, *, damage: str,
         damaged_loss: per-model loss after damage.
         cost: per-run measures to add as ``recovered`` rows at the last step.
         thresholds: fractions of clean accuracy for steps-to-reach.
+        examples: the number of test examples behind the accuracies; the
+            ``recovery_ratio`` row is NaN where the damage is within their
+            noise (see :func:`recovery_ratio`). ``None``: only a zero gap.
         **columns: extra constant columns (e.g. ``strategy="finetune"``).
 
     Returns:
@@ -290,7 +300,8 @@ def recovery_records(result: FinetuneResult, *, damage: str,
             add(index, "recovered", "loss", loss, step)
         last = int(curve.steps[-1])
         add(index, "recovered", "recovery_ratio", recovery_ratio(
-            clean_accuracy, before_accuracy, curve.accuracy[-1]), last)
+            clean_accuracy, before_accuracy, curve.accuracy[-1],
+            examples=examples), last)
         for fraction in thresholds:
             label = f"{round(fraction * 100):d}"
             step = steps_to_fraction(curve.steps, curve.accuracy,

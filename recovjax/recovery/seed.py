@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from recovjax import stats
 from recovjax._types import Damage, Dataset, Params, Split
 from recovjax.data import batch_split, load_dataset
 from recovjax.evaluate import evaluate
@@ -28,31 +29,6 @@ from recovjax.models import get_model
 from recovjax.recovery.points import recover_damage
 from recovjax.recovery.registry import get_strategy, make_task
 from recovjax.recovery.measure import recovery_ratio, recovery_records
-
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447,
-         7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086,
-         30: 2.042}
-"""Two-sided 95 % Student-t quantiles by degrees of freedom (scipy if missing)."""
-
-
-def mean_ci95(values: Any) -> tuple[float, float]:
-    """Mean and half-width of the 95 % t-interval of ``values``.
-
-    Returns:
-        ``(mean, half_width)``; the half-width is NaN for fewer than 2 values.
-    """
-    values = np.asarray(values, np.float64)
-    mean = float(values.mean())
-    if values.size < 2:
-        return mean, float("nan")
-    dof = values.size - 1
-    if dof in T_975:
-        quantile = T_975[dof]
-    else:
-        from scipy import stats
-        quantile = float(stats.t.ppf(0.975, dof))
-    return mean, float(quantile * values.std(ddof=1) / np.sqrt(values.size))
-
 
 @dataclasses.dataclass(frozen=True)
 class SeedExperimentResult:
@@ -80,25 +56,50 @@ class SeedExperimentResult:
     seconds: float
     config: dict[str, Any]
 
-    def summary(self) -> dict[str, tuple[float, float]]:
-        """``{stage: (mean, 95 % CI half-width)}`` of the accuracies."""
-        return {"clean": (self.clean_accuracy, 0.0),
-                "damaged": mean_ci95(self.damaged_accuracy),
-                "recovered": mean_ci95(self.recovered_accuracy)}
+    def summary(self) -> dict[str, stats.Interval]:
+        """``{stage: interval}`` of the accuracies (:mod:`recovjax.stats`).
+
+        ``clean`` is one model: its Wilson score interval over the test
+        examples. ``damaged`` and ``recovered`` are the bootstrap
+        percentile intervals of the mean over seeds (for one seed, the
+        Wilson interval over the test examples).
+        """
+        examples = self.config.get("test_examples")
+        return {"clean": stats.mean_interval([self.clean_accuracy],
+                                             examples=examples),
+                "damaged": stats.mean_interval(self.damaged_accuracy,
+                                               examples=examples),
+                "recovered": stats.mean_interval(self.recovered_accuracy,
+                                                 examples=examples)}
 
     def describe(self) -> str:
-        """One line per stage: ``mean ± CI`` over the seeds."""
+        """One line per stage: ``mean [low, high]``, and the method."""
         lines = [f"{len(self.seeds)} seeds, {self.config['model']} on "
                  f"{self.config['dataset']}, zero {self.config['ratio']:.0%} "
                  "of every tensor:"]
-        for stage, (mean, half) in self.summary().items():
-            lines.append(f"  {stage:<9} accuracy {mean:.4f} ± {half:.4f}"
-                         if stage != "clean" else
-                         f"  {stage:<9} accuracy {mean:.4f}")
+        summary = self.summary()
+        for stage, interval in summary.items():
+            shown = f"{interval.estimate:.4f}"
+            if not np.isnan(interval.low):
+                shown += f" [{interval.low:.4f}, {interval.high:.4f}]"
+            lines.append(f"  {stage:<9} accuracy {shown}")
+        examples = self.config.get("test_examples")
+        lines.append("  " + stats.describe_method(
+            {i.method for i in summary.values()}, examples=examples))
         ratios = recovery_ratio(self.clean_accuracy, self.damaged_accuracy,
-                                self.recovered_accuracy)
-        lines.append(f"  recovery ratio {np.nanmean(ratios):.3f} (mean over "
-                     "seeds)")
+                                self.recovered_accuracy, examples=examples)
+        defined = ratios[np.isfinite(ratios)]
+        if defined.size:
+            ratio = stats.bootstrap_mean(defined)
+            shown = f"{ratio.estimate:.3f}"
+            if not np.isnan(ratio.low):
+                shown += f" [{ratio.low:.3f}, {ratio.high:.3f}]"
+            lines.append(f"  recovery ratio {shown} (mean over the "
+                         f"{defined.size}/{ratios.size} seeds where it is "
+                         "defined)")
+        else:
+            lines.append("  recovery ratio undefined (the damage is within "
+                         "the clean model's test noise)")
         return "\n".join(lines)
 
 
@@ -230,7 +231,8 @@ def run_seed_experiment(seeds: int = 10, *, model: str = "lenet5",
     rows = recovery_records(
         result, damage="zero", ratios=[ratio] * seeds, seeds=seed_values,
         clean_accuracy=float(clean.accuracy), clean_loss=float(clean.loss),
-        cost={"wall_seconds": seconds}, strategy="finetune")
+        cost={"wall_seconds": seconds}, strategy="finetune",
+        examples=len(test))
     return SeedExperimentResult(
         seeds=seed_values, clean_accuracy=float(clean.accuracy),
         damaged_accuracy=np.asarray(result.curve.accuracy[:, 0]),

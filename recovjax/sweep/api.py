@@ -635,8 +635,13 @@ def sweep(model, params: Params, *,
     }
     if config:
         description.update(config)
+    # Classifier accuracies are fractions of these examples; a task's
+    # metrics (tokens, perplexity) are not, and record none.
+    examples = (description["num_examples"]
+                if isinstance(batches, (Batches, BatchStream)) else None)
     table = ResultsTable(rows=rows, config=description, root_seed=root_seed,
                          versions=library_versions(),
-                         device_kind=device_description(devices))
+                         device_kind=device_description(devices),
+                         test_examples=examples)
     return SweepResult(table=table, plan=the_plan,
                        seconds=time.perf_counter() - start)
