@@ -326,7 +326,8 @@ class Experiment:
         return recover_damage(strategy, task, self.damage_op(damage),
                               self.params, damage_keys=keys, amounts=ratios,
                               keys=recovery_keys,
-                              model_devices=self.config.sweep.model_devices)
+                              model_devices=self.config.sweep.model_devices,
+                              count_flops=True)
 
 
 PROFILE_EXAMPLES = 1000
@@ -529,17 +530,32 @@ def run_experiment(config: config_lib.ExperimentConfig,
                             examples=experiment.test_examples)
                         run.write_part(name, part_rows)
                         trained = outcome.losses.shape[-1] > 0
+                        memory = peak_memory()
+                        flops = outcome.flops
                         costs["recovery"].append({
                             "damage": label, "strategy": tag,
                             "group": index, "models": len(group),
+                            "ratios": sorted({r for _, r, _ in group}),
                             "seconds": round(seconds, 4),
+                            "seconds_per_model": round(
+                                seconds / len(group), 4),
                             "steps": int(outcome.losses.shape[-1]),
+                            "flops_per_model": (None if flops is None or
+                                                not math.isfinite(flops)
+                                                else round(flops)),
                             "flops_per_step": (experiment.step_flops()
                                                if trained else None),
+                            "labelled_samples": outcome.labelled,
+                            "unlabelled_samples": outcome.unlabelled,
+                            "trainable_params": int(outcome.trainable),
                             "bytes_read": int(outcome.bytes_read),
                             "restored_leaves": list(outcome.restored_leaves),
                             "peak_rss_mb": round(
-                                peak_memory().host_bytes / 2**20, 1)})
+                                memory.host_bytes / 2**20, 1),
+                            "peak_device_mb": (None if memory.device_bytes
+                                               is None else round(
+                                                   memory.device_bytes
+                                                   / 2**20, 1))})
                         run.write(f"costs/{name}.json",
                                   json.dumps(costs["recovery"][-1],
                                              sort_keys=True))

@@ -48,7 +48,7 @@ DEFAULT_CALIBRATION = 256
 a vision model's inputs are smaller)."""
 DEFAULT_DAMPING = 0.01
 """Ridge weight relative to the mean diagonal of ``J^T J`` (SparseGPT's)."""
-DEFAULT_ITERATIONS = 100
+DEFAULT_ITERATIONS = 50
 """Conjugate-gradient iterations per layer, at most."""
 
 

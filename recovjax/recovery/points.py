@@ -87,6 +87,10 @@ class Prepared(NamedTuple):
             stages (an iterative schedule): it is then called as ``fn(key,
             params, mask, shared, stages=Stages(...))`` and runs only where
             the damage operator is known (:func:`recover_damage`).
+        labelled: whether the examples it trains on are read with their
+            labels (distillation reads only inputs).
+        unlabelled: inputs it reads without labels besides training (a
+            calibration set).
     """
 
     fn: PointStrategyFn
@@ -95,6 +99,8 @@ class Prepared(NamedTuple):
     bytes_read: int
     trainable: int = 0
     redamages: bool = False
+    labelled: bool = True
+    unlabelled: int = 0
 
 
 class Stages(NamedTuple):
@@ -435,11 +441,63 @@ def touched_leaves(op: Callable, params: Params, damage_keys: PRNGKey,
     return sorted(name for name, flag in flags.items() if np.any(flag))
 
 
+_FLOPS: dict[tuple, tuple[Any, float]] = {}
+
+
+def recovery_flops(prepared: Prepared, task: Any, op: Callable,
+                   params: Params, point: tuple, info: Any = None) -> float:
+    """FLOPs one point's recovery performs (XLA's count, loops unrolled).
+
+    The point program (damage, recovery, curve evaluations) is counted by
+    :func:`~recovjax.recovery.measure.program_flops`; the one-shot damage
+    and every curve evaluation are subtracted, so what remains is what the
+    strategy itself computes (its training steps, solves, restores; the
+    re-damaging of an iterative schedule).
+
+    Args:
+        prepared: the prepared strategy.
+        task: its recovery task.
+        op: the damage operator.
+        params: the pretrained parameters.
+        point: one point's ``(damage key, amount, key)``.
+        info: the model's leaf metadata, for the operator.
+
+    Returns:
+        The FLOPs (NaN where the backend does not count them).
+    """
+    from recovjax.recovery.measure import program_flops
+    cache_key = (prepared.fn, op, id(info), prepared.redamages)
+    if cache_key in _FLOPS:
+        return _FLOPS[cache_key][1]
+    structs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+        jnp.shape(a), jnp.result_type(a)) if not jax.dtypes.issubdtype(
+            jnp.result_type(a), jax.dtypes.prng_key) else a, point)
+    unit = _damaged_point(prepared.fn, op, info, False, prepared.redamages)
+    shared = (params, prepared.shared)
+    total = program_flops(unit, structs, shared)
+    damage_of = _damage_call(op, info)
+    damage = program_flops(lambda k, a: damage_of(k, params, a).params,
+                           point[0], structs[1])
+    curve = jax.eval_shape(unit, structs, shared).curve
+    evaluations = int(curve.steps.shape[0])
+    evaluation = 0.0
+    if evaluations and task.eval_batches is not None:
+        evaluation = program_flops(lambda p, b: curve_metrics(
+            task.apply, p, b, task.num_classes, task.general_task),
+            params, task.eval_batches)
+    flops = total - damage - evaluations * evaluation
+    if len(_FLOPS) >= 64:
+        _FLOPS.pop(next(iter(_FLOPS)))
+    _FLOPS[cache_key] = (info, float(flops))
+    return float(flops)
+
+
 def recover_damage(strategy: Any, task: Any, op: Callable, params: Params,
                    *, damage_keys: PRNGKey, amounts: Any, keys: PRNGKey,
                    return_params: bool = False, group_size: int = 1,
                    devices: Sequence[Any] | None = None,
-                   model_devices: int = 1, partition=None):
+                   model_devices: int = 1, partition=None,
+                   count_flops: bool = False):
     """Damage and recover many models, each damage re-derived on device.
 
     Point ``i`` is the model ``op(damage_keys[i], params, amounts[i])``,
@@ -468,10 +526,14 @@ def recover_damage(strategy: Any, task: Any, op: Callable, params: Params,
             mesh; see :func:`recovjax.runner.map_points`).
         partition: ``rule(path, leaf) -> PartitionSpec | None`` for the
             shared leaves on the model axis.
+        count_flops: also count the FLOPs of one point's recovery
+            (:func:`recovery_flops`; it compiles the program's loop bodies
+            once more, outside the timed run).
 
     Returns:
         :class:`~recovjax.recovery.RecoveryOutcome`; ``params`` is ``None``
-        unless ``return_params``.
+        unless ``return_params``; ``flops`` is ``None`` unless
+        ``count_flops``.
 
     Raises:
         TypeError: keys that are not typed keys.
@@ -515,7 +577,12 @@ def recover_damage(strategy: Any, task: Any, op: Callable, params: Params,
         partition=partition)
     result = jax.block_until_ready(program(
         (damage_keys, amounts, keys), (params, prepared.shared)))
-    return outcome_of(result, prepared, time.perf_counter() - start)
+    outcome = outcome_of(result, prepared, time.perf_counter() - start)
+    if count_flops:
+        first = jax.tree.map(lambda a: a[0], (damage_keys, amounts, keys))
+        outcome = outcome._replace(flops=recovery_flops(
+            prepared, task, op, params, first, info))
+    return outcome
 
 
 __all__ = ["Candidates", "Evaluator", "PointOutcome", "PointStrategyFn", "Prepared",

@@ -271,6 +271,14 @@ class RecoveryOutcome(NamedTuple):
             mode (leading axis ``M``), or ``None``: the model's own.
         trainable: values trained per model (0: the strategy does not
             train; a LoRA recovery trains its adapters only).
+        labelled: examples read with their labels per model (training
+            examples, repeats counted; ``None``: not counted, a training
+            run without evaluation batches has no curve to count them on).
+        unlabelled: examples read without labels per model (distillation's
+            training examples, a calibration set; ``None`` likewise).
+        flops: FLOPs of one model's recovery, when counted
+            (:func:`~recovjax.recovery.points.recovery_flops`), else
+            ``None``.
     """
 
     params: Params
@@ -283,6 +291,9 @@ class RecoveryOutcome(NamedTuple):
     seconds: float
     state: Any = None
     trainable: int = 0
+    labelled: int | None = 0
+    unlabelled: int | None = 0
+    flops: float | None = None
 
 
 class Strategy(Protocol):
@@ -351,12 +362,21 @@ def outcome_of(result: points.PointOutcome, prepared: points.Prepared,
     flags = result.restored
     restored = tuple(sorted(name for name, flag in flags.items()
                             if np.any(flag)))
+    samples = np.asarray(result.curve.samples)
+    # Counted on the curve: without evaluation batches there is none, and
+    # a strategy that trained reports its sample counts as unknown.
+    trained = int(samples[..., -1].max()) if samples.size else (
+        None if prepared.trains else 0)
     return RecoveryOutcome(
         params=params, curve=result.curve, losses=result.losses,
         diverged=result.diverged, diverged_step=result.diverged_step,
         restored_leaves=restored, bytes_read=int(prepared.bytes_read),
         seconds=seconds, state=result.state,
-        trainable=int(prepared.trainable))
+        trainable=int(prepared.trainable),
+        labelled=trained if prepared.labelled else 0,
+        unlabelled=None if trained is None and not prepared.labelled else (
+            (0 if prepared.labelled else trained)
+            + int(prepared.unlabelled)))
 
 
 def _evaluator(task: RecoveryTask) -> points.Evaluator:
@@ -412,8 +432,8 @@ def _training_strategy(name: str, build: Callable[[RecoveryTask], Callable],
                        uses_frozen: bool, labels_of: Callable | None = None,
                        trainable_of: Callable[[RecoveryTask], int]
                        = _parameter_count,
-                       built_for: Callable[[RecoveryTask], Any] | None = None
-                       ) -> PointStrategy:
+                       built_for: Callable[[RecoveryTask], Any] | None = None,
+                       labelled: bool = True) -> PointStrategy:
     """A strategy running one fine-tuning function per model.
 
     The function is built once per model and task kind, so tasks that
@@ -443,7 +463,8 @@ def _training_strategy(name: str, build: Callable[[RecoveryTask], Callable],
         return points.Prepared(
             fn=built[cache_key],
             shared=(task.images, labels, task.weights, task.eval_batches),
-            trains=True, bytes_read=0, trainable=trainable_of(task))
+            trains=True, bytes_read=0, trainable=trainable_of(task),
+            labelled=labelled)
 
     return PointStrategy(name, prepare)
 
@@ -519,7 +540,7 @@ def _distill_factory(*, temperature: float = 1.0,
         return cached[0][1]
 
     return _training_strategy("distill", build, uses_frozen=False,
-                              labels_of=labels_of)
+                              labels_of=labels_of, labelled=False)
 
 
 def _lora_factory(*, rank: int = lora_lib.DEFAULT_RANK,
@@ -768,7 +789,9 @@ def _iterative_factory(*, then: str = "finetune_undamaged",
         return points.Prepared(fn=built[stage.fn], shared=stage.shared,
                                trains=stage.trains,
                                bytes_read=stage.bytes_read,
-                               trainable=stage.trainable, redamages=True)
+                               trainable=stage.trainable, redamages=True,
+                               labelled=stage.labelled,
+                               unlabelled=stage.unlabelled * len(fractions))
 
     return PointStrategy("iterative", prepare)
 
@@ -1004,7 +1027,8 @@ def _calibration_strategy(name: str, calibration: int,
                                               layers)
         return points.Prepared(fn=fn, shared=(inputs, targets,
                                               task.eval_batches),
-                               trains=False, bytes_read=bytes_read)
+                               trains=False, bytes_read=bytes_read,
+                               unlabelled=calibration)
 
     return PointStrategy(name, prepare)
 
@@ -1171,7 +1195,9 @@ def compose(*strategies: Strategy) -> Strategy:
                 shared=tuple(stage.shared for stage in stages),
                 trains=any(trains),
                 bytes_read=sum(stage.bytes_read for stage in stages),
-                trainable=max(stage.trainable for stage in stages))
+                trainable=max(stage.trainable for stage in stages),
+                labelled=all(stage.labelled for stage in stages),
+                unlabelled=sum(stage.unlabelled for stage in stages))
 
         return PointStrategy("+".join(stage.__name__ for stage in strategies),
                              prepare)
