@@ -197,6 +197,33 @@ def _command_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _command_compare(args: argparse.Namespace) -> int:
+    from recovjax.report import frontier
+    run_dir = pathlib.Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
+    headline, points, choices = frontier.compare_run(
+        run_dir, cost=args.cost, budget=args.budget, metric=args.metric)
+    axis = frontier.COSTS[args.cost]
+    lines = [f"{run_dir}: {headline.name} after recovery against "
+             f"{axis.label}", "", "frontier (cheapest first):"]
+    groups: dict = {}
+    for point in points:
+        if point.on_frontier:
+            groups.setdefault((point.damage, point.ratio), []).append(point)
+    for (kind, ratio), group in groups.items():
+        shown = ", ".join(
+            f"{p.strategy} {headline.show(p.value, unit=True)} at "
+            f"{frontier.show_cost(axis, p.cost)}" for p in group)
+        lines.append(f"  {kind} {ratio:g}: {shown}")
+    budget = (float("inf") if args.budget is None
+              else args.budget / axis.scale)
+    lines += [""] + frontier.describe_choices(choices, headline, axis,
+                                              budget)
+    print("\n".join(lines))
+    return EXIT_OK
+
+
 def _command_pretrain(args: argparse.Namespace) -> int:
     from recovjax.data.loading import dataset_features
     from recovjax.pretrain import load_pretrained, pretrain
@@ -436,6 +463,23 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", metavar="RUN_DIR",
                         help="a run directory written by demo, sweep or "
                              "recover")
+
+    compare = add_command(parser, "compare", "which recovery strategy is "
+                          "best under a budget, from a run's saved results "
+                          "and costs", _command_compare)
+    compare.add_argument("run_dir", metavar="RUN_DIR",
+                         help="a run directory written by demo or recover")
+    compare.add_argument("--cost", default="flops", choices=tuple(
+        ("flops", "seconds", "samples", "labelled", "params", "bytes")),
+        help="what a recovery costs: GFLOP, wall seconds, samples read "
+             "(labelled or all), trainable parameters or checkpoint bytes, "
+             "per model")
+    compare.add_argument("--budget", type=float, default=None, metavar="X",
+                         help="the most a strategy may cost, in the cost's "
+                              "unit (default: any cost)")
+    compare.add_argument("--metric", default=None,
+                         help="the metric to compare on (default: accuracy, "
+                              "or perplexity for a language model)")
 
     pre = add_command(parser, "pretrain", "pretrain a model (into the zoo "
                       "cache, or --out)", _command_pretrain)

@@ -38,7 +38,8 @@ import pathlib
 import numpy as np
 
 from recovjax import stats
-from recovjax._io import atomic_write, read_json_file
+from recovjax._io import atomic_write
+from recovjax.report import frontier as frontier_lib
 from recovjax.report.headline import (ACCURACY, Headline, PERPLEXITY,
                                       RECOVERED, final_rows, headline_metric,
                                       log_amounts, show_interval,
@@ -51,8 +52,7 @@ from recovjax.report.tables import (RatioCell, best_strategies, outcome_table,
                                     _difference_unit, _recovery_note,
                                     _summary_table)
 from recovjax.report.plots import (plot_heatmap, plot_metric_vs_ratio,
-                                   plot_recovery_curves, plot_sensitivity,
-                                   plot_strategies)
+                                   plot_recovery_curves, plot_sensitivity)
 
 
 
@@ -68,12 +68,13 @@ def write_report(run_dir: os.PathLike[str] | str, rows: list[dict] | None = None
     perplexity as a plain number. The metric-vs-amount plot is
     ``<metric>_vs_ratio.png`` (``accuracy_vs_ratio.png`` for accuracy); the
     others are ``recovery_curves.png``, ``recovery_heatmap.png`` and
-    ``strategies.png``. When rows have a ``layer`` (a sensitivity map), the
-    section "Sensitivity (layer x amount)" holds their table
-    (:func:`sensitivity_table`) and ``sensitivity.png``
-    (:func:`plot_sensitivity`); every other section shows the whole-model
-    rows only (and the whole-model summaries are left out when only the
-    clean model has such rows).
+    ``frontier.png`` (the strategies' Pareto frontier of cost and
+    recovery, :mod:`recovjax.report.frontier`, with its table). When
+    rows have a ``layer`` (a sensitivity map), the section "Sensitivity
+    (layer x amount)" holds their table (:func:`sensitivity_table`) and
+    ``sensitivity.png`` (:func:`plot_sensitivity`); every other section
+    shows the whole-model rows only (and the whole-model summaries are
+    left out when only the clean model has such rows).
 
     Args:
         run_dir: a run directory holding ``results.csv`` (and optionally
@@ -149,16 +150,7 @@ def write_report(run_dir: os.PathLike[str] | str, rows: list[dict] | None = None
         raise ValueError(f"threshold: a lower-is-better {headline.name} needs "
                          f"a fraction of the clean quality > 0, got "
                          f"{threshold!r}")
-    costs_file = run_dir / "costs.json"
-    costs = {}
-    if costs_file.is_file():
-        _, costs = read_json_file(costs_file)
-        if not isinstance(costs, dict) or not isinstance(
-                costs.get("recovery", []), list) or not all(
-                isinstance(record, dict) for record in costs.get("recovery",
-                                                                 [])):
-            raise ValueError(f"{costs_file}: not a recovjax costs document "
-                             '({"recovery": [{...}, ...]})')
+    costs = frontier_lib.read_costs(run_dir)
     curves, rows = rows, final_rows(rows)
     plots = [(f"{headline.title} vs damage amount", plot_metric_vs_ratio(
                  rows, run_dir / headline.ratio_plot, headline,
@@ -167,8 +159,7 @@ def write_report(run_dir: os.PathLike[str] | str, rows: list[dict] | None = None
                  curves, run_dir / "recovery_curves.png", headline)),
              ("Damage amount x recovery steps", plot_heatmap(
                  curves, run_dir / "recovery_heatmap.png", headline)),
-             ("Strategies at equal compute", plot_strategies(
-                 rows, run_dir / "strategies.png", headline))]
+             ]
     sensitivity = sensitivity_table(layered, headline)
     sensitivity_plot = plot_sensitivity(layered, run_dir / "sensitivity.png",
                                         headline)
@@ -211,7 +202,35 @@ def write_report(run_dir: os.PathLike[str] | str, rows: list[dict] | None = None
             headline, clean, test_examples) + [""] + measures + [""]
     cost_lines = _cost_table(costs)
     if cost_lines:
-        text += ["## Cost of recovery", ""] + cost_lines + [""]
+        text += ["## Cost of recovery", "",
+                 "Per model: wall time (compilation included), FLOPs of the "
+                 "recovery itself (XLA's cost analysis of the program that "
+                 "ran, every loop body counted per iteration, the damage and "
+                 "the curve evaluations left out), samples read with and "
+                 "without labels, trainable parameters, bytes read from the "
+                 "checkpoint; peak memory of the process.", ""
+                 ] + cost_lines + [""]
+    cost_axis = "flops" if any(
+        record.get("flops_per_model") is not None
+        for record in costs.get("recovery", [])) else "seconds"
+    points = frontier_lib.frontier(rows, costs, headline, cost=cost_axis,
+                                   examples=test_examples) if costs else []
+    if any(p.strategy != frontier_lib.NO_RECOVERY for p in points):
+        axis = frontier_lib.COSTS[cost_axis]
+        plot = frontier_lib.plot_frontier(points, run_dir / "frontier.png",
+                                          headline, cost_axis)
+        text += ["## Cost and recovery (Pareto frontier)", "",
+                 f"Every strategy (and budget) at every damage kind and "
+                 f"amount, its {headline.name} after recovery against its "
+                 f"cost ({axis.label}), next to the damaged model itself "
+                 f"({frontier_lib.NO_RECOVERY}, cost 0). A strategy is "
+                 "dominated when another costs no more and recovers at "
+                 "least as well on the mean over seeds (better in one of "
+                 "the two); `recovjax compare RUN_DIR --budget X` names "
+                 "the best one under a budget, with its paired difference "
+                 "to the runner-up.", ""]
+        text += frontier_lib.frontier_table(points, headline, cost_axis)
+        text += ["", f"![Cost and recovery]({plot.name})", ""]
     if sensitivity:
         caption = "Sensitivity (layer x amount)"
         text += [f"## {caption}", "",
@@ -231,7 +250,7 @@ __all__ = [
     "ACCURACY", "PERPLEXITY", "RECOVERED", "Headline", "RatioCell",
     "best_strategies", "final_rows", "headline_metric", "log_amounts",
     "outcome_table", "paired_table", "plot_heatmap", "plot_metric_vs_ratio",
-    "plot_recovery_curves", "plot_sensitivity", "plot_strategies",
+    "plot_frontier", "plot_recovery_curves", "plot_sensitivity",
     "recovery_ratio_cell", "recovery_table", "sensitivity_table",
     "show_interval", "value_interval", "write_report",
 ]

@@ -257,58 +257,6 @@ def plot_heatmap(rows, path: pathlib.Path, headline: Headline = ACCURACY
     return path
 
 
-def plot_strategies(rows, path: pathlib.Path, headline: Headline = ACCURACY
-                    ) -> pathlib.Path | None:
-    """The recovered metric per strategy and damage kind (equal step budget).
-
-    Args:
-        rows: final results rows (see :func:`final_rows`).
-        path: the PNG to write.
-        headline: the metric to plot.
-
-    Returns:
-        ``path``, or ``None`` (nothing written) without strategies or damage.
-    """
-    import matplotlib.pyplot as plt
-    strategies = _strategies(rows)
-    kinds = _kinds(rows)
-    if not strategies or not kinds:
-        return None
-    figure, axis = plt.subplots(figsize=(max(5.0, 1.2 * len(kinds) *
-                                            (len(strategies) + 1)), 3.8))
-    width = 0.8 / (len(strategies) + 1)
-    x = np.arange(len(kinds))
-    def bar(values):
-        interval = value_interval(headline, values) if values else (
-            stats.Interval(math.nan, math.nan, math.nan, stats.NONE, 0))
-        mean, low, high = _shown(headline, [interval.estimate, interval.low,
-                                            interval.high])
-        below, above = np.nan_to_num([mean - low, high - mean])
-        return mean, (max(below, 0.0), max(above, 0.0))
-
-    means = []
-    for index, stage in enumerate(["damaged"] + [RECOVERED + s
-                                                 for s in strategies]):
-        bars = [bar([r["value"] for r in _select(
-            rows, damage=k, stage=stage, metric=headline.name)])
-            for k in kinds]
-        means.append(np.asarray([b[0] for b in bars]))
-        errors = np.asarray([b[1] for b in bars]).T
-        options = ({"label": "damaged", "color": "lightgrey"} if index == 0
-                   else {"label": stage[len(RECOVERED):]})
-        axis.bar(x + index * width, means[-1], width, yerr=errors, **options)
-    axis.set_xticks(x + width * len(strategies) / 2, kinds)
-    _set_value_axis(axis, headline, means)
-    axis.set_title("Strategies at equal compute (mean over amounts and seeds, "
-                   "95 % interval)", fontsize=9)
-    axis.legend(fontsize=7, ncol=2)
-    axis.grid(axis="y", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
-
-
 def plot_sensitivity(rows, path: pathlib.Path, headline: Headline = ACCURACY
                      ) -> pathlib.Path | None:
     """A sensitivity map: layer x damage amount, coloured by the mean metric.

@@ -478,16 +478,26 @@ def _recovery_note(headline: Headline, clean: float | None,
 def _cost_table(costs: dict) -> list[str]:
     if not costs:
         return []
-    lines = ["| damage | strategy | models | wall time (s) | GFLOP per step "
-             "| bytes read from checkpoint | peak RSS (MiB) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| damage | strategy | models | wall time per model (s) | "
+             "GFLOP per model | labelled / unlabelled samples | trainable "
+             "parameters | bytes read from checkpoint | peak RSS (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def count(value):
+        return "not counted" if value is None else f"{value:,}"
+
     for record in costs.get("recovery", []):
-        flops = record.get("flops_per_step")
+        flops = record.get("flops_per_model")
+        models = record.get("models") or 0
+        seconds = record.get("seconds", math.nan)
         lines.append(
             f"| {record.get('damage', '')} | {record.get('strategy', '')} | "
-            f"{record.get('models', '')} | {record.get('seconds', math.nan):.2f}"
-            f" | {'' if flops is None else f'{flops / 1e9:.3f}'} | "
-            f"{record.get('bytes_read', 0)} | "
+            f"{models} | {seconds / models if models else math.nan:.3f} | "
+            f"{'not counted' if flops is None else f'{flops / 1e9:.3f}'} | "
+            f"{count(record.get('labelled_samples'))} / "
+            f"{count(record.get('unlabelled_samples'))} | "
+            f"{count(record.get('trainable_params'))} | "
+            f"{record.get('bytes_read', 0):,} | "
             f"{record.get('peak_rss_mb', math.nan):.0f} |")
     return lines
 
