@@ -444,7 +444,8 @@ class ResultsTable:
         ``path`` gets the header and one line per row, nothing else, so
         ``pandas.read_csv(path)`` and spreadsheets read it as it is. The
         metadata (config, root seed, versions, device kind, the number of
-        test examples when known, and the number of rows) go to :func:`metadata_path` (``results.meta.json`` next to
+        test examples when known, and the number of rows) go to
+        :func:`metadata_path` (``results.meta.json`` next to
         ``results.csv``), written first; both writes are atomic. Reading
         checks that the two agree on the number of rows, so a CSV replaced
         or cut short without its sidecar is caught.

@@ -75,7 +75,7 @@ def test_run_writes_a_complete_run_directory(reference):
     for name in ("config.yaml", "results.csv", "results.json", "env.json",
                  "costs.json", "report.md", "accuracy_vs_ratio.png",
                  "recovery_curves.png", "recovery_heatmap.png",
-                 "strategies.png"):
+                 "frontier.png"):
         assert (run / name).is_file(), name
     report = (run / "report.md").read_text()
     assert "![Recovery curves](recovery_curves.png)" in report

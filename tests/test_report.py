@@ -16,7 +16,7 @@ from recovjax.report import (ACCURACY, PERPLEXITY, best_strategies,
                              sensitivity_table, write_report)
 from recovjax.results import make_row
 
-PLOTS = ("recovery_curves.png", "recovery_heatmap.png", "strategies.png")
+PLOTS = ("recovery_curves.png", "recovery_heatmap.png")
 
 
 def _lm_rows() -> list[dict]:
@@ -77,9 +77,19 @@ def _accuracy_rows() -> list[dict]:
     return rows
 
 
-COSTS = {"recovery": [{"damage": "zero", "strategy": "finetune", "models": 4,
-                       "seconds": 1.5, "flops_per_step": 2e9, "bytes_read": 0,
-                       "peak_rss_mb": 300}]}
+COSTS = {"recovery": [
+    {"damage": "zero", "strategy": "finetune", "models": 4, "seconds": 1.5,
+     "flops_per_model": 4e10, "labelled_samples": 2000,
+     "unlabelled_samples": 0, "trainable_params": 44426, "bytes_read": 0,
+     "peak_rss_mb": 300},
+    {"damage": "zero", "strategy": "restore_entries", "models": 4,
+     "seconds": 0.5, "flops_per_model": 0, "labelled_samples": 0,
+     "unlabelled_samples": 0, "trainable_params": 0, "bytes_read": 174546,
+     "peak_rss_mb": 310},
+    {"damage": "noise", "strategy": "finetune", "models": 4, "seconds": 1.0,
+     "flops_per_model": 4e10, "labelled_samples": 2000,
+     "unlabelled_samples": 0, "trainable_params": 44426, "bytes_read": 0,
+     "peak_rss_mb": 300}]}
 
 # write_report(run, _accuracy_rows(), title="baseline") with COSTS: intervals
 # from recovjax.stats, checked by hand (two seeds: the bootstrap interval of
@@ -135,9 +145,32 @@ Recovery ratio (after − damaged) / (clean − damaged), computed per model (se
 
 ## Cost of recovery
 
-| damage | strategy | models | wall time (s) | GFLOP per step | bytes read from checkpoint | peak RSS (MiB) |
-|---|---|---|---|---|---|---|
-| zero | finetune | 4 | 1.50 | 2.000 | 0 | 300 |
+Per model: wall time (compilation included), FLOPs of the recovery itself (XLA's cost analysis of the lowered program that ran, every loop body counted per iteration, the damage and the curve evaluations left out), samples read with and without labels, trainable parameters, bytes read from the checkpoint; peak memory of the process.
+
+| damage | strategy | models | wall time per model (s) | GFLOP per model | labelled / unlabelled samples | trainable parameters | bytes read from checkpoint | peak RSS (MiB) |
+|---|---|---|---|---|---|---|---|---|
+| zero | finetune | 4 | 0.375 | 40.000 | 2,000 / 0 | 44,426 | 0 | 300 |
+| zero | restore_entries | 4 | 0.125 | 0.000 | 0 / 0 | 0 | 174,546 | 310 |
+| noise | finetune | 4 | 0.250 | 40.000 | 2,000 / 0 | 44,426 | 0 | 300 |
+
+## Cost and recovery (Pareto frontier)
+
+Every strategy (and budget) at every damage kind and amount, its accuracy after recovery against its cost (GFLOP per model), next to the damaged model itself, with no recovery at no cost (`(no recovery)`). A strategy is dominated when another costs no more and recovers at least as well on the mean over seeds (better in one of the two); `recovjax compare RUN_DIR --budget X` names the best one under a budget, with its paired difference to the runner-up.
+
+| damage | amount | strategy | GFLOP per model | acc. (%) | frontier |
+|---|---|---|---|---|---|
+| zero | 0.25 | (no recovery) | 0 | 80.00 [79.00, 81.00] | dominated by restore_entries |
+| zero | 0.25 | restore_entries | 0 | 96.90 [96.90, 96.90] | ✓ |
+| zero | 0.25 | finetune | 40 | 88.00 [87.00, 89.00] | dominated by restore_entries |
+| zero | 0.5 | (no recovery) | 0 | 40.00 [38.00, 42.00] | dominated by restore_entries |
+| zero | 0.5 | restore_entries | 0 | 96.90 [96.90, 96.90] | ✓ |
+| zero | 0.5 | finetune | 40 | 48.00 [46.00, 50.00] | dominated by restore_entries |
+| noise | 0.1 | (no recovery) | 0 | 89.00 [88.00, 90.00] | ✓ |
+| noise | 0.1 | finetune | 40 | 97.00 [96.00, 98.00] | ✓ |
+| noise | 0.2 | (no recovery) | 0 | 62.00 [60.00, 64.00] | ✓ |
+| noise | 0.2 | finetune | 40 | 70.00 [68.00, 72.00] | ✓ |
+
+![Cost and recovery](frontier.png)
 
 ## Accuracy vs damage amount
 
@@ -150,10 +183,6 @@ Recovery ratio (after − damaged) / (clean − damaged), computed per model (se
 ## Damage amount x recovery steps
 
 ![Damage amount x recovery steps](recovery_heatmap.png)
-
-## Strategies at equal compute
-
-![Strategies at equal compute](strategies.png)
 """
 
 # write_report(run, _lm_rows(), title="lm", metric="accuracy"): the
@@ -209,10 +238,6 @@ Recovery ratio (after − damaged) / (clean − damaged), computed per model (se
 ## Damage amount x recovery steps
 
 ![Damage amount x recovery steps](recovery_heatmap.png)
-
-## Strategies at equal compute
-
-![Strategies at equal compute](strategies.png)
 """
 
 

@@ -527,8 +527,8 @@ def recover_damage(strategy: Any, task: Any, op: Callable, params: Params,
         partition: ``rule(path, leaf) -> PartitionSpec | None`` for the
             shared leaves on the model axis.
         count_flops: also count the FLOPs of one point's recovery
-            (:func:`recovery_flops`; it compiles the program's loop bodies
-            once more, outside the timed run).
+            (:func:`recovery_flops`; it lowers the program and its loop
+            bodies once more, outside the timed run, without compiling).
 
     Returns:
         :class:`~recovjax.recovery.RecoveryOutcome`; ``params`` is ``None``

@@ -204,11 +204,11 @@ def write_report(run_dir: os.PathLike[str] | str, rows: list[dict] | None = None
     if cost_lines:
         text += ["## Cost of recovery", "",
                  "Per model: wall time (compilation included), FLOPs of the "
-                 "recovery itself (XLA's cost analysis of the program that "
-                 "ran, every loop body counted per iteration, the damage and "
-                 "the curve evaluations left out), samples read with and "
-                 "without labels, trainable parameters, bytes read from the "
-                 "checkpoint; peak memory of the process.", ""
+                 "recovery itself (XLA's cost analysis of the lowered "
+                 "program that ran, every loop body counted per iteration, "
+                 "the damage and the curve evaluations left out), samples "
+                 "read with and without labels, trainable parameters, bytes "
+                 "read from the checkpoint; peak memory of the process.", ""
                  ] + cost_lines + [""]
     cost_axis = "flops" if any(
         record.get("flops_per_model") is not None
@@ -222,8 +222,9 @@ def write_report(run_dir: os.PathLike[str] | str, rows: list[dict] | None = None
         text += ["## Cost and recovery (Pareto frontier)", "",
                  f"Every strategy (and budget) at every damage kind and "
                  f"amount, its {headline.name} after recovery against its "
-                 f"cost ({axis.label}), next to the damaged model itself "
-                 f"({frontier_lib.NO_RECOVERY}, cost 0). A strategy is "
+                 f"cost ({axis.label}), next to the damaged model itself, "
+                 f"with no recovery at no cost "
+                 f"(`{frontier_lib.NO_RECOVERY}`). A strategy is "
                  "dominated when another costs no more and recovers at "
                  "least as well on the mean over seeds (better in one of "
                  "the two); `recovjax compare RUN_DIR --budget X` names "

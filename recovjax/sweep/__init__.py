@@ -46,8 +46,8 @@ removing or reordering kinds never changes another kind's keys, and a
 point's key does not depend on the other ratios or seeds in the sweep.
 The keys of a chunk are derived on the host (:func:`point_keys`, in NumPy
 for the default ``threefry2x32`` keys) and passed to the chunk's program,
-which therefore contains no threefry. :func:`damage_point` re-runs one point alone and gives the sweep's numbers
-bit for bit.
+which therefore contains no threefry. :func:`damage_point` re-runs one
+point alone and gives the sweep's numbers bit for bit.
 
 Several devices and several hosts
 =================================
