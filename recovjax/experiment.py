@@ -299,11 +299,16 @@ class Experiment:
     def _ready(self, op):
         # Operators that need clean data first get the first training
         # examples: range restriction profiles its bounds on them, the bit
-        # search draws its attack batches from them.
+        # search draws its attack batches from them, an importance target
+        # scores the clean weights on them.
         if getattr(op, "wants_restriction", None) is not None:
             train = sources.subset(self.data.train, PROFILE_EXAMPLES)
             profile = batch_split(train, self.config.evaluate.batch_size)
             return op.profiled(self.model, self.params, profile)
+        if hasattr(op, "unscored"):  # importance scores of the clean model
+            train = sources.subset(self.data.train, PROFILE_EXAMPLES)
+            return op.bind(self.model, train.images, train.labels,
+                           params=self.params)
         if hasattr(op, "bind"):
             train = sources.subset(self.data.train, PROFILE_EXAMPLES)
             return op.bind(self.model, train.images, train.labels)

@@ -281,7 +281,9 @@ def _check_damage(where: str, damage: config_lib.DamageConfig, abstract,
                 model_object, jax.random.key(0), ratio)(params, sample),
                 abstract, amount)
         else:
-            if hasattr(op, "bind"):  # bound to attack data when it runs
+            if hasattr(op, "unscored"):  # scored on data when it runs
+                op = op.unscored()
+            elif hasattr(op, "bind"):  # bound to attack data when it runs
                 count = op.attack_examples
                 op = op.bind(model_object, jnp.zeros(
                     (count,) + tuple(sample.shape[1:]), sample.dtype),

@@ -233,6 +233,14 @@ def checked(tmp_path, text: str):
     return path
 
 
+def test_an_importance_target_validates_before_any_data_is_read(tmp_path):
+    checked(tmp_path, "damage: [{kind: zero, ratios: [0.5], options: "
+            "{scope: weights, target: wanda, calibration: 64}}]\n")
+    with pytest.raises(ConfigError, match="calibration must be a positive"):
+        checked(tmp_path, "damage: [{kind: zero, ratios: [0.5], options: "
+                "{target: taylor, calibration: 0}}]\n")
+
+
 @pytest.mark.parametrize("text, fragments", [
     ("model: lenet\n", ["model: unknown model 'lenet'", "lenet5"]),
     ("dataset: cifar10\n", ["dataset: dataset 'cifar10' is not prepared"]),

@@ -101,10 +101,11 @@ paths; or a predicate ``(site: Site) -> bool``."""
 # --------------------------------------------------------------------------
 
 
-def _evaluate(jaxpr, consts, args, hooks=None) -> list:
+def _evaluate(jaxpr, consts, args, hooks=None, env=None) -> list:
     # Run a jaxpr's top level, inlining jit calls; hooks[i] rewrites the
-    # outputs of top-level equation i.
-    env: dict = {}
+    # outputs of top-level equation i; env (if given) keeps every value of
+    # the top level by variable.
+    env = {} if env is None else env
 
     def read(var):
         return var.val if isinstance(var, jax_core.Literal) else env[var]

@@ -189,7 +189,8 @@ def every_entry() -> Selection:
 def corrupt_arrays(key: PRNGKey, selection: Selection,
                    corruption: Corruption, values: Sequence[Array],
                    amounts: Array | Sequence[Array], names: Sequence[str],
-                   *, noun: str = "leaf", plural: str = "leaves"
+                   *, noun: str = "leaf", plural: str = "leaves",
+                   ranking: Sequence[Array] | None = None
                    ) -> tuple[list[Array], list[Array]]:
     """Select and corrupt a list of arrays of any shapes.
 
@@ -201,6 +202,9 @@ def corrupt_arrays(key: PRNGKey, selection: Selection,
         amounts: a float32 scalar for all, or ``float32[len(values)]``.
         names: one name per array, for messages.
         noun, plural: what the arrays are, for messages.
+        ranking: arrays shaped like ``values`` that a magnitude target
+            ranks by instead of the values (importance scores), or
+            ``None``.
 
     Returns:
         ``(new, hit)``: the corrupted arrays (shapes and dtypes as given)
@@ -222,7 +226,8 @@ def corrupt_arrays(key: PRNGKey, selection: Selection,
     amounts = jnp.asarray(amounts, jnp.float32)
     per_array = [amounts if amounts.ndim == 0 else amounts[i]
                  for i in range(len(values))]
-    masks = selection.choose(key, [jnp.ravel(value) for value in values],
+    ranked = values if ranking is None else ranking
+    masks = selection.choose(key, [jnp.ravel(value) for value in ranked],
                              per_array if selection.mask_of_amount
                              else amounts, cells)
     masks = [m.reshape(v.shape if c == 1 else v.shape + (c,))
@@ -344,19 +349,29 @@ def assemble(flat: Leaves, new: Mapping[int, Array],
 
 
 def parameter_core(selection: Selection, corruption: Corruption,
-                   scope: Scope) -> Callable[[PRNGKey, Params,
-                                              "Array | LeafAmounts",
-                                              "Infos | None"], Damage]:
+                   scope: Scope, scores: Params | None = None
+                   ) -> Callable[[PRNGKey, Params, "Array | LeafAmounts",
+                                  "Infos | None"], Damage]:
     """``core(key, params, amount, infos) -> Damage`` for the leaves in
-    ``scope``: what :func:`recovjax.damage.params.make_operator` wraps."""
+    ``scope``: what :func:`recovjax.damage.params.make_operator` wraps.
+    ``scores`` (a tree like the parameters) ranks the entries for a
+    magnitude target instead of their values."""
+    score_leaves = None if scores is None else jax.tree.leaves(scores)
 
     def core(key: PRNGKey, params: Params, amount: Array | LeafAmounts,
              infos: Infos | None) -> Damage:
         flat = flatten(params, scope, infos, amount)
         values = [flat.leaves[i] for i in flat.chosen]
+        ranking = None
+        if score_leaves is not None:
+            if len(score_leaves) != len(flat.leaves):
+                raise ValueError(f"scores: {len(score_leaves)} leaves for "
+                                 f"parameters of {len(flat.leaves)}")
+            ranking = [jnp.asarray(score_leaves[i]) for i in flat.chosen]
         new, hit = corrupt_arrays(key, selection, corruption, values,
                                   flat.amounts,
-                                  [flat.paths[i] for i in flat.chosen])
+                                  [flat.paths[i] for i in flat.chosen],
+                                  ranking=ranking)
         return assemble(flat, dict(zip(flat.chosen, new)),
                         dict(zip(flat.chosen, hit)))
 

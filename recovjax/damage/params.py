@@ -74,6 +74,7 @@ from typing import Any, Callable, Literal, Protocol, \
     Sequence, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from recovjax import _checks
@@ -107,7 +108,7 @@ DamageCore = Callable[[PRNGKey, Params, "Array | LeafAmounts",
 
 Mode = Literal["exact", "bernoulli"]
 RatioOver = Literal["leaf", "global"]
-Target = Literal["random", "largest", "smallest"]
+Target = Literal["random", "largest", "smallest", "wanda", "taylor"]
 Bits = Union[Literal["any", "sign", "exponent", "mantissa"], int]
 """A bit class or one bit position (0 = least significant)."""
 
@@ -326,10 +327,11 @@ def _per_leaf(ratio_over: str) -> bool | str:
     return True if ratio_over == "leaf" else compose.GLOBAL_NEEDS_SCALAR
 
 
-def _check_selection(mode: str, ratio_over: str, target: str) -> None:
+def _check_selection(mode: str, ratio_over: str, target: str,
+                     targets: Sequence[str] = TARGETS) -> None:
     check_choice("mode", mode, MODES)
     check_choice("ratio_over", ratio_over, RATIO_OVER)
-    check_choice("target", target, TARGETS)
+    check_choice("target", target, targets)
     if target != "random" and mode != "exact":
         raise ValueError(f"target={target!r} chooses a fixed number of "
                          f"entries and needs mode='exact', got mode={mode!r}")
@@ -340,9 +342,17 @@ def _check_selection(mode: str, ratio_over: str, target: str) -> None:
 # --------------------------------------------------------------------------
 
 
+PRUNING_TARGETS = TARGETS + ("wanda", "taylor")
+"""Targets of :func:`make_zero`: the magnitude ones and the data-aware
+importance scores of :mod:`recovjax.damage.importance`."""
+CALIBRATION_EXAMPLES = 256
+"""Calibration examples an importance target is bound to by default."""
+
+
 def make_zero(scope: ScopeLike = "all", *, mode: Mode = "exact",
-              ratio_over: RatioOver = "leaf", target: Target = "random"
-              ) -> DamageFn:
+              ratio_over: RatioOver = "leaf", target: Target = "random",
+              scores: Params | None = None,
+              calibration: int = CALIBRATION_EXAMPLES) -> DamageFn:
     """Build an operator that zeroes a fraction of the parameters.
 
     With the defaults this is the seed's damage: in every leaf, exactly
@@ -361,7 +371,16 @@ def make_zero(scope: ScopeLike = "all", *, mode: Mode = "exact",
             ``"global"`` (one exact count over all selected entries; one
             scalar ratio only).
         target: ``"random"``, ``"largest"`` (largest magnitudes first: an
-            attack) or ``"smallest"`` (magnitude pruning).
+            attack), ``"smallest"`` (magnitude pruning), or the smallest
+            data-aware importance (:mod:`recovjax.damage.importance`):
+            ``"wanda"`` (``|W| * ||X||``) or ``"taylor"`` (``(W *
+            dL/dW)^2``); those return an operator to bind to calibration
+            data first, ``op.bind(model, images, labels)``.
+        scores: a tree like the parameters ranking the entries for
+            ``"largest"`` / ``"smallest"`` instead of their magnitudes
+            (what a bound importance target passes).
+        calibration: the calibration examples an importance target uses
+            (the first ones it is bound to).
 
     Returns:
         ``op(key, params, ratio, *, info=None) -> Damage``, where
@@ -391,11 +410,15 @@ def make_zero(scope: ScopeLike = "all", *, mode: Mode = "exact",
         ...             info=model.info)
     """
     resolved = parse_scope(scope)
-    _check_selection(mode, ratio_over, target)
+    _check_selection(mode, ratio_over, target, PRUNING_TARGETS)
+    if target in ("wanda", "taylor"):
+        return ImportanceDamage(target, calibration, lambda scores: make_zero(
+            scope, mode=mode, ratio_over=ratio_over, target="smallest",
+            scores=scores))
 
     zero = compose.parameter_core(
         compose.fraction_of_entries(mode, ratio_over, target),
-        corrupt.zero(), resolved)
+        corrupt.zero(), resolved, scores=scores)
     return make_operator(zero, name="zero", amount_name="ratio",
                          fraction=True, per_leaf=_per_leaf(ratio_over),
                          doc=operator_doc(
@@ -403,6 +426,67 @@ def make_zero(scope: ScopeLike = "all", *, mode: Mode = "exact",
                                              ratio_over=ratio_over,
                                              target=target),
                              "op(key, params, ratio, *, info=None) -> Damage"))
+
+
+class ImportanceDamage:
+    """A pruning operator ranked by importance scores, once bound to data.
+
+    Built by ``make_zero(target="wanda")`` (or ``"taylor"``). :meth:`bind`
+    computes the scores of the clean parameters on the first
+    ``calibration`` examples it is given
+    (:func:`~recovjax.damage.importance.importance_scores`) and returns the
+    operator that zeroes the entries of smallest score, ``op(key, params,
+    ratio, *, info=None) -> Damage``. An experiment binds it to its first
+    training examples and its pretrained parameters.
+    """
+
+    amount_name = "ratio"
+    amount_is_fraction = True
+    damage_kind = "params"
+    per_leaf_amounts = True
+    check_traced = False
+
+    def __init__(self, importance: str, calibration: int,
+                 build: Callable[[Params], Callable]):
+        if isinstance(calibration, bool) or not isinstance(
+                calibration, (int, np.integer)) or calibration < 1:
+            raise ValueError(f"calibration must be a positive int, got "
+                             f"{calibration!r}")
+        self.importance = importance
+        self.attack_examples = int(calibration)
+        self._build = build
+
+    def __call__(self, key: PRNGKey, params: Params, amount, *,
+                 info=None) -> Damage:
+        raise TypeError(f"target={self.importance!r} ranks weights by "
+                        "scores from data: op.bind(model, images, labels) "
+                        "first")
+
+    def unscored(self) -> Callable:
+        """The operator ranking by magnitude: the same shapes and program
+        structure, for checks before any data is read."""
+        return self._build(None)
+
+    def bind(self, model, images: Array, labels: Array | None = None,
+             params: Params | None = None) -> Callable:
+        """The operator ranking by scores of ``params`` (default:
+        ``model.params``) on the first ``calibration`` of ``images``.
+
+        Raises:
+            ValueError: for fewer examples than ``calibration``.
+        """
+        from recovjax.damage.importance import importance_scores
+        count = int(jnp.shape(images)[0])
+        if count < self.attack_examples:
+            raise ValueError(f"calibration: {self.attack_examples} examples "
+                             f"asked for, {count} given")
+        size = self.attack_examples
+        scores = importance_scores(
+            self.importance, model,
+            model.params if params is None else params,
+            jnp.asarray(images)[:size],
+            None if labels is None else jnp.asarray(labels)[:size])
+        return self._build(jax.device_get(scores))
 
 
 def make_sign_flip(scope: ScopeLike = "all", *, mode: Mode = "exact",
