@@ -398,7 +398,8 @@ def recovery_table(curves, headline: Headline = ACCURACY, *,
     clean model's test noise (:func:`recovjax.stats.recovery_ratio`, for an
     accuracy with a known ``examples``; otherwise only where the gap is 0),
     then aggregated as the mean over the models where it is defined, with
-    its bootstrap interval and ``k/n defined``. Steps to X % of clean come
+    its bootstrap interval and ``k/n defined`` (and ``k/n diverged`` when
+    a model's training loss went non-finite). Steps to X % of clean come
     from the ``steps_to_95`` / ``steps_to_99`` rows (or the curve rows) and
     aggregate as :func:`recovjax.stats.censored_median`.
 
@@ -436,8 +437,16 @@ def recovery_table(curves, headline: Headline = ACCURACY, *,
                 cell = recovery_ratio_cell(
                     clean, [damaged[s] for s in seeds],
                     [after[s] for s in seeds], examples=examples)
-                cells = [kind, f"{ratio:g}", strategy,
-                         _show_ratio(cell, headline)]
+                shown = _show_ratio(cell, headline)
+                diverged = {r["seed"] for r in by_point.get(
+                    (kind, ratio, stage), [])
+                    if r["metric"] == "diverged" and r["value"] > 0}
+                count = len(diverged & set(seeds))
+                if count:
+                    # A training loss went non-finite: the model's ratio is
+                    # a collapse, not a recovery.
+                    shown += f"; {count}/{len(seeds)} diverged"
+                cells = [kind, f"{ratio:g}", strategy, shown]
                 for fraction in (0.95, 0.99):
                     cells.append(_show_steps(_steps(
                         by_point.get((kind, ratio, stage), []), fraction,
