@@ -217,7 +217,8 @@ def test_list_shows_every_registry():
     options = lines[lines.index(next(l for l in lines
                                      if l.startswith("  zero "))) + 1]
     assert options.strip() == ("options: scope='all', mode='exact', "
-                               "ratio_over='leaf', target='random'")
+                               "ratio_over='leaf', target='random', "
+                               "scores=None, calibration=256")
     finetune = next(l for l in lines if l.startswith("  finetune "))
     assert "steps" in finetune and "learning_rate" in finetune
     cifar = next(l for l in lines if l.startswith("  cifar10 "))

@@ -233,3 +233,57 @@ def test_activation_faults_with_range_restriction_from_a_config(user):
     values = {(row["damage"], row["ratio"]): row["value"]
               for row in table.rows if row["metric"] == "accuracy"}
     assert values[("activation_bit_flip", 0.0)] == values[("none", 0.0)]
+
+
+def test_the_literature_strategies_recover_a_users_model(user, capsys):
+    tmp_path, data = user
+    config = _config(tmp_path, f"""
+        name: own_literature
+        model: usernets:make_model
+        dataset: {data}
+        damage:
+          - kind: zero
+            label: wanda
+            ratios: [0.5]
+            options: {{scope: weights, target: wanda, calibration: 24}}
+        sweep: {{seeds: 2}}
+        evaluate: {{batch_size: 6}}
+        recovery:
+          strategies:
+            - name: lora
+              options: {{rank: 1, layers: ["Conv_0", "Dense_0"]}}
+            - name: reconstruct
+              options: {{calibration: 24}}
+            - name: bias_correction
+              options: {{calibration: 24}}
+            - name: lr_rewind
+              options:
+                schedule: {{optimizer: adam, learning_rate: 0.001,
+                            schedule: cosine, total_steps: 40}}
+            - name: iterative
+              options: {{stages: 2}}
+            - recalibrate
+          batch_size: 12
+          steps: 4
+          eval_every: 2
+        """)
+    check_config(config)
+    table = run_experiment(config, tmp_path / "run", progress=False,
+                           zoo_dir=tmp_path / "zoo")
+    stages = {row["stage"] for row in table.rows}
+    for name in ("lora", "reconstruct", "bias_correction", "lr_rewind",
+                 "iterative", "recalibrate"):
+        assert f"recovered/{name}" in stages, name
+    import json
+    costs = json.loads((tmp_path / "run" / "costs.json").read_text())
+    by_name = {r["strategy"]: r for r in costs["recovery"]}
+    assert by_name["reconstruct"]["unlabelled_samples"] == 24
+    assert by_name["reconstruct"]["labelled_samples"] == 0
+    assert 0 < by_name["lora"]["trainable_params"] < by_name[
+        "lr_rewind"]["trainable_params"]
+    assert all(r["flops_per_model"] is not None for r in costs["recovery"])
+    from recovjax import cli
+    assert cli.main(["compare", str(tmp_path / "run"), "--cost",
+                     "seconds"]) == 0
+    assert "best strategy under a budget of any cost" in (
+        capsys.readouterr().out)

@@ -23,21 +23,21 @@ def setting(lenet, trained_lenet, small_mnist):
     return lenet, trained_lenet, task, op
 
 
-def _run(setting, strategy, amount=0.9, count=2):
+def _run(setting, strategy, amount=0.9, count=2, count_flops=False):
     model, params, task, op = setting
     return recover_damage(strategy, task, op, params,
                           damage_keys=jax.random.split(jax.random.key(1),
                                                        count),
                           amounts=jnp.full((count,), amount),
                           keys=jax.random.split(jax.random.key(2), count),
-                          return_params=True, count_flops=True)
+                          return_params=True, count_flops=count_flops)
 
 
 def test_cycles_end_at_the_amount_with_what_was_pruned_kept_pruned(setting):
     model, params, task, op = setting
     strategy = get_strategy("iterative", fractions=[0.5, 0.8], steps=4,
                             eval_every=2, learning_rate=0.01)
-    outcome = _run(setting, strategy)
+    outcome = _run(setting, strategy, count_flops=True)
     kernels = [p for p in paths_of(params) if p.endswith("kernel")]
     flat = dict(zip(paths_of(outcome.params),
                     jax.tree.leaves(outcome.params)))
@@ -59,9 +59,10 @@ def test_cycles_end_at_the_amount_with_what_was_pruned_kept_pruned(setting):
 def test_the_first_cycle_is_the_one_shot_recovery_at_its_fraction(setting):
     model, params, task, op = setting
     staged = _run(setting, get_strategy("iterative", fractions=[1.0],
-                                        steps=4, learning_rate=0.01))
-    plain = _run(setting, get_strategy("finetune_undamaged", steps=4,
-                                       learning_rate=0.01))
+                                        steps=2, learning_rate=0.01),
+                  count=1)
+    plain = _run(setting, get_strategy("finetune_undamaged", steps=2,
+                                       learning_rate=0.01), count=1)
     # One cycle at the whole amount is the one-shot damage recovered by
     # the same strategy (its key folded with the cycle's index 0).
     np.testing.assert_allclose(staged.curve.accuracy[:, 0],
