@@ -16,7 +16,7 @@ import sys
 HERE = pathlib.Path(__file__).resolve().parent
 SCRIPTS = ("bench_damage.py", "bench_sweep.py", "bench_recovery.py",
            "bench_memory.py", "bench_resnet.py", "bench_resnet_conv.py",
-           "bench_faults.py")
+           "bench_faults.py", "bench_strategies.py")
 
 
 def main() -> int:

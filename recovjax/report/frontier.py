@@ -57,20 +57,26 @@ class CostAxis(NamedTuple):
         name: the name ``compare --cost`` takes.
         label: the axis label.
         scale: shown value per recorded value.
+        unit: what follows a shown budget (``"GFLOP per model"``).
     """
 
     name: str
     label: str
     scale: float
+    unit: str
 
 
 COSTS: dict[str, CostAxis] = {axis.name: axis for axis in (
-    CostAxis("flops", "GFLOP per model", 1e-9),
-    CostAxis("seconds", "wall time per model (s)", 1.0),
-    CostAxis("samples", "samples read per model", 1.0),
-    CostAxis("labelled", "labelled samples per model", 1.0),
-    CostAxis("params", "trainable parameters", 1.0),
-    CostAxis("bytes", "bytes read from the checkpoint", 1.0),
+    CostAxis("flops", "GFLOP per model", 1e-9, "GFLOP per model"),
+    CostAxis("seconds", "wall time per model (s)", 1.0,
+             "s of wall time per model"),
+    CostAxis("samples", "samples read per model", 1.0,
+             "samples read per model"),
+    CostAxis("labelled", "labelled samples per model", 1.0,
+             "labelled samples per model"),
+    CostAxis("params", "trainable parameters", 1.0, "trainable parameters"),
+    CostAxis("bytes", "bytes read from the checkpoint", 1.0,
+             "bytes read from the checkpoint"),
 )}
 """The cost measures, by name."""
 
@@ -405,7 +411,7 @@ def describe_choices(choices: Sequence[Choice], headline: Headline,
                      axis: CostAxis, budget: float) -> list[str]:
     """Plain-text lines of :func:`best_under_budget`'s answer."""
     within = ("any cost" if math.isinf(budget)
-              else f"at most {show_cost(axis, budget)} {axis.label}")
+              else f"at most {show_cost(axis, budget)} {axis.unit}")
     lines = [f"best strategy under a budget of {within}:"]
     unit = "pp" if headline.unit == "%" else headline.unit or "units"
     for choice in choices:
