@@ -246,7 +246,7 @@ def test_the_literature_strategies_recover_a_users_model(user, capsys):
             label: wanda
             ratios: [0.5]
             options: {{scope: weights, target: wanda, calibration: 24}}
-        sweep: {{seeds: 2}}
+        sweep: {{seeds: 1}}
         evaluate: {{batch_size: 6}}
         recovery:
           strategies:

@@ -34,10 +34,10 @@ def setting(lenet, trained_lenet, small_mnist, tmp_path_factory):
 
 def test_a_constant_schedule_rewound_is_its_optimiser_at_that_rate(setting):
     tasks, keys, damage = setting
-    rewound = get_strategy("lr_rewind", steps=12, eval_every=6)(
+    rewound = get_strategy("lr_rewind", steps=6, eval_every=3)(
         keys, damage, tasks["recorded"])
     plain = get_strategy("finetune", optimizer="adam", learning_rate=2e-3,
-                         batch_size=50, steps=12, eval_every=6)(
+                         batch_size=50, steps=6, eval_every=3)(
         keys, damage, tasks["recorded"])
     for a, b in zip(jax.tree.leaves(rewound.params),
                     jax.tree.leaves(plain.params)):
@@ -66,9 +66,9 @@ def test_a_rewound_cosine_schedule_retrains_at_its_late_rates(setting):
             "schedule": "cosine", "total_steps": 1000}
     # Rewound to the end, the rates are tiny: the model barely moves;
     # rewound to the start, it retrains at the peak rate.
-    at_end = get_strategy("lr_rewind", schedule=late, steps=10)(
+    at_end = get_strategy("lr_rewind", schedule=late, steps=4)(
         keys, damage, tasks["bare"])
-    at_start = get_strategy("lr_rewind", schedule=late, steps=10,
+    at_start = get_strategy("lr_rewind", schedule=late, steps=4,
                             rewind_to=0)(keys, damage, tasks["bare"])
     moved = lambda outcome: max(
         float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(

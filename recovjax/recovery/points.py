@@ -448,11 +448,13 @@ def recovery_flops(prepared: Prepared, task: Any, op: Callable,
                    params: Params, point: tuple, info: Any = None) -> float:
     """FLOPs one point's recovery performs (XLA's count, loops unrolled).
 
-    The point program (damage, recovery, curve evaluations) is counted by
-    :func:`~recovjax.recovery.measure.program_flops`; the one-shot damage
-    and every curve evaluation are subtracted, so what remains is what the
-    strategy itself computes (its training steps, solves, restores; the
-    re-damaging of an iterative schedule).
+    The strategy's point program (recovery and curve evaluations) is
+    counted by :func:`~recovjax.recovery.measure.program_flops` on a
+    damaged model's shapes, once per strategy and task; every curve
+    evaluation is subtracted, so what remains is what the strategy itself
+    computes (its training steps, solves, restores). A strategy that
+    damages again in stages is counted with the damage operator (the
+    re-damaging is part of its recovery; the one-shot damage is not).
 
     Args:
         prepared: the prepared strategy.
@@ -466,30 +468,55 @@ def recovery_flops(prepared: Prepared, task: Any, op: Callable,
         The FLOPs (NaN where the backend does not count them).
     """
     from recovjax.recovery.measure import program_flops
-    cache_key = (prepared.fn, op, id(info), prepared.redamages)
+    # A strategy that does not damage again costs the same whatever the
+    # damage: counted once per strategy function, on a damaged model's
+    # shapes. One that does is counted with its damage operator.
+    layout = (jax.tree.structure(prepared.shared), tuple(
+        (jnp.shape(a), str(jnp.result_type(a)))
+        for a in jax.tree.leaves(prepared.shared)))
+    cache_key = ((prepared.fn, op, id(info), layout) if prepared.redamages
+                 else (prepared.fn, id(task), layout))
     if cache_key in _FLOPS:
         return _FLOPS[cache_key][1]
     structs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
         jnp.shape(a), jnp.result_type(a)) if not jax.dtypes.issubdtype(
             jnp.result_type(a), jax.dtypes.prng_key) else a, point)
-    unit = _damaged_point(prepared.fn, op, info, False, prepared.redamages)
-    shared = (params, prepared.shared)
-    total = program_flops(unit, structs, shared)
-    damage_of = _damage_call(op, info)
-    damage = program_flops(lambda k, a: damage_of(k, params, a).params,
-                           point[0], structs[1])
-    curve = jax.eval_shape(unit, structs, shared).curve
+    if prepared.redamages:
+        unit = _damaged_point(prepared.fn, op, info, False, True)
+        shared = (params, prepared.shared)
+        total = program_flops(unit, structs, shared)
+        damage_of = _damage_call(op, info)
+        total -= program_flops(lambda k, a: damage_of(k, params, a).params,
+                               point[0], structs[1])
+        curve = jax.eval_shape(unit, structs, shared).curve
+    else:
+        shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+            jnp.shape(a), jnp.result_type(a)), params)
+        masks = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+            jnp.shape(a), jnp.bool_), params)
+        total = program_flops(prepared.fn, point[2], shapes, masks,
+                              prepared.shared)
+        curve = jax.eval_shape(prepared.fn, point[2], shapes, masks,
+                               prepared.shared).curve
     evaluations = int(curve.steps.shape[0])
     evaluation = 0.0
     if evaluations and task.eval_batches is not None:
-        evaluation = program_flops(lambda p, b: curve_metrics(
-            task.apply, p, b, task.num_classes, task.general_task),
-            params, task.eval_batches)
-    flops = total - damage - evaluations * evaluation
+        evaluation = _evaluation_flops(task, params)
+    flops = total - evaluations * evaluation
     if len(_FLOPS) >= 64:
         _FLOPS.pop(next(iter(_FLOPS)))
-    _FLOPS[cache_key] = (info, float(flops))
+    _FLOPS[cache_key] = ((info, task), float(flops))
     return float(flops)
+
+
+def _evaluation_flops(task: Any, params: Params) -> float:
+    from recovjax.recovery.measure import program_flops
+    key = ("evaluation", id(task))
+    if key not in _FLOPS:
+        _FLOPS[key] = (task, program_flops(lambda p, b: curve_metrics(
+            task.apply, p, b, task.num_classes, task.general_task),
+            params, task.eval_batches))
+    return _FLOPS[key][1]
 
 
 def recover_damage(strategy: Any, task: Any, op: Callable, params: Params,
