@@ -191,6 +191,8 @@ def test_calibration_errors_name_the_option(lenet_setting):
         get_strategy("reconstruct", calibration=1000)(keys, damage, task)
     with pytest.raises(ValueError, match="calibration must be a positive"):
         get_strategy("bias_correction", calibration=0)
+    with pytest.raises(ValueError, match="calibration must be a positive"):
+        get_strategy("reconstruct", calibration="256")
     with pytest.raises(ValueError, match="damping must be a positive"):
         get_strategy("reconstruct", damping=0.0)
     with pytest.raises(ValueError, match="iterations must be a positive"):

@@ -11,7 +11,7 @@ from recovjax.data import batch_split
 from recovjax.models.info import paths_of
 from recovjax.recovery import get_strategy, make_task, recover_damage
 from recovjax.recovery.measure import program_flops
-from recovjax.recovery.registry import cubic_fractions
+from recovjax.recovery.iterative import cubic_fractions
 
 
 @pytest.fixture(scope="module")

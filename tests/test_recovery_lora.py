@@ -10,7 +10,7 @@ from recovjax._types import Split
 from recovjax.checkpoints import save_checkpoint
 from recovjax.damage import get_damage
 from recovjax.data import batch_split
-from recovjax.models import from_equinox
+from recovjax.models import LeafInfo, from_equinox
 from recovjax.models.info import paths_of
 from recovjax.recovery import get_strategy, make_task
 from recovjax.recovery.lora import make_lora
@@ -112,5 +112,10 @@ def test_lora_errors_name_the_option(setting, lenet):
         make_lora(lenet.abstract_params(), lenet.info, layers="nothing.*")
     with pytest.raises(ValueError, match="no kernel is large enough"):
         make_lora(lenet.abstract_params(), lenet.info, rank=100)
+    plain = from_equinox(eqx.nn.Linear(6, 4, key=jax.random.key(0)),
+                         sample=jnp.zeros((2, 6))).with_info(
+        {"weight": LeafInfo(), "bias": LeafInfo()})
+    with pytest.raises(ValueError, match="declares no kernel leaf"):
+        make_lora(plain.params, plain.info)
     with pytest.raises(ValueError, match="alpha must be a positive"):
         make_lora(lenet.abstract_params(), lenet.info, alpha=-1.0)

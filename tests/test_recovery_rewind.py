@@ -10,7 +10,7 @@ from recovjax.checkpoints import save_checkpoint
 from recovjax.damage import get_damage
 from recovjax.data import batch_split
 from recovjax.recovery import get_strategy, make_task
-from recovjax.recovery.registry import training_schedule
+from recovjax.recovery.rewind import training_schedule
 
 RECIPE = {"model": "lenet5", "optimizer": "adam", "learning_rate": 2e-3,
           "schedule": "constant", "batch_size": 50, "epochs": 3}

@@ -23,7 +23,8 @@ from recovjax.recovery.registry import (PointStrategy, RecoveryOutcome,
                                         RecoveryTask,
                                         compose, get_strategy, make_task,
                                         register_strategy, strategy_names,
-                                        strategy_options, training_schedule)
+                                        strategy_options)
+from recovjax.recovery.rewind import training_schedule
 from recovjax.recovery.restore import (RestoreResult, check_structure,
                                        damaged_leaf_paths, detect_and_restore,
                                        read_leaves, replace_entries,

@@ -107,6 +107,13 @@ def calibration_layers(model: Any, params: Params, sample: Any
     return tuple(layers)
 
 
+def check_calibration(size: Any) -> None:
+    """Raise ``ValueError`` unless ``size`` is a positive int (examples)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"calibration must be a positive int (examples), "
+                         f"got {size!r}")
+
+
 def calibration_inputs(inputs: Any, weights: Array, size: int) -> Any:
     """The first ``size`` kept examples (weight > 0) of the recovery inputs.
 
@@ -114,9 +121,7 @@ def calibration_inputs(inputs: Any, weights: Array, size: int) -> Any:
         ValueError: if ``size`` is not a positive int or exceeds the kept
             examples.
     """
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"calibration must be a positive int (examples), "
-                         f"got {size!r}")
+    check_calibration(size)
     kept = np.flatnonzero(np.asarray(weights) > 0)
     if kept.size < size:
         raise ValueError(f"calibration: {size} examples asked for, but the "

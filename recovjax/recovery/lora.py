@@ -119,7 +119,8 @@ def make_lora(params: Params, info: Any, *, rank: int = DEFAULT_RANK,
         The :class:`Adapter`.
 
     Raises:
-        ValueError: a non-positive rank or alpha, no kernel to adapt, a
+        ValueError: a non-positive rank or alpha, no kernel leaf declared
+            or none to adapt, a
             named layer the model lacks, or a chosen kernel whose output
             axes are unknown (the message says how to declare them).
     """
@@ -133,6 +134,10 @@ def make_lora(params: Params, info: Any, *, rank: int = DEFAULT_RANK,
     infos = info_by_path(params, info)
     kernels = [path for path, leaf in infos.items()
                if leaf.role == KERNEL and len(_leaf(params, path).shape) >= 2]
+    if not kernels:
+        raise ValueError("layers: the model declares no kernel leaf to "
+                         "adapt; declare them with info= (LeafInfo(role="
+                         "'kernel', out_axes=(...,)))")
     chosen = _chosen(kernels, layers)
     factors = {}
     for path in chosen:

@@ -50,8 +50,10 @@ from recovjax import _checks, runner
 from recovjax._types import (Array, ApplyFn, Batches, Damage, InitFn, Params,
                              PRNGKey, Split)
 from recovjax.recovery import calibrate as calibrate_lib
+from recovjax.recovery import iterative as iterative_lib
 from recovjax.recovery import lora as lora_lib
 from recovjax.recovery import points, protect
+from recovjax.recovery import rewind as rewind_lib
 from recovjax.recovery import restore as restore_lib
 from recovjax.recovery.distill import make_distill, teacher_logits
 from recovjax.recovery.finetune import (DEFAULT_BATCH_SIZE, Curve,
@@ -390,7 +392,7 @@ def _need_checkpoint(task: RecoveryTask, name: str):
     return task.checkpoint
 
 
-OPTIMIZER_NAMES = ("sgd", "adam", "adamw")
+OPTIMIZER_NAMES = rewind_lib.OPTIMIZERS
 """Optimiser names :func:`make_optimizer` builds; configs accept exactly these."""
 
 
@@ -589,72 +591,6 @@ def _lora_factory(*, rank: int = lora_lib.DEFAULT_RANK,
                                   task).trainable)
 
 
-SCHEDULE_NAMES = ("constant", "cosine", "linear")
-"""Learning-rate schedules :func:`training_schedule` builds."""
-
-
-def training_schedule(recipe: dict, steps_per_epoch: int | None = None
-                      ) -> tuple[str, Callable[[Any], Any], int, float | None,
-                                 int | None]:
-    """The pretraining schedule a recipe describes.
-
-    Args:
-        recipe: ``{"optimizer", "learning_rate", "schedule", "total_steps"}``
-            (or ``"epochs"`` with ``steps_per_epoch``), optionally
-            ``"momentum"`` and ``"batch_size"``; the zoo's checkpoints
-            record exactly these (with ``epochs``).
-        steps_per_epoch: optimiser steps per epoch of pretraining, for a
-            recipe that gives ``epochs``.
-
-    Returns:
-        ``(optimizer name, schedule(count) -> learning rate, total steps,
-        momentum, batch size)``.
-
-    Raises:
-        ValueError: a missing or malformed entry (named).
-    """
-    if not isinstance(recipe, dict):
-        raise TypeError(f"schedule must be a dict, got {recipe!r}")
-    optimizer = recipe.get("optimizer", "sgd")
-    if optimizer not in OPTIMIZER_NAMES:
-        raise ValueError(f"schedule.optimizer must be one of "
-                         f"{', '.join(OPTIMIZER_NAMES)}, got {optimizer!r}")
-    rate = recipe.get("learning_rate")
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not (
-            rate > 0):
-        raise ValueError(f"schedule.learning_rate must be a positive "
-                         f"number, got {rate!r}")
-    shape = recipe.get("schedule", "constant")
-    if shape not in SCHEDULE_NAMES:
-        raise ValueError(f"schedule.schedule must be one of "
-                         f"{', '.join(SCHEDULE_NAMES)}, got {shape!r}")
-    total = recipe.get("total_steps")
-    if total is None and "epochs" in recipe and steps_per_epoch:
-        total = int(recipe["epochs"]) * int(steps_per_epoch)
-    if isinstance(total, bool) or not isinstance(total, int) or total < 1:
-        raise ValueError(f"schedule.total_steps must be a positive int (or "
-                         f"give epochs and batch_size), got {total!r}")
-    if shape == "cosine":
-        function = optax.cosine_decay_schedule(float(rate), total)
-    elif shape == "linear":
-        function = optax.linear_schedule(float(rate), 0.0, total)
-    else:
-        function = optax.constant_schedule(float(rate))
-    return (optimizer, function, total, recipe.get("momentum"),
-            recipe.get("batch_size"))
-
-
-def _rewound_optimizer(name: str, schedule: Callable[[Any], Any],
-                       start: int, momentum: float | None
-                       ) -> optax.GradientTransformation:
-    rewound = lambda count: schedule(count + start)
-    if name == "sgd":
-        return optax.sgd(rewound, momentum=momentum or None)
-    if name == "adam":
-        return optax.adam(rewound)
-    return optax.adamw(rewound)
-
-
 def _lr_rewind_factory(*, schedule: dict | None = None,
                        steps: int | None = None, epochs: int | None = None,
                        rewind_to: int | None = None,
@@ -667,12 +603,13 @@ def _lr_rewind_factory(*, schedule: dict | None = None,
     optimiser and learning-rate schedule the model was pretrained with,
     from step ``rewind_to`` of that schedule (default: ``total_steps``
     minus the retraining steps, so retraining ends where pretraining
-    ended). ``schedule`` describes it (see :func:`training_schedule`);
+    ended). ``schedule`` describes it (see
+    :func:`~recovjax.recovery.rewind.training_schedule`);
     ``None`` reads it from the pretrained checkpoint's metadata, which the
     zoo records. ``structural`` keeps removed units at zero.
     """
     if schedule is not None:
-        training_schedule(schedule, 1)  # checked before anything runs
+        rewind_lib.training_schedule(schedule, 1)  # checked before anything runs
     if rewind_to is not None and (isinstance(rewind_to, bool) or not
                                   isinstance(rewind_to, int) or rewind_to < 0):
         raise ValueError(f"rewind_to must be a non-negative int, got "
@@ -697,7 +634,7 @@ def _lr_rewind_factory(*, schedule: dict | None = None,
         recipe = recipe_of(task)
         size = batch_size or recipe.get("batch_size") or DEFAULT_BATCH_SIZE
         count = int(np.sum(np.asarray(task.weights) > 0))
-        name, function, total, momentum, _ = training_schedule(
+        name, function, total, momentum, _ = rewind_lib.training_schedule(
             recipe, -(-count // int(recipe.get("batch_size") or size)))
         slots = steps
         if slots is None:
@@ -707,7 +644,7 @@ def _lr_rewind_factory(*, schedule: dict | None = None,
 
     def build(task):
         name, function, start, momentum, size, slots = settings(task)
-        return make_finetune(task.apply, _rewound_optimizer(
+        return make_finetune(task.apply, rewind_lib.rewound_optimizer(
             name, function, start, momentum), batch_size=size, steps=slots,
             eval_every=eval_every, num_classes=task.num_classes,
             task=task.general_task)
@@ -718,12 +655,6 @@ def _lr_rewind_factory(*, schedule: dict | None = None,
 
     return _training_strategy("lr_rewind", build, uses_frozen=structural,
                               built_for=built_for)
-
-
-def cubic_fractions(stages: int) -> tuple[float, ...]:
-    """Gradual pruning's schedule (Zhu & Gupta 2017): the fraction of the
-    final amount after stage ``t`` of ``n`` is ``1 - (1 - t / n) ** 3``."""
-    return tuple(1.0 - (1.0 - t / stages) ** 3 for t in range(1, stages + 1))
 
 
 def _iterative_factory(*, then: str = "finetune_undamaged",
@@ -744,7 +675,8 @@ def _iterative_factory(*, then: str = "finetune_undamaged",
     budget per stage: ``steps`` or ``epochs``); the last fraction is 1.
     Magnitude pruning so becomes Han et al.'s prune-retrain cycles (50 % ->
     retrain -> 70 % -> ...) with ``fractions``, or gradual pruning's cubic
-    schedule over ``stages`` stages (:func:`cubic_fractions`, the
+    schedule over ``stages`` stages
+    (:func:`~recovjax.recovery.iterative.cubic_fractions`, the
     default). The default ``then`` retrains only the surviving weights, so
     what a stage pruned stays pruned. The curve runs over all the stages'
     steps.
@@ -754,7 +686,7 @@ def _iterative_factory(*, then: str = "finetune_undamaged",
                 stages < 1):
             raise ValueError(f"stages must be a positive int, got "
                              f"{stages!r}")
-        fractions = cubic_fractions(stages)
+        fractions = iterative_lib.cubic_fractions(stages)
     else:
         fractions = tuple(float(f) for f in fractions)
         if not fractions or any(not 0 < f <= 1 for f in fractions) or any(
@@ -785,7 +717,7 @@ def _iterative_factory(*, then: str = "finetune_undamaged",
         stage = inner.prepare(task, lambda kind: sorted(
             restore_lib._flat(task._model_shapes)))
         if stage.fn not in built:
-            built[stage.fn] = _stages_fn(stage.fn, fractions)
+            built[stage.fn] = iterative_lib.stages_fn(stage.fn, fractions)
         return points.Prepared(fn=built[stage.fn], shared=stage.shared,
                                trains=stage.trains,
                                bytes_read=stage.bytes_read,
@@ -794,43 +726,6 @@ def _iterative_factory(*, then: str = "finetune_undamaged",
                                unlabelled=stage.unlabelled * len(fractions))
 
     return PointStrategy("iterative", prepare)
-
-
-def _stages_fn(fn: points.PointStrategyFn, fractions: tuple[float, ...]
-               ) -> Callable:
-    def staged(key, params, mask, shared, stages: points.Stages):
-        del params, mask  # the one-shot damage; the stages damage afresh
-        current, outcomes = stages.clean, []
-        for index, fraction in enumerate(fractions):
-            damage = stages.damage_at(current, fraction)
-            outcome = fn(jax.random.fold_in(key, index), damage.params,
-                         damage.mask, shared)
-            outcomes.append(outcome)
-            current = outcome.params
-        # One curve over every stage's steps; a stage's first point (its
-        # freshly damaged model) shows the dip of each cycle.
-        offsets, done = [], jnp.int32(0)
-        samples = jnp.float32(0)
-        for outcome in outcomes:
-            offsets.append((done, samples))
-            if outcome.curve.steps.shape[0]:
-                done = done + outcome.curve.steps[-1]
-                samples = samples + outcome.curve.samples[-1]
-        curve = Curve(*(jnp.concatenate(parts) for parts in zip(*[
-            (o.curve.steps + d, o.curve.samples + s, o.curve.accuracy,
-             o.curve.loss) for o, (d, s) in zip(outcomes, offsets)])))
-        steps = [o.losses.shape[-1] for o in outcomes]
-        first = jnp.int32(-1)
-        for outcome, start in zip(outcomes, np.cumsum([0] + steps[:-1])):
-            first = jnp.where((first < 0) & (outcome.diverged_step >= 0),
-                              outcome.diverged_step + int(start), first)
-        return points.PointOutcome(
-            params=current, curve=curve,
-            losses=jnp.concatenate([o.losses for o in outcomes]),
-            diverged=first >= 0, diverged_step=first, restored={},
-            state=outcomes[-1].state)
-
-    return staged
 
 
 def _rebuild_reinit_factory(*, optimizer: str | optax.GradientTransformation
@@ -994,8 +889,7 @@ def _calibration_strategy(name: str, calibration: int,
     one model's new parameters; the clean outputs are computed once per
     task, on its first ``calibration`` kept inputs.
     """
-    calibrate_lib.calibration_inputs(jnp.zeros((calibration,)),
-                                     np.ones(calibration), calibration)
+    calibrate_lib.check_calibration(calibration)
     built: dict[Any, tuple[points.PointStrategyFn, Any]] = {}
 
     def prepare(task: RecoveryTask, candidates) -> points.Prepared:
